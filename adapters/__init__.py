@@ -1,0 +1,1 @@
+"""Trainer and model glue for odb (imported as ``odb.adapters``); the core never imports it."""

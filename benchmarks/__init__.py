@@ -1,0 +1,1 @@
+"""Benchmarks of odb against fixed and oracle batching (imported as ``odb.benchmarks``)."""

@@ -1,0 +1,48 @@
+"""odb: online dynamic batching for LLM and VLM fine-tuning.
+
+Wrap a DataLoader whose dataset returns processed single samples; odb measures each sample
+after the user's pipeline, packs samples into batches under a token budget, and yields
+batches ready for ``model(**batch)`` with a :class:`StepInfo` for exact loss scaling.
+"""
+
+from odb.batch import Batch, StepInfo, step_info
+from odb.collate import PackedCollator, PaddedCollator
+from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize, measure_sample
+from odb.errors import (
+    BatchTypeError,
+    ConfigError,
+    OdbError,
+    OverBudgetError,
+    SampleError,
+    SampleTypeError,
+    StateError,
+)
+from odb.loader import DataLoader, wrap
+from odb.stats import LoaderStats
+
+__all__ = [
+    "DataLoader",
+    "wrap",
+    "step_info",
+    "StepInfo",
+    "Batch",
+    "LoaderStats",
+    "PaddedCollator",
+    "PackedCollator",
+    "ComputeCost",
+    "PaddedCost",
+    "PackedCost",
+    "Caps",
+    "Budget",
+    "SampleSize",
+    "measure_sample",
+    "OdbError",
+    "ConfigError",
+    "SampleError",
+    "SampleTypeError",
+    "OverBudgetError",
+    "StateError",
+    "BatchTypeError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""What every emitted batch carries: the collated mapping plus odb's :class:`StepInfo`.
+
+The step info rides on the batch object as an attribute, never as a key, so ``model(**batch)``
+sees exactly the keys the collator produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from odb.errors import BatchTypeError
+
+__all__ = ["StepInfo", "Batch", "step_info", "attach_step_info"]
+
+_ATTRIBUTE = "_odb_step_info"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Facts about one emitted batch, for loss scaling and accounting.
+
+    ``global_*`` fields sum over all ranks for this step (equal to ``local_*`` in one process).
+    ``real_tokens`` are the samples' own tokens; ``padded_tokens`` what the batch computes
+    (``n * max_len`` padded, the row length packed). A ``ghost`` batch has ``loss_weight`` 0.
+    ``reason`` says why the planner emitted the group (``fill``, ``flush``, ``stale``,
+    ``pressure``, ``solo``).
+    """
+
+    sample_indices: tuple[int, ...]
+    local_samples: int
+    global_samples: int
+    local_label_tokens: int
+    global_label_tokens: int
+    real_tokens: int
+    padded_tokens: int
+    step: int
+    round: int
+    epoch: int
+    reason: str
+    ghost: bool = False
+    loss_weight: float = 1.0
+    rank: int = 0
+    world_size: int = 1
+
+
+class Batch(dict):
+    """A collated batch: a plain ``dict`` for ``model(**batch)``, with step info attached."""
+
+    @property
+    def step_info(self) -> StepInfo:
+        return step_info(self)
+
+
+def attach_step_info(batch: Any, info: StepInfo) -> Any:
+    """Return ``batch`` carrying ``info``; a plain dict becomes a :class:`Batch`.
+
+    Other mappings (for example a Hugging Face ``BatchFeature``) keep their type and get the
+    attribute set on them.
+    """
+    if type(batch) is dict:
+        batch = Batch(batch)
+    elif not isinstance(batch, Mapping):
+        raise BatchTypeError(
+            f"odb batches must be mappings (for model(**batch)); the collate_fn returned "
+            f"{type(batch).__name__}"
+        )
+    try:
+        setattr(batch, _ATTRIBUTE, info)
+    except AttributeError:
+        batch = Batch(batch)
+        setattr(batch, _ATTRIBUTE, info)
+    return batch
+
+
+def step_info(batch: Any) -> StepInfo:
+    """The :class:`StepInfo` of a batch emitted by an odb loader."""
+    info = getattr(batch, _ATTRIBUTE, None)
+    if info is None:
+        raise BatchTypeError(
+            f"this {type(batch).__name__} carries no odb step info: it was not emitted by an "
+            f"odb loader, or was rebuilt since (read step_info(batch) before moving the batch "
+            f"to a device with a helper that copies the mapping)"
+        )
+    return info

@@ -1,0 +1,134 @@
+"""Default collators for text causal language models: right-padded rows or one packed row.
+
+A per-token field is a 1-D field as long as ``input_ids`` (``labels``, ``attention_mask``,
+``mm_token_type_ids``, ...). Other tensors (``pixel_values`` with one row per patch,
+``image_grid_thw`` with one row per image) are concatenated along dim 0 in sample order, the
+way Hugging Face vision-language processors batch them; 0-d tensors are stacked and any other
+value is gathered into a list.
+
+Model-specific packing (Qwen-VL's 3-D rotary positions) lives in ``odb.adapters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from odb.cost import IGNORE_INDEX
+from odb.errors import ConfigError
+
+__all__ = ["PaddedCollator", "PackedCollator"]
+
+
+def _per_token_keys(samples: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[str]]:
+    """``input_ids`` of each sample as tensors, and the keys that are per-token in all."""
+    ids = [torch.as_tensor(s["input_ids"]) for s in samples]
+    keys = []
+    for key in samples[0]:
+        if all(_is_per_token(s.get(key), len(t)) for s, t in zip(samples, ids, strict=True)):
+            keys.append(key)
+    return ids, keys
+
+
+def _is_per_token(value: Any, length: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 1 and value.shape[0] == length
+    if isinstance(value, list | tuple):
+        return len(value) == length and not (value and isinstance(value[0], list | tuple))
+    return hasattr(value, "ndim") and value.ndim == 1 and value.shape[0] == length
+
+
+def _gather_rest(samples: Sequence[Mapping], skip: set[str]) -> dict[str, Any]:
+    """Non-per-token fields: tensors concatenated on dim 0 (0-d stacked), others listed."""
+    out = {}
+    for key in samples[0]:
+        if key in skip:
+            continue
+        values = [s.get(key) for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = torch.stack(values) if values[0].ndim == 0 else torch.cat(values)
+        else:
+            out[key] = values
+    return out
+
+
+class PaddedCollator:
+    """Right-pad every per-token field to the longest sample of the group.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``labels`` with -100, every other per-token
+    field with 0; ``attention_mask`` is added when the samples have none. ``pad_to_multiple_of``
+    rounds the row length up (tensor-core friendly shapes on GPUs).
+    """
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ConfigError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
+        ids, keys = _per_token_keys(samples)
+        width = max(len(t) for t in ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        out = {}
+        for key in keys:
+            rows = torch.full((len(samples), width), fill.get(key, 0),
+                              dtype=torch.as_tensor(samples[0][key]).dtype)
+            for row, sample in enumerate(samples):
+                value = torch.as_tensor(sample[key])
+                rows[row, : len(value)] = value
+            out[key] = rows
+        if "attention_mask" not in out:
+            mask = torch.zeros((len(samples), width), dtype=torch.long)
+            for row, t in enumerate(ids):
+                mask[row, : len(t)] = 1
+            out["attention_mask"] = mask
+        out.update(_gather_rest(samples, set(keys)))
+        return out
+
+
+class PackedCollator:
+    """Concatenate the group into one row of shape ``[1, sum(len)]`` with no padding.
+
+    ``position_ids`` restart at 0 for every sample; that is how attention kernels (Hugging
+    Face's sdpa/eager masks and flash-attention's varlen path) keep samples from attending to
+    each other, so no ``attention_mask`` is returned (nor a sample's own ``position_ids``).
+    Samples should carry ``labels``: labels derived later from the packed ``input_ids`` would
+    train across sample boundaries. The first label of every sample becomes
+    -100, so the last token of one sample is never trained to predict the first of the next::
+
+        input_ids     a1 a2 a3 | b1 b2 | c1 c2 c3 c4
+        position_ids   0  1  2 |  0  1 |  0  1  2  3
+        labels       -100 a2 a3|-100 b2|-100 c2 c3 c4
+
+    With ``flash_attn_kwargs=True`` the row also carries ``cu_seq_lens_q/k`` and
+    ``max_length_q/k``, which Hugging Face models pass to flash-attention's varlen kernel.
+    """
+
+    def __init__(self, flash_attn_kwargs: bool = False):
+        self.flash_attn_kwargs = flash_attn_kwargs
+
+    def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
+        ids, keys = _per_token_keys(samples)
+        lengths = [len(t) for t in ids]
+        out = {}
+        for key in keys:
+            if key in ("attention_mask", "position_ids"):
+                continue
+            parts = [torch.as_tensor(s[key]) for s in samples]
+            if key == "labels":
+                parts = [p.clone() for p in parts]
+                for part in parts:
+                    part[0] = IGNORE_INDEX
+            out[key] = torch.cat(parts).unsqueeze(0)
+        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        if self.flash_attn_kwargs:
+            cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+            out["max_length_q"] = out["max_length_k"] = max(lengths)
+        out.update(_gather_rest(samples, set(keys)))
+        return out

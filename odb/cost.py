@@ -1,0 +1,255 @@
+"""Measure one processed sample, and price groups of samples against a budget.
+
+The measure stage reads what a sample will really cost *after* the user's pipeline ran: its
+sequence length (visual tokens are already expanded into ``input_ids``), the tokens that carry
+loss, and its vision patches and images. Cost models turn those numbers into the price of a
+group; the planner keeps every group's price within a :class:`Budget`.
+
+Cost models are small frozen objects with one vectorised method, :meth:`ComputeCost.group_cost`,
+evaluated over many candidate groups at once; a new cost model therefore never touches the
+planner's loops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from odb.errors import ConfigError, SampleError, SampleTypeError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SampleSize",
+    "measure_sample",
+    "ComputeCost",
+    "PaddedCost",
+    "PackedCost",
+    "Caps",
+    "Budget",
+]
+
+IGNORE_INDEX = -100
+"""Label value that carries no loss (the Hugging Face convention)."""
+
+_VISION_GRID_KEYS = ("image_grid_thw", "video_grid_thw")
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """What one processed sample costs.
+
+    ``label_tokens`` counts the labels that carry loss after the causal shift a language model
+    applies (``labels[1:] != -100``); without a ``labels`` key every next token is a target, so
+    it is ``length - 1``.
+    """
+
+    length: int
+    label_tokens: int
+    vision_patches: int = 0
+    images: int = 0
+
+
+def _sequence_length(value: Any, key: str, index: int) -> int:
+    """Length of a per-token field, refusing anything that is not one 1-D sequence."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim == 2 and value.shape[0] == 1:
+            raise SampleError(
+                index,
+                f"{key!r} has shape {tuple(value.shape)}: the dataset returned a batch of one "
+                f"instead of a sample; drop the batch dimension (for example "
+                f"inputs[{key!r}][0]) in __getitem__",
+            )
+        if value.ndim != 1:
+            raise SampleError(
+                index, f"{key!r} must be 1-D (one sample), got shape {tuple(value.shape)}"
+            )
+        return int(value.shape[0])
+    if isinstance(value, list | tuple):
+        if value and isinstance(value[0], list | tuple | torch.Tensor | np.ndarray):
+            raise SampleError(
+                index, f"{key!r} is a nested sequence: the dataset returned a batch, not a sample"
+            )
+        return len(value)
+    raise SampleError(
+        index, f"{key!r} must be a 1-D tensor, array or list, got {type(value).__name__}"
+    )
+
+
+def _count_label_tokens(labels: Any) -> int:
+    if isinstance(labels, torch.Tensor):
+        return int((labels[1:] != IGNORE_INDEX).sum())
+    if isinstance(labels, np.ndarray):
+        return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def _vision(sample: Mapping, index: int) -> tuple[int, int]:
+    """(patches, images) from the Qwen-VL style ``*_grid_thw`` rows, one row per image/video."""
+    patches = images = 0
+    for key in _VISION_GRID_KEYS:
+        grid = sample.get(key)
+        if grid is None:
+            continue
+        grid = torch.as_tensor(grid)
+        if grid.ndim != 2 or grid.shape[-1] != 3:
+            raise SampleError(
+                index, f"{key!r} must have shape [images, 3], got {tuple(grid.shape)}"
+            )
+        patches += int(grid.prod(dim=-1).sum())
+        images += int(grid.shape[0])
+    return patches, images
+
+
+def measure_sample(sample: Any, index: int) -> SampleSize:
+    """Validate one processed sample against the sample contract and measure it."""
+    if not isinstance(sample, Mapping):
+        raise SampleTypeError(
+            index,
+            f"the dataset returned {type(sample).__name__}; odb expects one sample dict per "
+            f"index, with at least 'input_ids'",
+        )
+    if "input_ids" not in sample:
+        raise SampleError(index, f"missing key 'input_ids' (keys: {sorted(sample)})")
+    length = _sequence_length(sample["input_ids"], "input_ids", index)
+    if length == 0:
+        raise SampleError(index, "'input_ids' is empty")
+    for key in ("labels", "attention_mask"):
+        if key in sample and sample[key] is not None:
+            other = _sequence_length(sample[key], key, index)
+            if other != length:
+                raise SampleError(
+                    index, f"{key!r} has length {other} but 'input_ids' has length {length}"
+                )
+    labels = sample.get("labels")
+    label_tokens = length - 1 if labels is None else _count_label_tokens(labels)
+    patches, images = _vision(sample, index)
+    return SampleSize(length, label_tokens, patches, images)
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    """Price of a group: ``tokens + attention_weight * attention + vision_weight * patches``.
+
+    With ``padded=True`` the group is priced as a right-padded batch computes it: ``tokens =
+    n * max_len`` and ``attention = n * max_len**2``. With ``padded=False`` (padding-free rows)
+    ``tokens = sum(len)`` and ``attention = sum(len**2)``. The weights are in token units, so
+    the budget stays "tokens" while approximating step time: for a transformer with hidden
+    size ``d``, attention costs about ``1 / (6 * d)`` of a linear-layer token per key, hence
+    ``attention_weight ~ 1 / (6 * d)``; ``vision_weight`` is the ratio of one vision-tower
+    patch to one language-model token.
+    """
+
+    padded: bool = True
+    attention_weight: float = 0.0
+    vision_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("attention_weight", "vision_weight"):
+            weight = getattr(self, name)
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {weight!r}")
+
+    @property
+    def additive(self) -> bool:
+        """Whether a group costs the sum of its samples' costs (what bin packing needs)."""
+        return not self.padded
+
+    def group_cost(self, n, max_len, sum_len, sum_sq, patches):
+        """Cost of groups from their aggregates; numpy arrays in, float array out."""
+        if self.padded:
+            tokens = np.multiply(n, max_len, dtype=np.float64)
+            attention = tokens * max_len
+        else:
+            tokens = np.asarray(sum_len, dtype=np.float64)
+            attention = np.asarray(sum_sq, dtype=np.float64)
+        cost = tokens
+        if self.attention_weight:
+            cost = cost + self.attention_weight * attention
+        if self.vision_weight:
+            cost = cost + self.vision_weight * np.asarray(patches, dtype=np.float64)
+        return cost
+
+    def sample_cost(self, lengths, patches):
+        """Cost of each sample alone."""
+        lengths = np.asarray(lengths, dtype=np.float64)
+        return self.group_cost(1, lengths, lengths, lengths * lengths, patches)
+
+    def longest_within(self, limit: float, patches: int = 0) -> int:
+        """The longest sample (with ``patches``) whose cost alone stays within ``limit``."""
+        rest = limit - self.vision_weight * patches
+        a = self.attention_weight
+        if rest < 1:
+            return 0
+        if a == 0:
+            return int(math.floor(rest))
+        return int(math.floor((-1 + math.sqrt(1 + 4 * a * rest)) / (2 * a)))
+
+
+class PaddedCost(ComputeCost):
+    """``n * max_len``: the tokens a right-padded batch computes, padding included."""
+
+    def __init__(self) -> None:
+        super().__init__(padded=True)
+
+
+class PackedCost(ComputeCost):
+    """``sum(len)``: the tokens of a padding-free packed row."""
+
+    def __init__(self) -> None:
+        super().__init__(padded=False)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Hard per-batch limits that guard memory whatever the cost model says."""
+
+    max_samples: int | None = None
+    max_images: int | None = None
+    max_vision_patches: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "max_images", "max_vision_patches"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_samples, self.max_images,
+                                           self.max_vision_patches))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The limit every batch must respect: ``cost.group_cost(...) <= limit``, plus the caps."""
+
+    limit: float
+    cost: ComputeCost = PaddedCost()
+    caps: Caps = Caps()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int | float):
+            raise ConfigError(f"token_budget must be a number, got {self.limit!r}")
+        if not (math.isfinite(self.limit) and self.limit > 0):
+            raise ConfigError(f"token_budget must be > 0, got {self.limit!r}")
+        if not isinstance(self.cost, ComputeCost):
+            raise ConfigError(f"cost must be a ComputeCost, got {type(self.cost).__name__}")
+
+    def why_over(self, size: SampleSize) -> str | None:
+        """Why one sample alone cannot form a batch, or None if it can."""
+        cost = float(self.cost.sample_cost(size.length, size.vision_patches))
+        if cost > self.limit:
+            return (f"length {size.length} (cost {cost:g}) exceeds the token budget "
+                    f"{self.limit:g}")
+        caps = self.caps
+        if caps.max_images is not None and size.images > caps.max_images:
+            return f"{size.images} images exceed max_images={caps.max_images}"
+        if caps.max_vision_patches is not None and size.vision_patches > caps.max_vision_patches:
+            return (f"{size.vision_patches} vision patches exceed "
+                    f"max_vision_patches={caps.max_vision_patches}")
+        return None

@@ -1,0 +1,118 @@
+"""Getting processed samples out of the user's Dataset, in worker processes when asked.
+
+The user's ``Dataset.__getitem__`` (template, tokenizer, image processor, augmentation) runs
+in a plain ``torch.utils.data.DataLoader`` whose "batches" are chunks of dataset indices; odb
+never touches the samples' contents there. Two things keep the trip from the workers cheap:
+
+- samples travel in chunks of ``fetch_size`` indices, one message per chunk;
+- small tensors travel by value (as bytes) instead of through one shared-memory segment per
+  tensor, which costs far more than the copy for the few kilobytes of ``input_ids`` a sample
+  has. Tensors above ``SHARED_MEMORY_BYTES`` (image patches) still use shared memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "IndexedDataset",
+    "ChunkSampler",
+    "SHARED_MEMORY_BYTES",
+    "encode_chunk",
+    "keep_chunk",
+    "decode_chunk",
+]
+
+SHARED_MEMORY_BYTES = 1 << 20
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` paired with ``i``, so the iterating process knows what it received."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class ChunkSampler:
+    """Batch sampler over the index stream the loader sets before each pass."""
+
+    def __init__(self, fetch_size: int):
+        self.fetch_size = fetch_size
+        self.indices: Iterable[int] = ()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        chunk = []
+        for index in self.indices:
+            chunk.append(int(index))
+            if len(chunk) == self.fetch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+class _TensorBytes:
+    """A small tensor as raw bytes plus dtype and shape (pickles by value, no shared memory)."""
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach().contiguous()
+        self.data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self.dtype = tensor.dtype
+        self.shape = tuple(tensor.shape)
+
+    def __getstate__(self):
+        return self.data, self.dtype, self.shape
+
+    def __setstate__(self, state):
+        self.data, self.dtype, self.shape = state
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu" and value.nbytes <= SHARED_MEMORY_BYTES:
+            return _TensorBytes(value)
+        return value
+    if isinstance(value, Mapping):
+        return {key: _encode(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_encode(item) for item in value)
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, _TensorBytes):
+        return value.tensor()
+    if type(value) is dict:
+        return {key: _decode(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_decode(item) for item in value)
+    return value
+
+
+def encode_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """Worker side (the inner DataLoader's collate_fn): make a chunk cheap to send."""
+    return [(index, _encode(sample)) for index, sample in pairs]
+
+
+def keep_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """In-process collate_fn (no workers): nothing to send, nothing to encode."""
+    return pairs
+
+
+def decode_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """Iterating side: turn the chunk back into the samples the dataset returned."""
+    return [(index, _decode(sample)) for index, sample in pairs]

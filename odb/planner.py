@@ -1,0 +1,253 @@
+"""Rank-local planning: cut the buffered samples into groups under the budget.
+
+A pure function of the buffer (no torch.distributed, no I/O, no randomness): the same buffer
+gives the same plan. The loader calls it once per round on everything it holds.
+
+Padded mode sorts the buffer by length and cuts it, longest first, into runs of adjacent
+samples, each as long as the budget allows; on a sorted sequence this greedy cut gives the
+fewest groups, and neighbours in sorted order have nearly equal lengths, so padding is small::
+
+    sorted lengths   900 880 870 | 610 600 600 590 | 300 290 ...
+    groups           [  n=3    ] | [     n=4     ] | [ tail, held back ]
+    cost             3*900=2700    4*610=2440        budget 2800
+
+Packed mode is best-fit decreasing: each sample, longest first, goes into the open bin whose
+free room is smallest among those that can take it.
+
+What is not good enough yet is held back to merge with samples still to come: a padded group is
+ready when it is maximal (the next sample of the sorted buffer would not fit) and its padding
+efficiency reaches ``fill_threshold``; a packed bin when its fill reaches ``fill_threshold``.
+A group holding a sample that waited ``max_wait`` rounds is forced out (bounded staleness),
+and when more than ``keep`` samples would stay buffered, the best held-back groups go too, so
+the buffer never stalls. At the end of the data (``final``) everything is ready.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from odb.cost import Budget
+
+__all__ = ["Reason", "Group", "Plan", "plan_groups"]
+
+
+class Reason(str, Enum):
+    """Why a group is emitted now (or ``HELD`` when it is not)."""
+
+    SOLO = "solo"  # an over-budget sample under over_budget="solo"
+    STALE = "stale"  # holds a sample that waited max_wait rounds
+    FILL = "fill"  # good enough: maximal and efficient (padded) / full enough (packed)
+    FLUSH = "flush"  # end of the data
+    PRESSURE = "pressure"  # the buffer must make room for the next round
+    HELD = "held"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One planned batch: positions in the buffer, longest sample first."""
+
+    members: np.ndarray
+    real_tokens: int
+    padded_tokens: int
+    cost: float
+    quality: float
+    reason: Reason
+
+    @property
+    def ready(self) -> bool:
+        return self.reason is not Reason.HELD
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Groups in priority order: ready ones first (stale and solo leading), then held ones,
+    best first. Every buffer position is in exactly one group."""
+
+    groups: tuple[Group, ...]
+    n_ready: int
+
+    @property
+    def ready(self) -> tuple[Group, ...]:
+        return self.groups[: self.n_ready]
+
+
+_PRIORITY = {Reason.SOLO: 0, Reason.STALE: 1, Reason.FILL: 2, Reason.FLUSH: 2,
+             Reason.PRESSURE: 3, Reason.HELD: 4}
+
+
+def plan_groups(
+    lengths: np.ndarray,
+    patches: np.ndarray,
+    images: np.ndarray,
+    ages: np.ndarray,
+    solo: np.ndarray,
+    budget: Budget,
+    *,
+    fill_threshold: float,
+    max_wait: int,
+    keep: int,
+    final: bool,
+) -> Plan:
+    """Plan every buffered sample into a group.
+
+    ``lengths``, ``patches``, ``images`` and ``ages`` (rounds waited) are per buffer position;
+    ``solo`` marks over-budget samples that form a group alone. ``keep`` is how many samples
+    may stay buffered after this round.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    patches = np.asarray(patches, dtype=np.int64)
+    images = np.asarray(images, dtype=np.int64)
+    ages = np.asarray(ages, dtype=np.int64)
+    solo = np.asarray(solo, dtype=bool)
+
+    groups: list[Group] = []
+    for position in np.flatnonzero(solo):
+        members = np.array([position])
+        groups.append(_make_group(members, lengths, patches, budget, 1.0, Reason.SOLO))
+
+    regular = np.flatnonzero(~solo)
+    # Longest first; ties keep buffer (arrival) order, so plans are deterministic.
+    order = regular[np.lexsort((regular, -lengths[regular]))]
+    if budget.cost.padded:
+        cuts = _cut_padded(order, lengths, patches, images, budget, fill_threshold, final)
+    else:
+        cuts = _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, final)
+    groups.extend(cuts)
+
+    groups = [
+        _with_reason(g, Reason.STALE) if g.reason is Reason.HELD and ages[g.members].max() >= max_wait
+        else g
+        for g in groups
+    ]
+    held_samples = sum(len(g.members) for g in groups if not g.ready)
+    if held_samples > keep:
+        # Make room: release the held groups that fill the budget best.
+        held = sorted((g for g in groups if not g.ready), key=lambda g: -g.real_tokens)
+        released = set()
+        for g in held:
+            if held_samples <= keep:
+                break
+            released.add(id(g))
+            held_samples -= len(g.members)
+        groups = [_with_reason(g, Reason.PRESSURE) if id(g) in released else g for g in groups]
+
+    held_order = sorted((g for g in groups if not g.ready), key=lambda g: -g.real_tokens)
+    ready = sorted((g for g in groups if g.ready), key=lambda g: _PRIORITY[g.reason])
+    return Plan(tuple(ready + held_order), len(ready))
+
+
+def _with_reason(group: Group, reason: Reason) -> Group:
+    return Group(group.members, group.real_tokens, group.padded_tokens, group.cost,
+                 group.quality, reason)
+
+
+def _make_group(members, lengths, patches, budget, quality, reason) -> Group:
+    member_lengths = lengths[members]
+    real = int(member_lengths.sum())
+    padded = int(len(members) * member_lengths.max()) if budget.cost.padded else real
+    cost = float(budget.cost.group_cost(
+        len(members), member_lengths.max(), real,
+        int((member_lengths * member_lengths).sum()), int(patches[members].sum())))
+    return Group(members, real, padded, cost, quality, reason)
+
+
+def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) -> list[Group]:
+    """Greedy cut of the length-sorted buffer into maximal runs of adjacent samples."""
+    cost_model, caps, limit = budget.cost, budget.caps, budget.limit
+    sorted_len = lengths[order]
+    cum_len = np.concatenate(([0], np.cumsum(sorted_len)))
+    cum_patches = np.concatenate(([0], np.cumsum(patches[order])))
+    cum_images = np.concatenate(([0], np.cumsum(images[order])))
+    total = len(order)
+    groups = []
+    start = 0
+    while start < total:
+        longest = int(sorted_len[start])
+        row_cost = float(cost_model.group_cost(1, longest, longest, longest * longest, 0))
+        most = min(total - start, int(limit // row_cost))
+        if caps.max_samples is not None:
+            most = min(most, caps.max_samples)
+        most = max(most, 1)
+        sizes = np.arange(1, most + 1)
+        group_patches = cum_patches[start + 1 : start + most + 1] - cum_patches[start]
+        fits = cost_model.group_cost(sizes, longest, 0, 0, group_patches) <= limit
+        if caps.max_vision_patches is not None:
+            fits &= group_patches <= caps.max_vision_patches
+        if caps.max_images is not None:
+            fits &= cum_images[start + 1 : start + most + 1] - cum_images[start] <= caps.max_images
+        fits[0] = True  # a sample that fits alone was admitted; over-budget ones are solo
+        size = int(np.argmin(fits)) if not fits.all() else most
+        end = start + size
+        members = order[start:end]
+        real = int(cum_len[end] - cum_len[start])
+        padded = size * longest
+        # Maximal: the next buffered sample would not fit, or no sample at all could join.
+        can_grow = (
+            (caps.max_samples is None or size < caps.max_samples)
+            and float(cost_model.group_cost(size + 1, longest, 0, 0, group_patches[size - 1]))
+            <= limit
+        )
+        maximal = end < total or not can_grow
+        quality = real / padded
+        ready = final or (maximal and quality >= fill_threshold)
+        cost = float(cost_model.group_cost(size, longest, real, 0, group_patches[size - 1]))
+        reason = (Reason.FLUSH if final else Reason.FILL) if ready else Reason.HELD
+        groups.append(Group(members, real, padded, cost, quality, reason))
+        start = end
+    return groups
+
+
+def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, final) -> list[Group]:
+    """Best-fit decreasing of the length-sorted buffer into bins of ``budget.limit``."""
+    cost_model, caps, limit = budget.cost, budget.caps, budget.limit
+    item_cost = cost_model.sample_cost(lengths[order], patches[order]).tolist()
+    item_patches = patches[order].tolist()
+    item_images = images[order].tolist()
+    bins: list[list[int]] = []  # item ranks per bin
+    bin_patches: list[int] = []
+    bin_images: list[int] = []
+    room_keys: list[float] = []  # free room of each open bin, sorted ascending
+    room_bins: list[int] = []  # bin id for each entry of room_keys
+    max_samples, max_images, max_patches = caps.max_samples, caps.max_images, caps.max_vision_patches
+    for rank, cost in enumerate(item_cost):
+        slot = bisect.bisect_left(room_keys, cost)
+        while slot < len(room_keys):
+            b = room_bins[slot]
+            if (
+                (max_samples is None or len(bins[b]) < max_samples)
+                and (max_images is None or bin_images[b] + item_images[rank] <= max_images)
+                and (max_patches is None or bin_patches[b] + item_patches[rank] <= max_patches)
+            ):
+                break
+            slot += 1
+        if slot < len(room_keys):
+            b = room_bins.pop(slot)
+            room = room_keys.pop(slot) - cost
+        else:
+            b = len(bins)
+            bins.append([])
+            bin_patches.append(0)
+            bin_images.append(0)
+            room = limit - cost
+        bins[b].append(rank)
+        bin_patches[b] += item_patches[rank]
+        bin_images[b] += item_images[rank]
+        slot = bisect.bisect_left(room_keys, room)
+        room_keys.insert(slot, room)
+        room_bins.insert(slot, b)
+
+    room_of = dict(zip(room_bins, room_keys, strict=True))
+    groups = []
+    for b, ranks in enumerate(bins):
+        members = order[ranks]
+        real = int(lengths[members].sum())
+        cost = limit - room_of[b]
+        quality = cost / limit
+        ready = final or quality >= fill_threshold
+        reason = (Reason.FLUSH if final else Reason.FILL) if ready else Reason.HELD
+        groups.append(Group(members, real, real, float(cost), quality, reason))
+    return groups
