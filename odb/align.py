@@ -14,7 +14,7 @@ import numpy as np
 
 from odb.planner import Plan
 
-__all__ = ["Step", "LocalAlignment"]
+__all__ = ["LocalAlignment", "Step"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,4 @@ class LocalAlignment:
     def align(self, plan: Plan, label_tokens: list[int], rng: np.random.Generator) -> list[Step]:
         """Steps of this round in emission order; ``label_tokens[g]`` belongs to group ``g``."""
         order = rng.permutation(plan.n_ready)
-        return [
-            Step(int(g), len(plan.groups[g].members), label_tokens[g]) for g in order
-        ]
+        return [Step(int(g), len(plan.groups[g].members), label_tokens[g]) for g in order]

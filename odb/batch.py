@@ -12,7 +12,7 @@ from typing import Any
 
 from odb.errors import BatchTypeError
 
-__all__ = ["StepInfo", "Batch", "step_info", "attach_step_info"]
+__all__ = ["Batch", "StepInfo", "attach_step_info", "step_info"]
 
 _ATTRIBUTE = "_odb_step_info"
 

@@ -19,7 +19,7 @@ import torch
 from odb.cost import IGNORE_INDEX
 from odb.errors import ConfigError
 
-__all__ = ["PaddedCollator", "PackedCollator"]
+__all__ = ["PackedCollator", "PaddedCollator"]
 
 
 def _per_token_keys(samples: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[str]]:
@@ -27,12 +27,13 @@ def _per_token_keys(samples: Sequence[Mapping]) -> tuple[list[torch.Tensor], lis
     ids = [torch.as_tensor(s["input_ids"]) for s in samples]
     keys = []
     for key in samples[0]:
-        if all(_is_per_token(s.get(key), len(t)) for s, t in zip(samples, ids, strict=True)):
+        if all(is_per_token(s.get(key), len(t)) for s, t in zip(samples, ids, strict=True)):
             keys.append(key)
     return ids, keys
 
 
-def _is_per_token(value: Any, length: int) -> bool:
+def is_per_token(value: Any, length: int) -> bool:
+    """Whether ``value`` is a 1-D field with one entry per token of a ``length``-token sample."""
     if isinstance(value, torch.Tensor):
         return value.ndim == 1 and value.shape[0] == length
     if isinstance(value, list | tuple):
@@ -76,8 +77,11 @@ class PaddedCollator:
         fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         out = {}
         for key in keys:
-            rows = torch.full((len(samples), width), fill.get(key, 0),
-                              dtype=torch.as_tensor(samples[0][key]).dtype)
+            rows = torch.full(
+                (len(samples), width),
+                fill.get(key, 0),
+                dtype=torch.as_tensor(samples[0][key]).dtype,
+            )
             for row, sample in enumerate(samples):
                 value = torch.as_tensor(sample[key])
                 rows[row, : len(value)] = value

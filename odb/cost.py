@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,13 +24,13 @@ from odb.errors import ConfigError, SampleError, SampleTypeError
 
 __all__ = [
     "IGNORE_INDEX",
+    "Budget",
+    "Caps",
+    "ComputeCost",
+    "PackedCost",
+    "PaddedCost",
     "SampleSize",
     "measure_sample",
-    "ComputeCost",
-    "PaddedCost",
-    "PackedCost",
-    "Caps",
-    "Budget",
 ]
 
 IGNORE_INDEX = -100
@@ -186,8 +186,8 @@ class ComputeCost:
         if rest < 1:
             return 0
         if a == 0:
-            return int(math.floor(rest))
-        return int(math.floor((-1 + math.sqrt(1 + 4 * a * rest)) / (2 * a)))
+            return math.floor(rest)
+        return math.floor((-1 + math.sqrt(1 + 4 * a * rest)) / (2 * a))
 
 
 class PaddedCost(ComputeCost):
@@ -220,8 +220,9 @@ class Caps:
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.max_samples, self.max_images,
-                                           self.max_vision_patches))
+        return any(
+            v is not None for v in (self.max_samples, self.max_images, self.max_vision_patches)
+        )
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,8 @@ class Budget:
     """The limit every batch must respect: ``cost.group_cost(...) <= limit``, plus the caps."""
 
     limit: float
-    cost: ComputeCost = PaddedCost()
-    caps: Caps = Caps()
+    cost: ComputeCost = field(default_factory=PaddedCost)
+    caps: Caps = field(default_factory=Caps)
 
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int | float):
@@ -244,12 +245,13 @@ class Budget:
         """Why one sample alone cannot form a batch, or None if it can."""
         cost = float(self.cost.sample_cost(size.length, size.vision_patches))
         if cost > self.limit:
-            return (f"length {size.length} (cost {cost:g}) exceeds the token budget "
-                    f"{self.limit:g}")
+            return f"length {size.length} (cost {cost:g}) exceeds the token budget {self.limit:g}"
         caps = self.caps
         if caps.max_images is not None and size.images > caps.max_images:
             return f"{size.images} images exceed max_images={caps.max_images}"
         if caps.max_vision_patches is not None and size.vision_patches > caps.max_vision_patches:
-            return (f"{size.vision_patches} vision patches exceed "
-                    f"max_vision_patches={caps.max_vision_patches}")
+            return (
+                f"{size.vision_patches} vision patches exceed "
+                f"max_vision_patches={caps.max_vision_patches}"
+            )
         return None

@@ -8,13 +8,13 @@ protocol failures), so ``except ValueError`` keeps working for code that does no
 from __future__ import annotations
 
 __all__ = [
-    "OdbError",
+    "BatchTypeError",
     "ConfigError",
+    "OdbError",
+    "OverBudgetError",
     "SampleError",
     "SampleTypeError",
-    "OverBudgetError",
     "StateError",
-    "BatchTypeError",
 ]
 
 

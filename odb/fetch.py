@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
+from odb.errors import ConfigError
+
 __all__ = [
-    "IndexedDataset",
-    "ChunkSampler",
     "SHARED_MEMORY_BYTES",
+    "ChunkSampler",
+    "IndexedDataset",
+    "decode_chunk",
     "encode_chunk",
     "keep_chunk",
-    "decode_chunk",
 ]
 
 SHARED_MEMORY_BYTES = 1 << 20
@@ -46,6 +48,8 @@ class ChunkSampler:
     """Batch sampler over the index stream the loader sets before each pass."""
 
     def __init__(self, fetch_size: int):
+        if isinstance(fetch_size, bool) or not isinstance(fetch_size, int) or fetch_size < 1:
+            raise ConfigError(f"fetch_size must be a positive integer, got {fetch_size!r}")
         self.fetch_size = fetch_size
         self.indices: Iterable[int] = ()
 

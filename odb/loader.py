@@ -20,7 +20,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,12 @@ from torch.utils.data import (
 
 from odb.align import LocalAlignment
 from odb.batch import StepInfo, attach_step_info
-from odb.collate import PackedCollator, PaddedCollator
+from odb.buffer import Entry, RoundSettings, SampleBuffer
+from odb.collate import PackedCollator, PaddedCollator, is_per_token
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize, measure_sample
 from odb.errors import ConfigError, OverBudgetError, StateError
 from odb.fetch import ChunkSampler, IndexedDataset, decode_chunk, encode_chunk, keep_chunk
-from odb.planner import Reason, plan_groups
+from odb.planner import Reason
 from odb.stats import LoaderStats
 
 __all__ = ["DataLoader", "wrap"]
@@ -48,18 +49,6 @@ __all__ = ["DataLoader", "wrap"]
 _STATE_VERSION = 1
 _MODES = ("padded", "packed")
 _OVER_BUDGET = ("error", "solo", "truncate")
-_DEFAULT_FILL = {"padded": 0.98, "packed": 0.97}
-
-
-@dataclass
-class _Item:
-    """A buffered sample: where it came from, what it is, what it costs, how long it waited."""
-
-    index: int
-    sample: Any
-    size: SampleSize
-    solo: bool
-    age: int = 0
 
 
 class DataLoader:
@@ -141,19 +130,9 @@ class DataLoader:
                 f"cost {cost!r} prices {'padded' if cost.padded else 'packed'} batches but "
                 f"mode={mode!r}; use ComputeCost(padded={mode == 'padded'}, ...)"
             )
-        self.budget = Budget(token_budget, cost, Caps(max_samples, max_images, max_vision_patches))
-        self.window = _positive_int("window", window)
-        self.round_size = _positive_int(
-            "round_size", round_size if round_size is not None else max(1, window // 8)
-        )
-        if self.round_size > self.window:
-            raise ConfigError(f"round_size ({round_size}) must be <= window ({window})")
-        self.max_wait = _positive_int(
-            "max_wait", max_wait if max_wait is not None else 4 * -(-window // self.round_size)
-        )
-        self.fill_threshold = _DEFAULT_FILL[mode] if fill_threshold is None else fill_threshold
-        if not 0 <= self.fill_threshold <= 1:
-            raise ConfigError(f"fill_threshold must be in [0, 1], got {fill_threshold}")
+        budget = Budget(token_budget, cost, Caps(max_samples, max_images, max_vision_patches))
+        self.settings = RoundSettings.create(budget, window, round_size, fill_threshold, max_wait)
+        self.budget = budget
         self.mode = mode
         self.over_budget = over_budget
         self.dataset = dataset
@@ -164,9 +143,7 @@ class DataLoader:
         self.pin_memory = bool(pin_memory) and torch.accelerator.is_available()
         self.num_workers = num_workers
         self._alignment = LocalAlignment()
-        self._chunks = ChunkSampler(
-            _positive_int("fetch_size", fetch_size if fetch_size else (8 if num_workers else 1))
-        )
+        self._chunks = ChunkSampler(fetch_size if fetch_size is not None else 8)
         self._fetcher = torch.utils.data.DataLoader(
             IndexedDataset(dataset),
             batch_sampler=self._chunks,
@@ -211,10 +188,10 @@ class DataLoader:
             "token_budget": self.budget.limit,
             "cost": repr(self.budget.cost),
             "caps": asdict(self.budget.caps),
-            "window": self.window,
-            "round_size": self.round_size,
-            "max_wait": self.max_wait,
-            "fill_threshold": self.fill_threshold,
+            "window": self.settings.window,
+            "round_size": self.settings.round_size,
+            "max_wait": self.settings.max_wait,
+            "fill_threshold": self.settings.fill_threshold,
             "over_budget": self.over_budget,
             "shuffle": self.shuffle,
             "seed": self.seed,
@@ -279,12 +256,6 @@ class DataLoader:
         return iter(self._fetcher)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class _EpochIterator:
     """One pass over the data; see the module docstring for the round structure."""
 
@@ -292,29 +263,43 @@ class _EpochIterator:
         self.loader = loader
         self.epoch = epoch
         self.rng = np.random.default_rng([loader.seed, epoch, 1])
-        self.buffer: list[_Item] = []
-        self.pending: deque[tuple[list[_Item], StepInfo]] = deque()
+        self.buffer = SampleBuffer()
+        self.pending: deque[tuple[list[Entry], StepInfo]] = deque()
         self.received: deque[tuple[int, Any]] = deque()
         self.consumed = self.round = self.step = 0
         self.exhausted = self.finished = False
         prefix: list[int] = []
         if resume:
             self.consumed, self.round, self.step = (
-                resume["consumed"], resume["round"], resume["step"])
+                resume["consumed"],
+                resume["round"],
+                resume["step"],
+            )
             self.exhausted, self.finished = resume["exhausted"], resume["finished"]
             self.rng.bit_generator.state = resume["rng"]
             prefix = [i for group in resume["pending"] for i in group["indices"]]
             prefix += [index for index, _ in resume["buffer"]]
-        self.source = loader._open(prefix, epoch, self.consumed) if prefix or not self.finished else None
+        self.source = (
+            loader._open(prefix, epoch, self.consumed) if prefix or not self.finished else None
+        )
         if resume:
             for group in resume["pending"]:
-                items = [self._admit(*self._receive(), count=False) for _ in group["indices"]]
-                self.pending.append((items, StepInfo(**{
-                    **group["info"], "sample_indices": tuple(group["info"]["sample_indices"])})))
+                entries = [self._admit(*self._receive(), count=False) for _ in group["indices"]]
+                self.pending.append(
+                    (
+                        entries,
+                        StepInfo(
+                            **{
+                                **group["info"],
+                                "sample_indices": tuple(group["info"]["sample_indices"]),
+                            }
+                        ),
+                    )
+                )
             for _, age in resume["buffer"]:
-                item = self._admit(*self._receive(), count=False)
-                item.age = age
-                self.buffer.append(item)
+                entry = self._admit(*self._receive(), count=False)
+                entry.age = age
+                self.buffer.add(entry)
 
     def __iter__(self) -> _EpochIterator:
         return self
@@ -325,10 +310,10 @@ class _EpochIterator:
                 self.source = None  # lets non-persistent workers shut down
                 raise StopIteration
             self._run_round()
-        items, info = self.pending.popleft()
+        entries, info = self.pending.popleft()
         stats = self.loader._stats
         start = time.perf_counter()
-        batch = self.loader.collate_fn([it.sample for it in items])
+        batch = self.loader.collate_fn([entry.payload for entry in entries])
         if self.loader.pin_memory:
             batch = _pin(batch)
         batch = attach_step_info(batch, info)
@@ -355,7 +340,7 @@ class _EpochIterator:
             self.received.extend(decode_chunk(chunk) if self.loader.num_workers else chunk)
         return self.received.popleft()
 
-    def _admit(self, index: int, sample: Any, count: bool = True) -> _Item:
+    def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
         """Measure a sample and apply the over-budget policy."""
         loader = self.loader
         size = measure_sample(sample, index)
@@ -370,67 +355,53 @@ class _EpochIterator:
             sample, size = _truncate(sample, size, loader.budget, index)
             loader._stats.over_budget_truncated += count
         elif loader.over_budget == "truncate":
-            raise OverBudgetError(index, f"{why}; over_budget='truncate' cannot cut a sample "
-                                  f"with images (use 'solo', or a larger budget)")
+            raise OverBudgetError(
+                index,
+                f"{why}; over_budget='truncate' cannot cut a sample "
+                f"with images (use 'solo', or a larger budget)",
+            )
         else:
-            raise OverBudgetError(index, f"{why} (over_budget='error'); raise the budget, "
-                                  f"filter the sample out, or pass over_budget='solo' to emit "
-                                  f"it alone or 'truncate' to cut it")
-        return _Item(index, sample, size, solo)
+            raise OverBudgetError(
+                index,
+                f"{why} (over_budget='error'); raise the budget, "
+                f"filter the sample out, or pass over_budget='solo' to emit "
+                f"it alone or 'truncate' to cut it",
+            )
+        return Entry(index, size, sample, solo)
 
     # -- one round --------------------------------------------------------------------------
     def _run_round(self) -> None:
         loader = self.loader
         stats = loader._stats
         start, waited = time.perf_counter(), stats.wait_seconds
-        for _ in range(loader.round_size):
+        for _ in range(loader.settings.round_size):
             pair = self._receive()
             if pair is None:
                 self.exhausted = True
                 break
-            self.buffer.append(self._admit(*pair))
+            self.buffer.add(self._admit(*pair))
             self.consumed += 1
-        buffer = self.buffer
-        sizes = [item.size for item in buffer]
-        plan = plan_groups(
-            np.fromiter((s.length for s in sizes), np.int64, len(sizes)),
-            np.fromiter((s.vision_patches for s in sizes), np.int64, len(sizes)),
-            np.fromiter((s.images for s in sizes), np.int64, len(sizes)),
-            np.fromiter((item.age for item in buffer), np.int64, len(sizes)),
-            np.fromiter((item.solo for item in buffer), bool, len(sizes)),
-            loader.budget,
-            fill_threshold=loader.fill_threshold,
-            max_wait=loader.max_wait,
-            keep=loader.window - loader.round_size,
-            final=self.exhausted,
+        emitted = self.buffer.run_round(
+            loader.settings, loader._alignment, self.rng, self.exhausted
         )
-        label_tokens = np.fromiter((s.label_tokens for s in sizes), np.int64, len(sizes))
-        group_labels = [int(label_tokens[g.members].sum()) for g in plan.groups]
-        emitted = np.zeros(len(buffer), dtype=bool)
-        for step in loader._alignment.align(plan, group_labels, self.rng):
-            group = plan.groups[step.group]
-            emitted[group.members] = True
-            items = [buffer[m] for m in group.members]
+        for out in emitted:
             info = StepInfo(
-                sample_indices=tuple(item.index for item in items),
-                local_samples=len(items),
-                global_samples=step.global_samples,
-                local_label_tokens=group_labels[step.group],
-                global_label_tokens=step.global_label_tokens,
-                real_tokens=group.real_tokens,
-                padded_tokens=group.padded_tokens,
+                sample_indices=tuple(entry.index for entry in out.entries),
+                local_samples=len(out.entries),
+                global_samples=out.step.global_samples,
+                local_label_tokens=out.label_tokens,
+                global_label_tokens=out.step.global_label_tokens,
+                real_tokens=out.group.real_tokens,
+                padded_tokens=out.group.padded_tokens,
                 step=self.step,
                 round=self.round,
                 epoch=self.epoch,
-                reason=group.reason.value,
+                reason=out.group.reason.value,
             )
-            self.pending.append((items, info))
+            self.pending.append((out.entries, info))
             self.step += 1
-            stats.stale_groups += group.reason is Reason.STALE
-            stats.pressure_groups += group.reason is Reason.PRESSURE
-        self.buffer = [item for item, gone in zip(buffer, emitted, strict=True) if not gone]
-        for item in self.buffer:
-            item.age += 1
+            stats.stale_groups += out.group.reason is Reason.STALE
+            stats.pressure_groups += out.group.reason is Reason.PRESSURE
         self.round += 1
         stats.rounds += 1
         self.finished = self.exhausted and not self.buffer
@@ -446,10 +417,10 @@ class _EpochIterator:
             "exhausted": self.exhausted,
             "finished": self.finished,
             "rng": self.rng.bit_generator.state,
-            "buffer": [[item.index, item.age] for item in self.buffer],
+            "buffer": [[entry.index, entry.age] for entry in self.buffer.entries],
             "pending": [
-                {"indices": [item.index for item in items], "info": asdict(info)}
-                for items, info in self.pending
+                {"indices": [entry.index for entry in entries], "info": asdict(info)}
+                for entries, info in self.pending
             ],
         }
 
@@ -461,9 +432,8 @@ def _truncate(sample: Mapping, size: SampleSize, budget: Budget, index: int):
         raise OverBudgetError(index, "the budget is too small for even one token")
     cut = dict(sample)
     for key, value in sample.items():
-        if hasattr(value, "__len__") and not isinstance(value, str | bytes | Mapping):
-            if getattr(value, "ndim", 1) == 1 and len(value) == size.length:
-                cut[key] = value[:keep]
+        if is_per_token(value, size.length):
+            cut[key] = value[:keep]
     return cut, measure_sample(cut, index)
 
 
@@ -477,7 +447,9 @@ def _pin(value: Any) -> Any:
     return value
 
 
-def wrap(dataloader: torch.utils.data.DataLoader, token_budget: float, **options: Any) -> DataLoader:
+def wrap(
+    dataloader: torch.utils.data.DataLoader, token_budget: float, **options: Any
+) -> DataLoader:
     """Build an odb loader from an existing ``torch.utils.data.DataLoader``.
 
     Keeps its dataset, order (a ``RandomSampler`` becomes odb's seeded shuffle, any other
@@ -488,7 +460,9 @@ def wrap(dataloader: torch.utils.data.DataLoader, token_budget: float, **options
     take precedence.
     """
     if not isinstance(dataloader, torch.utils.data.DataLoader):
-        raise TypeError(f"wrap expects a torch.utils.data.DataLoader, got {type(dataloader).__name__}")
+        raise TypeError(
+            f"wrap expects a torch.utils.data.DataLoader, got {type(dataloader).__name__}"
+        )
     batch_sampler = dataloader.batch_sampler
     if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
         raise ConfigError(

@@ -32,7 +32,7 @@ import numpy as np
 
 from odb.cost import Budget
 
-__all__ = ["Reason", "Group", "Plan", "plan_groups"]
+__all__ = ["Group", "Plan", "Reason", "plan_groups"]
 
 
 class Reason(str, Enum):
@@ -75,8 +75,14 @@ class Plan:
         return self.groups[: self.n_ready]
 
 
-_PRIORITY = {Reason.SOLO: 0, Reason.STALE: 1, Reason.FILL: 2, Reason.FLUSH: 2,
-             Reason.PRESSURE: 3, Reason.HELD: 4}
+_PRIORITY = {
+    Reason.SOLO: 0,
+    Reason.STALE: 1,
+    Reason.FILL: 2,
+    Reason.FLUSH: 2,
+    Reason.PRESSURE: 3,
+    Reason.HELD: 4,
+}
 
 
 def plan_groups(
@@ -119,7 +125,8 @@ def plan_groups(
     groups.extend(cuts)
 
     groups = [
-        _with_reason(g, Reason.STALE) if g.reason is Reason.HELD and ages[g.members].max() >= max_wait
+        _with_reason(g, Reason.STALE)
+        if g.reason is Reason.HELD and ages[g.members].max() >= max_wait
         else g
         for g in groups
     ]
@@ -141,17 +148,24 @@ def plan_groups(
 
 
 def _with_reason(group: Group, reason: Reason) -> Group:
-    return Group(group.members, group.real_tokens, group.padded_tokens, group.cost,
-                 group.quality, reason)
+    return Group(
+        group.members, group.real_tokens, group.padded_tokens, group.cost, group.quality, reason
+    )
 
 
 def _make_group(members, lengths, patches, budget, quality, reason) -> Group:
     member_lengths = lengths[members]
     real = int(member_lengths.sum())
     padded = int(len(members) * member_lengths.max()) if budget.cost.padded else real
-    cost = float(budget.cost.group_cost(
-        len(members), member_lengths.max(), real,
-        int((member_lengths * member_lengths).sum()), int(patches[members].sum())))
+    cost = float(
+        budget.cost.group_cost(
+            len(members),
+            member_lengths.max(),
+            real,
+            int((member_lengths * member_lengths).sum()),
+            int(patches[members].sum()),
+        )
+    )
     return Group(members, real, padded, cost, quality, reason)
 
 
@@ -159,46 +173,59 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
     """Greedy cut of the length-sorted buffer into maximal runs of adjacent samples."""
     cost_model, caps, limit = budget.cost, budget.caps, budget.limit
     sorted_len = lengths[order]
-    cum_len = np.concatenate(([0], np.cumsum(sorted_len)))
+    cum_len = np.concatenate(([0], np.cumsum(sorted_len))).tolist()
     cum_patches = np.concatenate(([0], np.cumsum(patches[order])))
     cum_images = np.concatenate(([0], np.cumsum(images[order])))
+    # Without vision terms a group's cost is n * row_cost(longest): plain scalar arithmetic.
+    vision_bound = (
+        bool(cost_model.vision_weight)
+        or caps.max_images is not None
+        or (caps.max_vision_patches is not None)
+    )
+    max_samples = caps.max_samples
+    attention = cost_model.attention_weight
     total = len(order)
     groups = []
     start = 0
+    sorted_list = sorted_len.tolist()
     while start < total:
-        longest = int(sorted_len[start])
-        row_cost = float(cost_model.group_cost(1, longest, longest, longest * longest, 0))
-        most = min(total - start, int(limit // row_cost))
-        if caps.max_samples is not None:
-            most = min(most, caps.max_samples)
-        most = max(most, 1)
-        sizes = np.arange(1, most + 1)
-        group_patches = cum_patches[start + 1 : start + most + 1] - cum_patches[start]
-        fits = cost_model.group_cost(sizes, longest, 0, 0, group_patches) <= limit
-        if caps.max_vision_patches is not None:
-            fits &= group_patches <= caps.max_vision_patches
-        if caps.max_images is not None:
-            fits &= cum_images[start + 1 : start + most + 1] - cum_images[start] <= caps.max_images
-        fits[0] = True  # a sample that fits alone was admitted; over-budget ones are solo
-        size = int(np.argmin(fits)) if not fits.all() else most
+        longest = sorted_list[start]
+        row_cost = longest * (1.0 + attention * longest)
+        room = int(limit // row_cost)  # rows that fit by tokens alone
+        size = max(1, min(total - start, room, max_samples or total))
+        group_patches = int(cum_patches[start + size] - cum_patches[start])
+        if vision_bound and size > 1:
+            size, group_patches = _fit_vision(
+                start, size, row_cost, cum_patches, cum_images, budget
+            )
         end = start + size
-        members = order[start:end]
-        real = int(cum_len[end] - cum_len[start])
+        real = cum_len[end] - cum_len[start]
         padded = size * longest
-        # Maximal: the next buffered sample would not fit, or no sample at all could join.
-        can_grow = (
-            (caps.max_samples is None or size < caps.max_samples)
-            and float(cost_model.group_cost(size + 1, longest, 0, 0, group_patches[size - 1]))
-            <= limit
-        )
-        maximal = end < total or not can_grow
+        grow_cost = float(cost_model.group_cost(size + 1, longest, 0, 0, group_patches))
+        can_grow = (max_samples is None or size < max_samples) and grow_cost <= limit
+        maximal = end < total or not can_grow  # the next sample would not fit, or none could
         quality = real / padded
         ready = final or (maximal and quality >= fill_threshold)
-        cost = float(cost_model.group_cost(size, longest, real, 0, group_patches[size - 1]))
         reason = (Reason.FLUSH if final else Reason.FILL) if ready else Reason.HELD
-        groups.append(Group(members, real, padded, cost, quality, reason))
+        cost = float(cost_model.group_cost(size, longest, real, 0, group_patches))
+        groups.append(Group(order[start:end], real, padded, cost, quality, reason))
         start = end
     return groups
+
+
+def _fit_vision(start, most, row_cost, cum_patches, cum_images, budget) -> tuple[int, int]:
+    """Largest group size <= ``most`` from ``start`` within the vision cost and caps."""
+    caps = budget.caps
+    group_patches = cum_patches[start + 1 : start + most + 1] - cum_patches[start]
+    fits = np.arange(1, most + 1) * row_cost + budget.cost.vision_weight * group_patches
+    fits = fits <= budget.limit
+    if caps.max_vision_patches is not None:
+        fits &= group_patches <= caps.max_vision_patches
+    if caps.max_images is not None:
+        fits &= cum_images[start + 1 : start + most + 1] - cum_images[start] <= caps.max_images
+    fits[0] = True  # a sample that fits alone was admitted; over-budget ones are solo
+    size = most if fits.all() else int(np.argmin(fits))
+    return size, int(group_patches[size - 1])
 
 
 def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, final) -> list[Group]:
@@ -212,7 +239,8 @@ def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, fina
     bin_images: list[int] = []
     room_keys: list[float] = []  # free room of each open bin, sorted ascending
     room_bins: list[int] = []  # bin id for each entry of room_keys
-    max_samples, max_images, max_patches = caps.max_samples, caps.max_images, caps.max_vision_patches
+    max_samples, max_images = caps.max_samples, caps.max_images
+    max_patches = caps.max_vision_patches
     for rank, cost in enumerate(item_cost):
         slot = bisect.bisect_left(room_keys, cost)
         while slot < len(room_keys):

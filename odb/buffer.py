@@ -1,0 +1,146 @@
+"""The samples measured but not yet emitted, and how many rounds each has waited.
+
+Shared by the loader (whose entries carry the processed samples) and by simulations and
+benchmarks (whose entries carry only sizes), so both run the very same planning rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from odb.align import Step
+from odb.cost import Budget, SampleSize
+from odb.errors import ConfigError
+from odb.planner import Group, Plan, plan_groups
+
+__all__ = ["Emitted", "Entry", "RoundSettings", "SampleBuffer"]
+
+_DEFAULT_FILL = {True: 0.98, False: 0.97}  # by budget.cost.padded
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How planning rounds run: the budget, how many samples are planned together
+    (``window``), how many arrive per round, when a group is good enough, how long a sample
+    may wait."""
+
+    budget: Budget
+    window: int
+    round_size: int
+    fill_threshold: float
+    max_wait: int
+
+    @classmethod
+    def create(
+        cls,
+        budget: Budget,
+        window: int = 1024,
+        round_size: int | None = None,
+        fill_threshold: float | None = None,
+        max_wait: int | None = None,
+    ) -> RoundSettings:
+        """Settings with defaults filled in: ``round_size = window // 8``, ``max_wait`` = four
+        times the rounds a full window takes to arrive, ``fill_threshold`` 0.98 padded and 0.97
+        packed."""
+        window = _positive_int("window", window)
+        round_size = _positive_int("round_size", round_size or max(1, window // 8))
+        if round_size > window:
+            raise ConfigError(f"round_size ({round_size}) must be <= window ({window})")
+        max_wait = _positive_int("max_wait", max_wait or 4 * -(-window // round_size))
+        if fill_threshold is None:
+            fill_threshold = _DEFAULT_FILL[budget.cost.padded]
+        if not 0 <= fill_threshold <= 1:
+            raise ConfigError(f"fill_threshold must be in [0, 1], got {fill_threshold}")
+        return cls(budget, window, round_size, float(fill_threshold), max_wait)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class Entry:
+    """A buffered sample: its dataset index, what it costs, and how long it has waited."""
+
+    index: int
+    size: SampleSize
+    payload: Any = None
+    solo: bool = False
+    age: int = 0
+
+
+class SampleBuffer:
+    """A list of :class:`Entry` with one planning round's worth of operations."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+
+    def plan(self, settings: RoundSettings, final: bool) -> Plan:
+        """Plan every buffered entry into a group (see :func:`odb.planner.plan_groups`),
+        keeping room in the buffer for the next round's samples."""
+        entries = self.entries
+        n = len(entries)
+        return plan_groups(
+            np.fromiter((e.size.length for e in entries), np.int64, n),
+            np.fromiter((e.size.vision_patches for e in entries), np.int64, n),
+            np.fromiter((e.size.images for e in entries), np.int64, n),
+            np.fromiter((e.age for e in entries), np.int64, n),
+            np.fromiter((e.solo for e in entries), bool, n),
+            settings.budget,
+            fill_threshold=settings.fill_threshold,
+            max_wait=settings.max_wait,
+            keep=settings.window - settings.round_size,
+            final=final,
+        )
+
+    def label_tokens(self, group: Group) -> int:
+        return sum(self.entries[m].size.label_tokens for m in group.members)
+
+    def take(self, groups: list[Group]) -> list[list[Entry]]:
+        """Remove the groups' entries (returned in group order); everything left ages a round."""
+        entries = self.entries
+        taken = [[entries[m] for m in group.members] for group in groups]
+        gone = np.zeros(len(entries), dtype=bool)
+        for group in groups:
+            gone[group.members] = True
+        self.entries = [e for e, out in zip(entries, gone, strict=True) if not out]
+        for entry in self.entries:
+            entry.age += 1
+        return taken
+
+    def run_round(
+        self, settings: RoundSettings, alignment, rng: np.random.Generator, final: bool
+    ) -> list[Emitted]:
+        """Plan, let ``alignment`` choose this round's steps, and take them out of the buffer.
+
+        The caller has added the round's new samples; ``final`` means no more will come.
+        """
+        plan = self.plan(settings, final)
+        labels = [self.label_tokens(group) for group in plan.ready]
+        steps = alignment.align(plan, labels, rng)
+        groups = [plan.groups[step.group] for step in steps]
+        return [
+            Emitted(step, group, entries, labels[step.group])
+            for step, group, entries in zip(steps, groups, self.take(groups), strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """One step of a round: the alignment's decision, the planned group, its entries."""
+
+    step: Step
+    group: Group
+    entries: list[Entry]
+    label_tokens: int
