@@ -42,16 +42,22 @@ def is_per_token(value: Any, length: int) -> bool:
 
 
 def _gather_rest(samples: Sequence[Mapping], skip: set[str]) -> dict[str, Any]:
-    """Non-per-token fields: tensors concatenated on dim 0 (0-d stacked), others listed."""
+    """Non-per-token fields: tensors concatenated on dim 0 (0-d ones stacked), others listed.
+
+    A tensor field missing from some samples (``pixel_values`` of a text-only sample) is
+    concatenated over the samples that have it: those are the rows the model will match
+    with the batch's image tokens, in order.
+    """
+    keys = dict.fromkeys(key for sample in samples for key in sample if key not in skip)
     out = {}
-    for key in samples[0]:
-        if key in skip:
-            continue
-        values = [s.get(key) for s in samples]
-        if all(isinstance(v, torch.Tensor) for v in values):
-            out[key] = torch.stack(values) if values[0].ndim == 0 else torch.cat(values)
+    for key in keys:
+        present = [s[key] for s in samples if key in s]
+        if all(isinstance(v, torch.Tensor) and v.ndim > 0 for v in present):
+            out[key] = torch.cat(present)
+        elif len(present) == len(samples) and all(isinstance(v, torch.Tensor) for v in present):
+            out[key] = torch.stack(present)
         else:
-            out[key] = values
+            out[key] = [s.get(key) for s in samples]
     return out
 
 

@@ -20,7 +20,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -153,8 +153,18 @@ class DataLoader:
             worker_init_fn=worker_init_fn,
             multiprocessing_context=multiprocessing_context,
             generator=generator,
-            prefetch_factor=prefetch_factor,
-            persistent_workers=persistent_workers,
+            # Worker-only settings mean nothing without workers (wrap may carry them over).
+            prefetch_factor=prefetch_factor if num_workers else None,
+            persistent_workers=persistent_workers and num_workers > 0,
+        )
+        self._setup = _PassSetup(
+            self.settings,
+            over_budget,
+            self.collate_fn,
+            self.pin_memory,
+            num_workers > 0,
+            self._alignment,
+            self.seed,
         )
         self._stats = LoaderStats(token_budget=float(token_budget))
         self._epoch = 0
@@ -165,7 +175,12 @@ class DataLoader:
     def __iter__(self) -> Iterator[Mapping]:
         resume = self._resume if self._resume and self._resume["epoch"] == self._epoch else None
         self._resume = None
-        self._iterator = _EpochIterator(self, self._epoch, resume)
+        self._iterator = None  # shut the previous pass's workers down before starting new ones
+        prefix = _refetch_order(resume) if resume else []
+        source = None
+        if prefix or not (resume and resume["finished"]):
+            source = self._open(prefix, self._epoch, resume["consumed"] if resume else 0)
+        self._iterator = _EpochIterator(self._setup, self._stats, source, self._epoch, resume)
         return self._iterator
 
     def set_epoch(self, epoch: int) -> None:
@@ -256,19 +271,49 @@ class DataLoader:
         return iter(self._fetcher)
 
 
+def _refetch_order(resume: Mapping) -> list[int]:
+    """Indices a restored pass reads again first: pending groups', then the buffer's."""
+    pending = [i for group in resume["pending"] for i in group["indices"]]
+    return pending + [index for index, _ in resume["buffer"]]
+
+
+@dataclass(frozen=True)
+class _PassSetup:
+    """What a pass needs from its loader. A pass holds this, not the loader, so that no
+    reference cycle keeps an abandoned pass alive: dropped, it shuts its workers down at once
+    (a cycle leaves that to the garbage collector, whose finalisation order stalls the
+    workers' shutdown for seconds)."""
+
+    settings: RoundSettings
+    over_budget: str
+    collate_fn: Callable
+    pin_memory: bool
+    decode: bool
+    alignment: LocalAlignment
+    seed: int
+
+
 class _EpochIterator:
     """One pass over the data; see the module docstring for the round structure."""
 
-    def __init__(self, loader: DataLoader, epoch: int, resume: Mapping | None):
-        self.loader = loader
+    def __init__(
+        self,
+        setup: _PassSetup,
+        stats: LoaderStats,
+        source: Iterator | None,
+        epoch: int,
+        resume: Mapping | None,
+    ):
+        self.setup = setup
+        self.stats = stats
+        self.source = source
         self.epoch = epoch
-        self.rng = np.random.default_rng([loader.seed, epoch, 1])
+        self.rng = np.random.default_rng([setup.seed, epoch, 1])
         self.buffer = SampleBuffer()
         self.pending: deque[tuple[list[Entry], StepInfo]] = deque()
         self.received: deque[tuple[int, Any]] = deque()
         self.consumed = self.round = self.step = 0
         self.exhausted = self.finished = False
-        prefix: list[int] = []
         if resume:
             self.consumed, self.round, self.step = (
                 resume["consumed"],
@@ -277,12 +322,6 @@ class _EpochIterator:
             )
             self.exhausted, self.finished = resume["exhausted"], resume["finished"]
             self.rng.bit_generator.state = resume["rng"]
-            prefix = [i for group in resume["pending"] for i in group["indices"]]
-            prefix += [index for index, _ in resume["buffer"]]
-        self.source = (
-            loader._open(prefix, epoch, self.consumed) if prefix or not self.finished else None
-        )
-        if resume:
             for group in resume["pending"]:
                 entries = [self._admit(*self._receive(), count=False) for _ in group["indices"]]
                 self.pending.append(
@@ -311,10 +350,10 @@ class _EpochIterator:
                 raise StopIteration
             self._run_round()
         entries, info = self.pending.popleft()
-        stats = self.loader._stats
+        stats = self.stats
         start = time.perf_counter()
-        batch = self.loader.collate_fn([entry.payload for entry in entries])
-        if self.loader.pin_memory:
+        batch = self.setup.collate_fn([entry.payload for entry in entries])
+        if self.setup.pin_memory:
             batch = _pin(batch)
         batch = attach_step_info(batch, info)
         stats.collate_seconds += time.perf_counter() - start
@@ -336,25 +375,25 @@ class _EpochIterator:
             except StopIteration:
                 return None
             finally:
-                self.loader._stats.wait_seconds += time.perf_counter() - start
-            self.received.extend(decode_chunk(chunk) if self.loader.num_workers else chunk)
+                self.stats.wait_seconds += time.perf_counter() - start
+            self.received.extend(decode_chunk(chunk) if self.setup.decode else chunk)
         return self.received.popleft()
 
     def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
         """Measure a sample and apply the over-budget policy."""
-        loader = self.loader
+        setup, stats = self.setup, self.stats
         size = measure_sample(sample, index)
-        why = loader.budget.why_over(size)
+        why = setup.settings.budget.why_over(size)
         solo = False
         if why is None:
             pass
-        elif loader.over_budget == "solo":
+        elif setup.over_budget == "solo":
             solo = True
-            loader._stats.over_budget_solo += count
-        elif loader.over_budget == "truncate" and size.images == 0:
-            sample, size = _truncate(sample, size, loader.budget, index)
-            loader._stats.over_budget_truncated += count
-        elif loader.over_budget == "truncate":
+            stats.over_budget_solo += count
+        elif setup.over_budget == "truncate" and size.images == 0:
+            sample, size = _truncate(sample, size, setup.settings.budget, index)
+            stats.over_budget_truncated += count
+        elif setup.over_budget == "truncate":
             raise OverBudgetError(
                 index,
                 f"{why}; over_budget='truncate' cannot cut a sample "
@@ -371,19 +410,16 @@ class _EpochIterator:
 
     # -- one round --------------------------------------------------------------------------
     def _run_round(self) -> None:
-        loader = self.loader
-        stats = loader._stats
+        setup, stats = self.setup, self.stats
         start, waited = time.perf_counter(), stats.wait_seconds
-        for _ in range(loader.settings.round_size):
+        for _ in range(setup.settings.round_size):
             pair = self._receive()
             if pair is None:
                 self.exhausted = True
                 break
             self.buffer.add(self._admit(*pair))
             self.consumed += 1
-        emitted = self.buffer.run_round(
-            loader.settings, loader._alignment, self.rng, self.exhausted
-        )
+        emitted = self.buffer.run_round(setup.settings, setup.alignment, self.rng, self.exhausted)
         for out in emitted:
             info = StepInfo(
                 sample_indices=tuple(entry.index for entry in out.entries),

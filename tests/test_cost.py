@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+
+from odb import (
+    Budget,
+    Caps,
+    ComputeCost,
+    ConfigError,
+    PackedCost,
+    PaddedCost,
+    SampleError,
+    SampleSize,
+    SampleTypeError,
+    measure_sample,
+)
+
+
+def test_measure_counts_label_tokens_after_the_causal_shift():
+    labels = torch.tensor([-100, -100, 5, 6, -100, 7])
+    size = measure_sample({"input_ids": torch.arange(6), "labels": labels}, 0)
+    # labels[1:] = [-100, 5, 6, -100, 7] -> 3 targets
+    assert size == SampleSize(length=6, label_tokens=3)
+
+
+def test_measure_first_label_never_counts():
+    size = measure_sample({"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, 0)
+    assert size.label_tokens == 2
+
+
+def test_measure_without_labels_counts_every_next_token():
+    assert measure_sample({"input_ids": np.arange(10)}, 3).label_tokens == 9
+
+
+def test_measure_reads_vision_grid_rows():
+    sample = {
+        "input_ids": torch.arange(20),
+        "image_grid_thw": torch.tensor([[1, 4, 6], [1, 2, 2]]),
+        "video_grid_thw": torch.tensor([[2, 2, 2]]),
+    }
+    size = measure_sample(sample, 0)
+    assert (size.vision_patches, size.images) == (24 + 4 + 8, 3)
+
+
+def test_measure_errors_if_input_ids_missing():
+    with pytest.raises(SampleError, match=r"sample 7: missing key 'input_ids'"):
+        measure_sample({"labels": [1]}, 7)
+
+
+def test_measure_errors_if_input_ids_empty():
+    with pytest.raises(SampleError, match=r"sample 2: 'input_ids' is empty"):
+        measure_sample({"input_ids": torch.tensor([], dtype=torch.long)}, 2)
+
+
+def test_measure_errors_on_a_batch_of_one_with_a_fix():
+    with pytest.raises(SampleError, match=r"sample 4: .*batch of one.*\[0\]"):
+        measure_sample({"input_ids": torch.zeros(1, 9, dtype=torch.long)}, 4)
+
+
+def test_measure_errors_on_2d_input_ids():
+    with pytest.raises(SampleError, match=r"sample 1: 'input_ids' must be 1-D .* \(3, 9\)"):
+        measure_sample({"input_ids": torch.zeros(3, 9, dtype=torch.long)}, 1)
+
+
+def test_measure_errors_on_nested_lists():
+    with pytest.raises(SampleError, match="returned a batch"):
+        measure_sample({"input_ids": [[1, 2], [3, 4]]}, 0)
+
+
+def test_measure_errors_on_labels_of_another_length():
+    with pytest.raises(SampleError, match=r"sample 5: 'labels' has length 3 but 'input_ids'"):
+        measure_sample({"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3]}, 5)
+
+
+def test_measure_errors_on_attention_mask_of_another_length():
+    with pytest.raises(SampleError, match="'attention_mask' has length 2"):
+        measure_sample({"input_ids": [1, 2, 3], "attention_mask": [1, 1]}, 0)
+
+
+def test_measure_errors_if_not_a_mapping():
+    with pytest.raises(SampleTypeError, match=r"sample 0: the dataset returned list"):
+        measure_sample([{"input_ids": [1]}], 0)
+
+
+def test_padded_cost_is_rows_times_longest():
+    cost = PaddedCost().group_cost(np.array([3]), np.array([100]), 250, 0, 0)
+    assert cost.tolist() == [300.0]
+
+
+def test_packed_cost_is_sum_of_lengths():
+    assert float(PackedCost().group_cost(3, 100, 250, 0, 0)) == 250.0
+
+
+def test_compute_cost_adds_attention_and_vision_terms():
+    padded = ComputeCost(padded=True, attention_weight=0.01, vision_weight=0.5)
+    # 2 rows of 10: tokens 20, attention 2 * 10^2 = 200, patches 8
+    assert float(padded.group_cost(2, 10, 15, 125, 8)) == pytest.approx(20 + 2 + 4)
+    packed = ComputeCost(padded=False, attention_weight=0.01, vision_weight=0.5)
+    assert float(packed.group_cost(2, 10, 15, 125, 8)) == pytest.approx(15 + 1.25 + 4)
+
+
+def test_longest_within_inverts_the_single_sample_cost():
+    cost = ComputeCost(padded=False, attention_weight=0.001, vision_weight=2.0)
+    longest = cost.longest_within(5000, patches=100)
+    assert float(cost.sample_cost(longest, 100)) <= 5000 < float(cost.sample_cost(longest + 1, 100))
+
+
+@pytest.mark.parametrize("limit", [0, -5, float("nan"), float("inf"), "1000", True])
+def test_budget_must_be_a_positive_number(limit):
+    with pytest.raises(ConfigError, match="token_budget"):
+        Budget(limit)
+
+
+def test_caps_must_be_positive_integers():
+    with pytest.raises(ConfigError, match="max_images"):
+        Caps(max_images=0)
+
+
+def test_weights_must_be_non_negative():
+    with pytest.raises(ConfigError, match="attention_weight"):
+        ComputeCost(attention_weight=-1)
+
+
+def test_why_over_names_the_limit_that_was_broken():
+    budget = Budget(100, PaddedCost(), Caps(max_images=2, max_vision_patches=50))
+    assert budget.why_over(SampleSize(100, 10)) is None
+    assert "exceeds the token budget 100" in budget.why_over(SampleSize(101, 10))
+    assert "max_images=2" in budget.why_over(SampleSize(10, 1, 20, 3))
+    assert "max_vision_patches=50" in budget.why_over(SampleSize(10, 1, 60, 1))

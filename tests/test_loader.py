@@ -1,0 +1,253 @@
+"""odb.DataLoader and odb.wrap end to end, in one process."""
+
+import numpy as np
+import pytest
+import torch
+from synthetic import LengthDataset, label_tokens, lognormal_lengths
+
+import odb
+from odb import ConfigError, OverBudgetError, SampleError, SampleTypeError
+
+BUDGET = 4096
+
+
+@pytest.fixture(scope="module")
+def lengths():
+    return np.minimum(lognormal_lengths(1500, 400, 1.0, seed=3), BUDGET)
+
+
+def _epoch(loader):
+    batches = list(loader)
+    return batches, [odb.step_info(b) for b in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_every_sample_once_within_budget_with_consistent_step_info(lengths, mode, num_workers):
+    loader = odb.DataLoader(
+        LengthDataset(lengths), BUDGET, mode=mode, shuffle=True, num_workers=num_workers,
+        window=256,
+    )
+    batches, infos = _epoch(loader)
+    seen = [i for info in infos for i in info.sample_indices]
+    assert sorted(seen) == list(range(len(lengths)))
+    for step, (batch, info) in enumerate(zip(batches, infos, strict=True)):
+        ids = batch["input_ids"]
+        assert ids.numel() <= BUDGET
+        # the batch holds exactly the samples the step info names (tokens equal their index)
+        if mode == "padded":
+            assert ids.shape[0] == info.local_samples
+            rows = [int(r[0]) for r in ids]
+            assert rows == list(info.sample_indices)
+            assert batch["attention_mask"].sum() == info.real_tokens
+        else:
+            assert ids.shape[0] == 1 and ids.numel() == info.real_tokens
+            assert torch.unique_consecutive(ids[0]).tolist() == list(info.sample_indices)
+        assert info.padded_tokens == ids.numel()
+        assert info.real_tokens == sum(lengths[i] for i in info.sample_indices)
+        assert info.local_label_tokens == sum(label_tokens(lengths[i]) for i in info.sample_indices)
+        assert info.local_label_tokens == int((batch["labels"][..., 1:] != -100).sum()) or (
+            mode == "padded"  # padded rows: per-row shift, counted below
+        )
+        if mode == "padded":
+            assert info.local_label_tokens == int((batch["labels"][:, 1:] != -100).sum())
+        assert (info.global_samples, info.global_label_tokens) == (
+            info.local_samples, info.local_label_tokens)
+        assert info.step == step and not info.ghost and info.loss_weight == 1.0
+    stats = loader.stats()
+    assert stats.samples == len(lengths) and stats.steps == len(batches)
+    assert stats.real_tokens == lengths.sum()
+    assert stats.fill == pytest.approx(stats.real_tokens / (len(batches) * BUDGET))
+
+
+def test_shuffle_is_seeded_per_epoch(lengths):
+    def order(seed, epoch):
+        loader = odb.DataLoader(LengthDataset(lengths), BUDGET, shuffle=True, seed=seed)
+        loader.set_epoch(epoch)
+        return [odb.step_info(b).sample_indices for b in loader]
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+
+
+def test_without_shuffle_samples_arrive_in_index_order(lengths):
+    loader = odb.DataLoader(LengthDataset(lengths), BUDGET, window=8, round_size=8)
+    first = odb.step_info(next(iter(loader))).sample_indices
+    assert max(first) < 8  # the first round only saw indices 0..7
+
+
+def test_batches_go_straight_into_a_model():
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, labels, attention_mask):
+            return input_ids.shape
+
+    loader = odb.DataLoader(LengthDataset([5, 9, 3]), 64)
+    assert Model()(**next(iter(loader))) == (3, 9)
+
+
+def test_wrap_keeps_the_users_collate_and_order():
+    calls = []
+
+    def collate(samples):
+        calls.append(len(samples))
+        width = max(len(s["input_ids"]) for s in samples)
+        ids = torch.stack(
+            [torch.nn.functional.pad(s["input_ids"], (0, width - len(s["input_ids"])))
+             for s in samples]
+        )
+        return {"input_ids": ids, "marker": torch.tensor(len(samples))}
+
+    lengths = [30, 10, 20, 40, 50, 25, 5]
+    plain = torch.utils.data.DataLoader(LengthDataset(lengths), batch_size=2, collate_fn=collate)
+    loader = odb.wrap(plain, 100)
+    batches = list(loader)
+    assert sum(calls) == len(lengths)
+    assert all(int(b["marker"]) == odb.step_info(b).local_samples for b in batches)
+    assert sorted(i for b in batches for i in odb.step_info(b).sample_indices) == list(range(7))
+
+
+def test_wrap_uses_a_custom_sampler_and_turns_random_sampler_into_seeded_shuffle():
+    dataset = LengthDataset([10] * 50)
+    subset = torch.utils.data.DataLoader(dataset, sampler=[3, 1, 4, 15, 9, 26])
+    got = sorted(i for b in odb.wrap(subset, 64) for i in odb.step_info(b).sample_indices)
+    assert got == [1, 3, 4, 9, 15, 26]
+
+    shuffled = torch.utils.data.DataLoader(dataset, shuffle=True)
+    loader = odb.wrap(shuffled, 64)
+    assert loader.shuffle and loader.sampler is None
+
+
+def test_wrap_refuses_a_custom_batch_sampler():
+    dataset = LengthDataset([10] * 4)
+    plain = torch.utils.data.DataLoader(dataset, batch_sampler=[[0, 1], [2, 3]])
+    with pytest.raises(ConfigError, match="custom batch_sampler"):
+        odb.wrap(plain, 64)
+
+
+def test_wrap_options_override_the_dataloader():
+    plain = torch.utils.data.DataLoader(LengthDataset([10] * 4), num_workers=2)
+    assert odb.wrap(plain, 64, num_workers=0).num_workers == 0
+
+
+def test_over_budget_error_names_the_sample():
+    loader = odb.DataLoader(LengthDataset([10, 10, 300, 10]), 100)
+    with pytest.raises(OverBudgetError, match=r"sample 2: length 300 .* exceeds the token budget"):
+        list(loader)
+
+
+def test_over_budget_solo_emits_it_alone_and_counts_it():
+    loader = odb.DataLoader(LengthDataset([10, 10, 300, 10]), 100, over_budget="solo")
+    infos = [odb.step_info(b) for b in loader]
+    solo = [info for info in infos if 2 in info.sample_indices]
+    assert solo[0].sample_indices == (2,) and solo[0].reason == "solo"
+    assert loader.stats().over_budget_solo == 1
+    assert sorted(i for info in infos for i in info.sample_indices) == [0, 1, 2, 3]
+
+
+def test_over_budget_truncate_cuts_per_token_fields():
+    loader = odb.DataLoader(LengthDataset([10, 300]), 100, over_budget="truncate")
+    batches = list(loader)
+    long = next(b for b in batches if 1 in odb.step_info(b).sample_indices)
+    assert long["input_ids"].shape[-1] == 100 and long["labels"].shape[-1] == 100
+    assert loader.stats().over_budget_truncated == 1
+
+
+def test_truncate_refuses_samples_with_images():
+    dataset = LengthDataset([10, 300], images=[0, 1])
+    with pytest.raises(OverBudgetError, match="cannot cut a sample with images"):
+        list(odb.DataLoader(dataset, 100, over_budget="truncate"))
+
+
+def test_image_caps_bound_every_batch():
+    dataset = LengthDataset([20] * 40, images=[i % 3 for i in range(40)])
+    loader = odb.DataLoader(dataset, 4096, max_images=4, max_samples=6, window=40)
+    images = 0
+    for batch in loader:
+        info = odb.step_info(batch)
+        expected = sum(i % 3 for i in info.sample_indices)
+        assert batch.get("image_grid_thw", torch.zeros(0, 3)).shape[0] == expected <= 4
+        assert info.local_samples <= 6
+        images += expected
+    assert images == sum(i % 3 for i in range(40))
+
+
+class _Returns:
+    def __init__(self, value):
+        self.value = value
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return self.value
+
+
+def test_dataset_returning_a_batch_is_an_error():
+    batch = {"input_ids": torch.ones(1, 5, dtype=torch.long)}
+    with pytest.raises(SampleError, match=r"sample 0: 'input_ids' has shape \(1, 5\)"):
+        list(odb.DataLoader(_Returns(batch), 100))
+
+
+def test_dataset_returning_a_list_of_samples_is_an_error():
+    with pytest.raises(SampleTypeError, match="returned list"):
+        list(odb.DataLoader(_Returns([{"input_ids": [1]}]), 100))
+
+
+def test_sample_errors_name_the_index_from_workers_too():
+    class Bad(LengthDataset):
+        def __getitem__(self, index):
+            sample = super().__getitem__(index)
+            if index == 5:
+                sample["labels"] = sample["labels"][:-1]
+            return sample
+
+    loader = odb.DataLoader(Bad([8] * 10), 100, num_workers=2)
+    with pytest.raises(SampleError, match="sample 5: 'labels' has length 7"):
+        list(loader)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"token_budget": 0}, "token_budget must be > 0"),
+        ({"token_budget": -3}, "token_budget must be > 0"),
+        ({"mode": "ragged"}, "mode must be one of"),
+        ({"over_budget": "drop"}, "over_budget must be one of"),
+        ({"shuffle": True, "sampler": [0]}, "either shuffle=True or a sampler"),
+        ({"cost": odb.PackedCost()}, "prices packed batches but mode='padded'"),
+        ({"fetch_size": 0}, "fetch_size"),
+        ({"window": 0}, "window"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, match):
+    kwargs = {"token_budget": 100, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        odb.DataLoader(LengthDataset([5]), **kwargs)
+
+
+def test_iterable_datasets_are_refused():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"input_ids": [1]}
+
+    with pytest.raises(ConfigError, match="map-style dataset"):
+        odb.DataLoader(Stream(), 100)
+
+
+def test_empty_dataset_yields_nothing():
+    assert list(odb.DataLoader(LengthDataset([]), 100)) == []
+
+
+def test_step_info_of_a_foreign_batch_is_a_clear_error():
+    with pytest.raises(odb.BatchTypeError, match="carries no odb step info"):
+        odb.step_info({"input_ids": torch.ones(2)})
+
+
+def test_stats_account_for_waiting_and_planning(lengths):
+    loader = odb.DataLoader(LengthDataset(lengths), BUDGET, num_workers=2)
+    list(loader)
+    stats = loader.stats()
+    assert stats.wait_seconds > 0 and stats.plan_seconds > 0 and stats.collate_seconds > 0
+    assert 0 < stats.padding_efficiency <= 1 and 0 < stats.fill <= 1
+    assert stats.rounds >= len(lengths) // loader.settings.round_size
