@@ -87,7 +87,11 @@ class _TensorBytes:
 
 def _encode(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        if value.device.type == "cpu" and value.nbytes <= SHARED_MEMORY_BYTES:
+        if (
+            value.device.type == "cpu"
+            and value.layout == torch.strided
+            and value.nbytes <= SHARED_MEMORY_BYTES
+        ):
             return _TensorBytes(value)
         return value
     if isinstance(value, Mapping):
