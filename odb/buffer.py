@@ -6,17 +6,18 @@ benchmarks (whose entries carry only sizes), so both run the very same planning 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from odb.align import Step
+from odb.align import EXHAUSTED, FINISHED, encode_report
 from odb.cost import Budget, SampleSize
 from odb.errors import ConfigError
 from odb.planner import Group, Plan, plan_groups
 
-__all__ = ["Emitted", "Entry", "RoundSettings", "SampleBuffer"]
+__all__ = ["Entry", "Offer", "RoundSettings", "SampleBuffer"]
 
 _DEFAULT_FILL = {True: 0.98, False: 0.97}  # by budget.cost.padded
 
@@ -55,6 +56,11 @@ class RoundSettings:
         if not 0 <= fill_threshold <= 1:
             raise ConfigError(f"fill_threshold must be in [0, 1], got {fill_threshold}")
         return cls(budget, window, round_size, float(fill_threshold), max_wait)
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps one round can emit: the width of a rank's report."""
+        return max(64, 2 * self.round_size)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -119,28 +125,50 @@ class SampleBuffer:
             entry.age += 1
         return taken
 
-    def run_round(
-        self, settings: RoundSettings, alignment, rng: np.random.Generator, final: bool
-    ) -> list[Emitted]:
-        """Plan, let ``alignment`` choose this round's steps, and take them out of the buffer.
+    def refill(self, settings: RoundSettings, pull: Callable[[], Entry | None]) -> bool:
+        """Add up to ``round_size`` entries from ``pull`` without exceeding the window; return
+        whether ``pull`` ran out (returned None)."""
+        room = max(0, settings.window - len(self.entries))
+        for _ in range(min(settings.round_size, room)):
+            entry = pull()
+            if entry is None:
+                return True
+            self.entries.append(entry)
+        return False
 
-        The caller has added the round's new samples; ``final`` means no more will come.
+    def prepare(self, settings: RoundSettings, *, exhausted: bool) -> tuple[Offer, np.ndarray]:
+        """What this rank can emit this round, in priority order, and its report.
+
+        Ready groups normally; everything once the input is exhausted (the plan is final) or
+        the buffer is full (so a rank that cannot pull more never blocks the others). At most
+        ``settings.max_steps`` groups, the size of a report (see docs/protocol.md).
         """
-        plan = self.plan(settings, final)
-        labels = [self.label_tokens(group) for group in plan.ready]
-        steps = alignment.align(plan, labels, rng)
-        groups = [plan.groups[step.group] for step in steps]
-        return [
-            Emitted(step, group, entries, labels[step.group])
-            for step, group, entries in zip(steps, groups, self.take(groups), strict=True)
-        ]
+        plan = self.plan(settings, final=exhausted)
+        everything = exhausted or len(self.entries) >= settings.window
+        count = len(plan.groups) if everything else plan.n_ready
+        groups = plan.groups[: min(count, settings.max_steps)]
+        offer = Offer(groups, [self.label_tokens(group) for group in groups])
+        status = EXHAUSTED * exhausted | FINISHED * (exhausted and not self.entries)
+        return offer, offer.report(status, len(self.entries), settings.max_steps)
+
+    def commit(self, offer: Offer, picks: list[int]) -> list[list[Entry]]:
+        """Take the offered groups at ``picks`` (in that order) out of the buffer."""
+        return self.take([offer.groups[i] for i in picks])
 
 
 @dataclass(frozen=True)
-class Emitted:
-    """One step of a round: the alignment's decision, the planned group, its entries."""
+class Offer:
+    """The groups one rank offers in a round, and their label tokens."""
 
-    step: Step
-    group: Group
-    entries: list[Entry]
-    label_tokens: int
+    groups: tuple[Group, ...]
+    label_tokens: list[int]
+
+    def report(self, status: int, buffered: int, max_steps: int) -> np.ndarray:
+        return encode_report(
+            status,
+            buffered,
+            [g.cost for g in self.groups],
+            self.label_tokens,
+            [len(g.members) for g in self.groups],
+            max_steps,
+        )

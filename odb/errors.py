@@ -52,3 +52,7 @@ class StateError(OdbError, RuntimeError):
 
 class BatchTypeError(OdbError, TypeError):
     """A batch is not what odb emits or expects (not a mapping, or without step info)."""
+
+
+class AlignmentError(OdbError, RuntimeError):
+    """The ranks could not agree on a round: a peer failed, died or timed out."""

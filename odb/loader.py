@@ -1,32 +1,23 @@
 """``odb.DataLoader`` and ``odb.wrap``: online token-budget batching behind a DataLoader API.
 
-One pass over the data runs in rounds::
-
-    pull round_size processed samples (workers run the user's pipeline)
-      -> measure each (length, label tokens, vision patches, images)
-      -> plan the whole buffer into groups under the budget
-      -> align: pick this round's steps and their order
-      -> yield them one by one, collated; what was held back stays buffered
-
-Resume state is made of dataset indices, never tensors: the position in the epoch's index
-order, the buffered indices with their ages, the groups decided but not yet yielded, and the
-emission RNG. Restoring re-reads those few samples and continues exactly where the saved run
-was.
+The loader owns the settings, the index order of each epoch (shuffled, or a sampler's, cut
+into one shard per rank) and the workers; a pass over the data (``iter(loader)``) runs in
+rounds, see odb/rounds.py. Under torch.distributed every rank yields the same number of
+batches, see odb/align.py and docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler,
+    DistributedSampler,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
@@ -34,14 +25,13 @@ from torch.utils.data import (
     default_convert,
 )
 
-from odb.align import LocalAlignment
-from odb.batch import StepInfo, attach_step_info
-from odb.buffer import Entry, RoundSettings, SampleBuffer
-from odb.collate import PackedCollator, PaddedCollator, is_per_token
-from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize, measure_sample
-from odb.errors import ConfigError, OverBudgetError, StateError
-from odb.fetch import ChunkSampler, IndexedDataset, decode_chunk, encode_chunk, keep_chunk
-from odb.planner import Reason
+from odb.align import GlooExchange, LocalExchange
+from odb.buffer import RoundSettings
+from odb.collate import PackedCollator, PaddedCollator
+from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
+from odb.errors import ConfigError, StateError
+from odb.fetch import ChunkSampler, IndexedDataset, encode_chunk, keep_chunk
+from odb.rounds import EpochIterator, PassSetup, refetch_order
 from odb.stats import LoaderStats
 
 __all__ = ["DataLoader", "wrap"]
@@ -80,6 +70,13 @@ class DataLoader:
             of a maximal padded group; budget fill of a packed row).
         max_wait: rounds after which a buffered sample is forced out.
         fetch_size: dataset indices per worker task.
+        join: under torch.distributed, ``True`` (default) emits every sample of every rank,
+            with ghost batches (loss weight 0) on ranks that ran out first; ``False`` stops
+            all ranks when the first runs out and counts what was dropped.
+        shard: split the index order across ranks (default: when torch.distributed is
+            initialised; a ``DistributedSampler`` given as ``sampler`` is turned into odb's
+            own sharding with its seed, shuffle and rank, without its padding duplicates).
+        align_timeout: seconds a rank waits for the others in a round before failing.
         num_workers, pin_memory, timeout, worker_init_fn, multiprocessing_context, generator,
         prefetch_factor, persistent_workers: as for ``torch.utils.data.DataLoader``.
     """
@@ -112,6 +109,9 @@ class DataLoader:
         generator: torch.Generator | None = None,
         prefetch_factor: int | None = None,
         persistent_workers: bool = False,
+        join: bool = True,
+        shard: bool | None = None,
+        align_timeout: float = 1800.0,
     ):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
             raise ConfigError(
@@ -124,6 +124,11 @@ class DataLoader:
             raise ConfigError(f"over_budget must be one of {_OVER_BUDGET}, got {over_budget!r}")
         if sampler is not None and shuffle:
             raise ConfigError("give either shuffle=True or a sampler, not both")
+        self._replicas: tuple[int, int] | None = None  # (rank, world) from a DistributedSampler
+        if isinstance(sampler, DistributedSampler):
+            shuffle, seed = sampler.shuffle, sampler.seed
+            self._replicas = (sampler.rank, sampler.num_replicas)
+            sampler = None
         cost = cost if cost is not None else (PaddedCost() if mode == "padded" else PackedCost())
         if isinstance(cost, ComputeCost) and cost.padded != (mode == "padded"):
             raise ConfigError(
@@ -142,7 +147,6 @@ class DataLoader:
         self.collate_fn = collate_fn or (PaddedCollator() if mode == "padded" else PackedCollator())
         self.pin_memory = bool(pin_memory) and torch.accelerator.is_available()
         self.num_workers = num_workers
-        self._alignment = LocalAlignment()
         self._chunks = ChunkSampler(fetch_size if fetch_size is not None else 8)
         self._fetcher = torch.utils.data.DataLoader(
             IndexedDataset(dataset),
@@ -157,30 +161,40 @@ class DataLoader:
             prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=persistent_workers and num_workers > 0,
         )
-        self._setup = _PassSetup(
-            self.settings,
-            over_budget,
-            self.collate_fn,
-            self.pin_memory,
-            num_workers > 0,
-            self._alignment,
-            self.seed,
-        )
+        self.join = bool(join)
+        self.shard = shard
+        self.align_timeout = float(align_timeout)
+        self._exchange: LocalExchange | GlooExchange | None = None
         self._stats = LoaderStats(token_budget=float(token_budget))
         self._epoch = 0
         self._resume: dict | None = None
-        self._iterator: _EpochIterator | None = None
+        self._iterator: EpochIterator | None = None
 
     # -- the DataLoader surface ---------------------------------------------------------------
     def __iter__(self) -> Iterator[Mapping]:
         resume = self._resume if self._resume and self._resume["epoch"] == self._epoch else None
         self._resume = None
         self._iterator = None  # shut the previous pass's workers down before starting new ones
-        prefix = _refetch_order(resume) if resume else []
-        source = None
-        if prefix or not (resume and resume["finished"]):
-            source = self._open(prefix, self._epoch, resume["consumed"] if resume else 0)
-        self._iterator = _EpochIterator(self._setup, self._stats, source, self._epoch, resume)
+        exchange = self._world()
+        setup = PassSetup(
+            self.settings,
+            self.over_budget,
+            self.collate_fn,
+            self.pin_memory,
+            self.num_workers > 0,
+            exchange,
+            self.join,
+            self.seed,
+            self.dataset,
+        )
+        prefix = refetch_order(resume) if resume else []
+        order = self._shard_order(self._epoch)
+        skip = resume["consumed"] if resume else 0
+        self._chunks.indices = itertools.chain(prefix, itertools.islice(order, skip, None))
+        source = iter(self._fetcher)
+        self._iterator = EpochIterator(
+            setup, self._stats, source, self._epoch, _length(order), resume
+        )
         return self._iterator
 
     def set_epoch(self, epoch: int) -> None:
@@ -211,6 +225,7 @@ class DataLoader:
             "shuffle": self.shuffle,
             "seed": self.seed,
             "dataset_len": len(self.dataset),
+            "join": self.join,
         }
 
     def state_dict(self) -> dict:
@@ -219,10 +234,11 @@ class DataLoader:
             position = self._iterator.state()
         else:
             position = self._resume
+        exchange = self._world()
         return {
             "version": _STATE_VERSION,
-            "rank": self._alignment.rank,
-            "world_size": self._alignment.world_size,
+            "rank": exchange.rank,
+            "world_size": exchange.world_size,
             "epoch": self._epoch,
             "config": self._config(),
             "position": position,
@@ -234,7 +250,8 @@ class DataLoader:
         left in that epoch."""
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise StateError(f"not an odb loader state of version {_STATE_VERSION}")
-        here = (self._alignment.rank, self._alignment.world_size)
+        exchange = self._world()
+        here = (exchange.rank, exchange.world_size)
         saved = (state["rank"], state["world_size"])
         if saved != here:
             raise StateError(
@@ -254,8 +271,31 @@ class DataLoader:
         self._iterator = None
         self._stats = LoaderStats.from_dict(state["stats"])
 
-    # -- plumbing used by the epoch iterator --------------------------------------------------
-    def _index_order(self, epoch: int) -> Iterable[int]:
+    # -- ranks and index order ------------------------------------------------------------------
+    def _world(self) -> LocalExchange | GlooExchange:
+        """How this loader talks to the other ranks, settled at first use (so a loader may be
+        built before torch.distributed is initialised)."""
+        if self._exchange is None:
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized()
+            if distributed and dist.get_world_size() > 1:
+                self._exchange = GlooExchange(self.align_timeout)
+            else:
+                self._exchange = LocalExchange()
+            if self._replicas is not None and self._replicas != (
+                self._exchange.rank,
+                self._exchange.world_size,
+            ):
+                raise ConfigError(
+                    f"the DistributedSampler is for rank {self._replicas[0]} of "
+                    f"{self._replicas[1]}, but this process is rank {self._exchange.rank} of "
+                    f"{self._exchange.world_size}"
+                )
+        return self._exchange
+
+    def _epoch_order(self, epoch: int) -> Iterable[int]:
+        """The whole epoch's index order, identical on every rank."""
         if self.sampler is not None:
             if hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(epoch)
@@ -264,223 +304,38 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return range(len(self.dataset))
 
-    def _open(self, prefix: list[int], epoch: int, skip: int) -> Iterator[list]:
-        """Start the workers on ``prefix`` then the epoch's order from position ``skip``."""
-        order = itertools.islice(self._index_order(epoch), skip, None)
-        self._chunks.indices = itertools.chain(prefix, order)
-        return iter(self._fetcher)
+    def _shard_order(self, epoch: int) -> Iterable[int]:
+        """This rank's part of the epoch order: every world_size-th index from its rank.
+        Shards differ by at most one sample; alignment absorbs any difference."""
+        exchange = self._world()
+        order = self._epoch_order(epoch)
+        shard = self.shard if self.shard is not None else exchange.world_size > 1
+        if not shard or exchange.world_size == 1:
+            return order
+        if isinstance(order, range | np.ndarray):
+            return order[exchange.rank :: exchange.world_size]
+        return _Strided(order, exchange.rank, exchange.world_size)
 
 
-def _refetch_order(resume: Mapping) -> list[int]:
-    """Indices a restored pass reads again first: pending groups', then the buffer's."""
-    pending = [i for group in resume["pending"] for i in group["indices"]]
-    return pending + [index for index, _ in resume["buffer"]]
+class _Strided:
+    """Every ``step``-th item of an iterable from ``start``, with a length when it has one."""
+
+    def __init__(self, items: Iterable[int], start: int, step: int):
+        self.items, self.start, self.step = items, start, step
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.items), self.start, None, self.step)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.items) - self.start + self.step - 1) // self.step)
 
 
-@dataclass(frozen=True)
-class _PassSetup:
-    """What a pass needs from its loader. A pass holds this, not the loader, so that no
-    reference cycle keeps an abandoned pass alive: dropped, it shuts its workers down at once
-    (a cycle leaves that to the garbage collector, whose finalisation order stalls the
-    workers' shutdown for seconds)."""
-
-    settings: RoundSettings
-    over_budget: str
-    collate_fn: Callable
-    pin_memory: bool
-    decode: bool
-    alignment: LocalAlignment
-    seed: int
-
-
-class _EpochIterator:
-    """One pass over the data; see the module docstring for the round structure."""
-
-    def __init__(
-        self,
-        setup: _PassSetup,
-        stats: LoaderStats,
-        source: Iterator | None,
-        epoch: int,
-        resume: Mapping | None,
-    ):
-        self.setup = setup
-        self.stats = stats
-        self.source = source
-        self.epoch = epoch
-        self.rng = np.random.default_rng([setup.seed, epoch, 1])
-        self.buffer = SampleBuffer()
-        self.pending: deque[tuple[list[Entry], StepInfo]] = deque()
-        self.received: deque[tuple[int, Any]] = deque()
-        self.consumed = self.round = self.step = 0
-        self.exhausted = self.finished = False
-        if resume:
-            self.consumed, self.round, self.step = (
-                resume["consumed"],
-                resume["round"],
-                resume["step"],
-            )
-            self.exhausted, self.finished = resume["exhausted"], resume["finished"]
-            self.rng.bit_generator.state = resume["rng"]
-            for group in resume["pending"]:
-                entries = [self._admit(*self._receive(), count=False) for _ in group["indices"]]
-                self.pending.append(
-                    (
-                        entries,
-                        StepInfo(
-                            **{
-                                **group["info"],
-                                "sample_indices": tuple(group["info"]["sample_indices"]),
-                            }
-                        ),
-                    )
-                )
-            for _, age in resume["buffer"]:
-                entry = self._admit(*self._receive(), count=False)
-                entry.age = age
-                self.buffer.add(entry)
-
-    def __iter__(self) -> _EpochIterator:
-        return self
-
-    def __next__(self) -> Mapping:
-        while not self.pending:
-            if self.finished:
-                self.source = None  # lets non-persistent workers shut down
-                raise StopIteration
-            self._run_round()
-        entries, info = self.pending.popleft()
-        stats = self.stats
-        start = time.perf_counter()
-        batch = self.setup.collate_fn([entry.payload for entry in entries])
-        if self.setup.pin_memory:
-            batch = _pin(batch)
-        batch = attach_step_info(batch, info)
-        stats.collate_seconds += time.perf_counter() - start
-        stats.steps += 1
-        stats.samples += info.local_samples
-        stats.real_tokens += info.real_tokens
-        stats.padded_tokens += info.padded_tokens
-        stats.label_tokens += info.local_label_tokens
-        stats.ghost_steps += info.ghost
-        return batch
-
-    # -- intake -----------------------------------------------------------------------------
-    def _receive(self) -> tuple[int, Any] | None:
-        """The next (index, sample) from the workers, or None at the end of the order."""
-        if not self.received:
-            start = time.perf_counter()
-            try:
-                chunk = next(self.source)
-            except StopIteration:
-                return None
-            finally:
-                self.stats.wait_seconds += time.perf_counter() - start
-            self.received.extend(decode_chunk(chunk) if self.setup.decode else chunk)
-        return self.received.popleft()
-
-    def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
-        """Measure a sample and apply the over-budget policy."""
-        setup, stats = self.setup, self.stats
-        size = measure_sample(sample, index)
-        why = setup.settings.budget.why_over(size)
-        solo = False
-        if why is None:
-            pass
-        elif setup.over_budget == "solo":
-            solo = True
-            stats.over_budget_solo += count
-        elif setup.over_budget == "truncate" and size.images == 0:
-            sample, size = _truncate(sample, size, setup.settings.budget, index)
-            stats.over_budget_truncated += count
-        elif setup.over_budget == "truncate":
-            raise OverBudgetError(
-                index,
-                f"{why}; over_budget='truncate' cannot cut a sample "
-                f"with images (use 'solo', or a larger budget)",
-            )
-        else:
-            raise OverBudgetError(
-                index,
-                f"{why} (over_budget='error'); raise the budget, "
-                f"filter the sample out, or pass over_budget='solo' to emit "
-                f"it alone or 'truncate' to cut it",
-            )
-        return Entry(index, size, sample, solo)
-
-    # -- one round --------------------------------------------------------------------------
-    def _run_round(self) -> None:
-        setup, stats = self.setup, self.stats
-        start, waited = time.perf_counter(), stats.wait_seconds
-        for _ in range(setup.settings.round_size):
-            pair = self._receive()
-            if pair is None:
-                self.exhausted = True
-                break
-            self.buffer.add(self._admit(*pair))
-            self.consumed += 1
-        emitted = self.buffer.run_round(setup.settings, setup.alignment, self.rng, self.exhausted)
-        for out in emitted:
-            info = StepInfo(
-                sample_indices=tuple(entry.index for entry in out.entries),
-                local_samples=len(out.entries),
-                global_samples=out.step.global_samples,
-                local_label_tokens=out.label_tokens,
-                global_label_tokens=out.step.global_label_tokens,
-                real_tokens=out.group.real_tokens,
-                padded_tokens=out.group.padded_tokens,
-                step=self.step,
-                round=self.round,
-                epoch=self.epoch,
-                reason=out.group.reason.value,
-            )
-            self.pending.append((out.entries, info))
-            self.step += 1
-            stats.stale_groups += out.group.reason is Reason.STALE
-            stats.pressure_groups += out.group.reason is Reason.PRESSURE
-        self.round += 1
-        stats.rounds += 1
-        self.finished = self.exhausted and not self.buffer
-        stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
-
-    # -- resume -----------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
-            "round": self.round,
-            "step": self.step,
-            "exhausted": self.exhausted,
-            "finished": self.finished,
-            "rng": self.rng.bit_generator.state,
-            "buffer": [[entry.index, entry.age] for entry in self.buffer.entries],
-            "pending": [
-                {"indices": [entry.index for entry in entries], "info": asdict(info)}
-                for entries, info in self.pending
-            ],
-        }
-
-
-def _truncate(sample: Mapping, size: SampleSize, budget: Budget, index: int):
-    """Cut every per-token field of a text-only sample to the longest length that fits."""
-    keep = min(budget.cost.longest_within(budget.limit), size.length)
-    if keep < 1:
-        raise OverBudgetError(index, "the budget is too small for even one token")
-    cut = dict(sample)
-    for key, value in sample.items():
-        if is_per_token(value, size.length):
-            cut[key] = value[:keep]
-    return cut, measure_sample(cut, index)
-
-
-def _pin(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.pin_memory()
-    if isinstance(value, Mapping):
-        return {key: _pin(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_pin(item) for item in value)
-    return value
+def _length(order: Iterable[int]) -> int:
+    """Samples in a shard (for counting what non-join mode drops); 0 when unknown."""
+    try:
+        return len(order)
+    except TypeError:
+        return 0
 
 
 def wrap(
@@ -528,6 +383,6 @@ def wrap(
         if sampler.generator is not None:
             settings["seed"] = sampler.generator.initial_seed()
     elif type(sampler) is not SequentialSampler:
-        settings["sampler"] = sampler
+        settings["sampler"] = sampler  # a DistributedSampler becomes odb's own sharding
     settings.update(options)
     return DataLoader(dataloader.dataset, token_budget, **settings)

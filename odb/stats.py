@@ -14,7 +14,9 @@ class LoaderStats:
     ``fill`` is real tokens per step over the token budget; ``padding_efficiency`` is real
     tokens over the tokens the batches compute (padding included). ``wait_seconds`` is time
     spent blocked on the user's pipeline (workers), ``plan_seconds`` measuring and planning,
-    ``collate_seconds`` collating.
+    ``collate_seconds`` collating. ``ghost_steps`` are steps a rank ran on a copy with loss
+    weight 0 because it had no data left while others had; ``dropped_samples`` what non-join
+    mode left out when the first rank ran out.
     """
 
     token_budget: float
@@ -29,6 +31,7 @@ class LoaderStats:
     pressure_groups: int = 0
     over_budget_solo: int = 0
     over_budget_truncated: int = 0
+    dropped_samples: int = 0
     wait_seconds: float = 0.0
     plan_seconds: float = 0.0
     collate_seconds: float = 0.0

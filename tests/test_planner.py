@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odb.align import LocalAlignment
-from odb.buffer import Entry, RoundSettings, SampleBuffer
+from odb.buffer import RoundSettings
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize
 from odb.errors import ConfigError
 from odb.planner import Reason, plan_groups
+from odb.simulate import simulate
 
 COSTS = {
     "padded": PaddedCost(),
@@ -42,9 +42,7 @@ def _true_cost(budget, lengths, patches):
     )
 
 
-samples = st.lists(
-    st.tuples(st.integers(1, 600), st.integers(0, 3)), min_size=0, max_size=300
-)
+samples = st.lists(st.tuples(st.integers(1, 600), st.integers(0, 3)), min_size=0, max_size=300)
 
 
 @settings(max_examples=150, deadline=None)
@@ -87,9 +85,7 @@ def test_plan_covers_every_sample_once_within_budget_and_caps(
 def test_plan_is_deterministic(lengths, cost):
     budget = Budget(2000, COSTS[cost])
     first, second = _plan(lengths, budget), _plan(list(lengths), budget)
-    assert [g.members.tolist() for g in first.groups] == [
-        g.members.tolist() for g in second.groups
-    ]
+    assert [g.members.tolist() for g in first.groups] == [g.members.tolist() for g in second.groups]
     assert first.n_ready == second.n_ready
 
 
@@ -164,25 +160,14 @@ def test_round_settings_defaults_and_validation():
 
 
 def _run_epoch(lengths, settings_, seed=0):
-    """Feed lengths through planning rounds as the loader does; return the emitted groups
-    and, per sample, the round it arrived in and the round it left in."""
-    buffer = SampleBuffer()
-    rng = np.random.default_rng(seed)
-    arrived, left, groups = {}, {}, []
-    position, round_ = 0, 0
-    while True:
-        for index in range(position, min(position + settings_.round_size, len(lengths))):
-            buffer.add(Entry(index, SampleSize(int(lengths[index]), 1)))
-            arrived[index] = round_
-        position = min(position + settings_.round_size, len(lengths))
-        final = position == len(lengths)
-        for out in buffer.run_round(settings_, LocalAlignment(), rng, final):
-            indices = [entry.index for entry in out.entries]
-            groups.append(indices)
-            left.update(dict.fromkeys(indices, round_))
-        round_ += 1
-        if final and not len(buffer):
-            return groups, arrived, left
+    """Feed lengths through the loader's planning rounds (one simulated rank); return the
+    emitted groups and, per sample, the round it arrived in and the round it left in."""
+    shard = [(i, SampleSize(int(n), 1)) for i, n in enumerate(lengths)]
+    result = simulate([shard], settings_, seed=seed)
+    groups = [list(step.indices) for step in result.steps[0]]
+    arrived = {i: i // settings_.round_size for i in range(len(lengths))}
+    left = {i: step.round for step in result.steps[0] for i in step.indices}
+    return groups, arrived, left
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,119 @@
+"""Many ranks in one process, running the loader's own round code on sizes only.
+
+Each simulated rank has a :class:`~odb.buffer.SampleBuffer` fed from its list of samples; a
+round stacks the ranks' reports into the table that ``all_gather`` would produce and applies
+:func:`odb.align.decide` exactly as every real rank does. Used by tests (properties of the
+protocol for any number of ranks) and by benchmarks (balance and fill at 8 or 16 ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from odb.align import decide
+from odb.buffer import Entry, RoundSettings, SampleBuffer
+from odb.cost import SampleSize
+
+__all__ = ["SimulatedStep", "Simulation", "simulate"]
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """What one rank ran at one step: the samples' indices (empty for a ghost step)."""
+
+    indices: tuple[int, ...]
+    cost: float
+    real_tokens: int
+    padded_tokens: int
+    label_tokens: int
+    global_label_tokens: int
+    reason: str
+    round: int
+
+    @property
+    def ghost(self) -> bool:
+        return not self.indices
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """``steps[r]`` is rank r's sequence of steps; ``rounds`` the collectives it took."""
+
+    steps: list[list[SimulatedStep]]
+    rounds: int
+    dropped: list[int]
+
+
+def simulate(
+    shards: Sequence[Sequence[tuple[int, SampleSize]]],
+    settings: RoundSettings,
+    *,
+    join: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    max_rounds: int | None = None,
+) -> Simulation:
+    """Run one pass for ``len(shards)`` ranks; ``shards[r]`` is rank r's (index, size) order.
+
+    ``max_rounds`` guards tests against a protocol that would not terminate.
+    """
+    world = len(shards)
+    buffers = [SampleBuffer() for _ in range(world)]
+    sources = [iter(shard) for shard in shards]
+    exhausted = [False] * world
+    steps: list[list[SimulatedStep]] = [[] for _ in range(world)]
+    dropped = [0] * world
+    round_ = 0
+    while True:
+        if max_rounds is not None and round_ >= max_rounds:
+            raise RuntimeError(f"the simulation did not end within {max_rounds} rounds")
+        offers, reports = [], []
+        for rank in range(world):
+            if not exhausted[rank]:
+                exhausted[rank] = buffers[rank].refill(settings, _puller(sources[rank]))
+            offer, report = buffers[rank].prepare(settings, exhausted=exhausted[rank])
+            offers.append(offer)
+            reports.append(report)
+        rng = np.random.default_rng([seed, epoch, round_])
+        decision = decide(np.stack(reports), max_steps=settings.max_steps, join=join, rng=rng)
+        if decision.done:
+            if decision.stopped:
+                dropped = [
+                    len(b) + sum(1 for _ in s) for b, s in zip(buffers, sources, strict=True)
+                ]
+            return Simulation(steps, round_ + 1, dropped)
+        for rank in range(world):
+            picks = decision.choice[rank].tolist()
+            taken = iter(buffers[rank].commit(offers[rank], [p for p in picks if p >= 0]))
+            for j, pick in enumerate(picks):
+                total_labels = int(decision.global_label_tokens[j])
+                if pick < 0:
+                    steps[rank].append(
+                        SimulatedStep((), 0.0, 0, 0, 0, total_labels, "ghost", round_)
+                    )
+                    continue
+                group, entries = offers[rank].groups[pick], next(taken)
+                steps[rank].append(
+                    SimulatedStep(
+                        tuple(e.index for e in entries),
+                        group.cost,
+                        group.real_tokens,
+                        group.padded_tokens,
+                        offers[rank].label_tokens[pick],
+                        total_labels,
+                        group.reason.value,
+                        round_,
+                    )
+                )
+        round_ += 1
+
+
+def _puller(source):
+    def pull() -> Entry | None:
+        item = next(source, None)
+        return None if item is None else Entry(item[0], item[1])
+
+    return pull
