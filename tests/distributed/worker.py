@@ -1,0 +1,204 @@
+"""One rank of a multi-process test, started by torchrun (or as a plain process with the same
+environment variables). Reads a JSON config (argv[1]); writes what this rank saw to
+``<out>/rank<r>.json``.
+
+Scenarios:
+- ``epoch``: iterate the loader for ``epochs`` epochs; record every batch's step info.
+- ``grads``: DDP-train a tiny causal LM; at each step compare the DDP gradient with one computed
+  on rank 0 from all ranks' samples of that step (the exact global token mean).
+- ``resume``: iterate; at ``save_at`` write the state and stop (or, with ``load``, restore it
+  first and iterate to the end).
+- ``die``: rank ``victim`` exits abruptly after ``after`` batches; the others keep iterating.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `synthetic`
+
+from synthetic import LengthDataset
+
+import odb
+
+
+class FailingDataset(LengthDataset):
+    """Raises a sample error for one index."""
+
+    def __init__(self, lengths, bad_index):
+        super().__init__(lengths)
+        self.bad_index = bad_index
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        if index == self.bad_index:
+            sample["labels"] = sample["labels"][:-1]
+        return sample
+
+
+def make_loader(config, rank):
+    lengths = config["lengths"]
+    if config.get("bad_index") is not None:
+        dataset = FailingDataset(lengths, config["bad_index"])
+    else:
+        dataset = LengthDataset(lengths)
+    options = dict(
+        mode=config.get("mode", "padded"),
+        num_workers=config.get("num_workers", 0),
+        window=config.get("window", 64),
+        join=config.get("join", True),
+        seed=config.get("seed", 0),
+        align_timeout=config.get("align_timeout", 60),
+    )
+    if config.get("start_method"):
+        options["multiprocessing_context"] = config["start_method"]
+    if config.get("per_rank_indices") is not None:
+        options["sampler"] = config["per_rank_indices"][rank]
+        options["shard"] = False
+    else:
+        options["shuffle"] = config.get("shuffle", True)
+    return odb.DataLoader(dataset, config.get("budget", 1024), **options)
+
+
+def info_record(batch):
+    info = odb.step_info(batch)
+    return {
+        "indices": list(info.sample_indices),
+        "ghost": info.ghost,
+        "step": info.step,
+        "round": info.round,
+        "local_samples": info.local_samples,
+        "global_samples": info.global_samples,
+        "local_label_tokens": info.local_label_tokens,
+        "global_label_tokens": info.global_label_tokens,
+        "loss_weight": info.loss_weight,
+        "padded_tokens": info.padded_tokens,
+        "tokens_in_batch": int(batch["input_ids"].numel()),
+    }
+
+
+def run_epochs(config, rank, loader):
+    epochs = []
+    for epoch in range(config.get("epochs", 1)):
+        loader.set_epoch(epoch)
+        epochs.append([info_record(batch) for batch in loader])
+    return {"epochs": epochs, "stats": loader.stats().as_dict()}
+
+
+def run_die(config, rank, loader):
+    records = []
+    for count, batch in enumerate(loader):
+        if rank == config["victim"] and count == config["after"]:
+            os._exit(17)  # no cleanup, no goodbye: the peers must notice by themselves
+        records.append(info_record(batch))
+    return {"epochs": [records]}
+
+
+def run_resume(config, rank, loader):
+    out = Path(config["out"])
+    if config.get("load"):
+        state = json.loads((out / f"state{rank}.json").read_text())
+        loader.load_state_dict(state)
+        return {"epochs": [[info_record(batch) for batch in loader]]}
+    records = []
+    for batch in loader:
+        records.append(info_record(batch))
+        if len(records) == config["save_at"]:
+            (out / f"state{rank}.json").write_text(json.dumps(loader.state_dict()))
+            break
+    return {"epochs": [records]}
+
+
+def tiny_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.float64)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def token_loss_sum(model, batch):
+    """Sum of per-token cross-entropy over the batch's label tokens (causal shift)."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    labels = batch["labels"][..., 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def run_grads(config, rank, loader):
+    """DDP gradients with odb's loss scale equal one process's exact global token mean."""
+    model = tiny_model()
+    reference = tiny_model()  # same init; rank 0 uses it for the single-process gradient
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    dataset, collate = loader.dataset, loader.collate_fn
+    worst, steps, ghosts = 0.0, 0, 0
+    for batch in loader:
+        info = odb.step_info(batch)
+        ddp.zero_grad()
+        loss = odb.scale_loss(token_loss_sum(ddp, batch), batch, reduction="token")
+        loss.backward()
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, [] if info.ghost else list(info.sample_indices))
+        ghosts += info.ghost
+        if rank == 0:
+            reference.zero_grad()
+            total = sum(len(ix) for ix in everyone)
+            samples = [dataset[i] for ix in everyone for i in ix]
+            tokens = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
+            assert tokens == info.global_label_tokens, (tokens, info.global_label_tokens)
+            assert total == info.global_samples
+            loss_sum = sum(token_loss_sum(reference, collate([s])) for s in samples)
+            (loss_sum / tokens).backward()
+            for mine, ref in zip(model.parameters(), reference.parameters(), strict=True):
+                worst = max(worst, float((mine.grad - ref.grad).abs().max()))
+        steps += 1
+    return {"steps": steps, "worst_grad_error": worst, "ghosts": ghosts}
+
+
+def main():
+    config = json.loads(Path(sys.argv[1]).read_text())
+    timeout = datetime.timedelta(seconds=config.get("pg_timeout", 60))
+    dist.init_process_group("gloo", timeout=timeout)
+    rank = dist.get_rank()
+    out = Path(config["out"])
+    result = {"rank": rank}
+    try:
+        loader = make_loader(config, rank)
+        scenario = config.get("scenario", "epoch")
+        runner = {"epoch": run_epochs, "die": run_die, "resume": run_resume, "grads": run_grads}
+        result.update(runner[scenario](config, rank, loader))
+    except Exception as error:  # reported to the test, which decides what was expected
+        result["error"] = f"{type(error).__name__}: {error}"
+        result["traceback"] = traceback.format_exc()
+        result["error_time"] = time.time()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if "error" not in result:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
