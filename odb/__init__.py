@@ -9,6 +9,7 @@ from odb.batch import Batch, StepInfo, step_info
 from odb.collate import PackedCollator, PaddedCollator
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize, measure_sample
 from odb.errors import (
+    AlignmentError,
     BatchTypeError,
     ConfigError,
     OdbError,
@@ -18,11 +19,13 @@ from odb.errors import (
     StateError,
 )
 from odb.loader import DataLoader, wrap
+from odb.loss import scale_loss
 from odb.stats import LoaderStats
 
 __all__ = [
     "Batch",
     "BatchTypeError",
+    "AlignmentError",
     "Budget",
     "Caps",
     "ComputeCost",
@@ -42,6 +45,7 @@ __all__ = [
     "StepInfo",
     "measure_sample",
     "step_info",
+    "scale_loss",
     "wrap",
 ]
 

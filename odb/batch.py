@@ -44,6 +44,21 @@ class StepInfo:
     rank: int = 0
     world_size: int = 1
 
+    @property
+    def token_loss_scale(self) -> float:
+        """Multiply this rank's token-loss SUM by this: under DDP's gradient averaging the
+        step then trains on the exact mean over every rank's label tokens."""
+        if not self.global_label_tokens:
+            return 0.0
+        return self.loss_weight * self.world_size / self.global_label_tokens
+
+    @property
+    def sample_loss_scale(self) -> float:
+        """Like ``token_loss_scale``, for a sum of per-sample mean losses."""
+        if not self.global_samples:
+            return 0.0
+        return self.loss_weight * self.world_size / self.global_samples
+
 
 class Batch(dict):
     """A collated batch: a plain ``dict`` for ``model(**batch)``, with step info attached."""

@@ -36,11 +36,17 @@ def test_padded_collator_keeps_given_masks_and_lists():
 
 def test_vision_fields_are_concatenated_in_sample_order():
     samples = [
-        {"input_ids": torch.arange(4), "pixel_values": torch.zeros(8, 3),
-         "image_grid_thw": torch.tensor([[1, 2, 4]])},
+        {
+            "input_ids": torch.arange(4),
+            "pixel_values": torch.zeros(8, 3),
+            "image_grid_thw": torch.tensor([[1, 2, 4]]),
+        },
         {"input_ids": torch.arange(2)},
-        {"input_ids": torch.arange(5), "pixel_values": torch.ones(4, 3),
-         "image_grid_thw": torch.tensor([[1, 2, 2]])},
+        {
+            "input_ids": torch.arange(5),
+            "pixel_values": torch.ones(4, 3),
+            "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        },
     ]
     for collate in (PaddedCollator(), PackedCollator()):
         batch = collate(samples)
@@ -75,8 +81,13 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attn):
     """The core regression for padding-free rows: no cross-sample attention, no lost target."""
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).to(torch.float64)

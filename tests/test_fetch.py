@@ -15,7 +15,7 @@ def test_samples_survive_the_trip_with_dtypes_shapes_and_structure():
         "text": "hello",
         "strided": torch.arange(10)[::2],
     }
-    (index, back), = decode_chunk(pickle.loads(pickle.dumps(encode_chunk([(5, sample)]))))
+    ((index, back),) = decode_chunk(pickle.loads(pickle.dumps(encode_chunk([(5, sample)]))))
     assert index == 5
     assert back.keys() == sample.keys()
     for key in ("input_ids", "pixel_values", "flags", "strided"):

@@ -25,7 +25,11 @@ def _epoch(loader):
 @pytest.mark.parametrize("mode", ["padded", "packed"])
 def test_every_sample_once_within_budget_with_consistent_step_info(lengths, mode, num_workers):
     loader = odb.DataLoader(
-        LengthDataset(lengths), BUDGET, mode=mode, shuffle=True, num_workers=num_workers,
+        LengthDataset(lengths),
+        BUDGET,
+        mode=mode,
+        shuffle=True,
+        num_workers=num_workers,
         window=256,
     )
     batches, infos = _epoch(loader)
@@ -52,7 +56,9 @@ def test_every_sample_once_within_budget_with_consistent_step_info(lengths, mode
         if mode == "padded":
             assert info.local_label_tokens == int((batch["labels"][:, 1:] != -100).sum())
         assert (info.global_samples, info.global_label_tokens) == (
-            info.local_samples, info.local_label_tokens)
+            info.local_samples,
+            info.local_label_tokens,
+        )
         assert info.step == step and not info.ghost and info.loss_weight == 1.0
     stats = loader.stats()
     assert stats.samples == len(lengths) and stats.steps == len(batches)
@@ -93,8 +99,10 @@ def test_wrap_keeps_the_users_collate_and_order():
         calls.append(len(samples))
         width = max(len(s["input_ids"]) for s in samples)
         ids = torch.stack(
-            [torch.nn.functional.pad(s["input_ids"], (0, width - len(s["input_ids"])))
-             for s in samples]
+            [
+                torch.nn.functional.pad(s["input_ids"], (0, width - len(s["input_ids"])))
+                for s in samples
+            ]
         )
         return {"input_ids": ids, "marker": torch.tensor(len(samples))}
 

@@ -53,7 +53,12 @@ def lengths():
 def test_resume_at_any_step(lengths, mode, num_workers):
     def make():
         return odb.DataLoader(
-            LengthDataset(lengths), BUDGET, mode=mode, shuffle=True, seed=11, window=128,
+            LengthDataset(lengths),
+            BUDGET,
+            mode=mode,
+            shuffle=True,
+            seed=11,
+            window=128,
             num_workers=num_workers,
         )
 
@@ -77,8 +82,9 @@ def test_resume_with_a_user_sampler():
     sampler = list(range(0, 600, 3))
 
     def make():
-        return odb.DataLoader(LengthDataset([20 + i % 97 for i in range(600)]), 512,
-                              sampler=sampler, window=32)
+        return odb.DataLoader(
+            LengthDataset([20 + i % 97 for i in range(600)]), 512, sampler=sampler, window=32
+        )
 
     assert_resumes_exactly(make, [1, 9])
 

@@ -1,0 +1,139 @@
+"""The alignment protocol as a pure function over simulated ranks (no process group)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from odb.align import EXHAUSTED, FAILED, FINISHED, decide, encode_report, report_width
+from odb.buffer import RoundSettings
+from odb.cost import Budget, PackedCost, PaddedCost, SampleSize
+from odb.errors import AlignmentError
+from odb.simulate import simulate
+
+MAX_STEPS = 4
+
+
+def _table(*rows):
+    return np.stack(rows)
+
+
+def _row(status=0, costs=(), labels=None, samples=None, buffered=0):
+    labels = labels if labels is not None else [1] * len(costs)
+    samples = samples if samples is not None else [1] * len(costs)
+    return encode_report(status, buffered, costs, labels, samples, MAX_STEPS)
+
+
+def test_steps_are_the_fewest_offered_by_a_rank_with_data():
+    table = _table(_row(costs=[5, 4, 3]), _row(costs=[9, 8]), _row(FINISHED | EXHAUSTED))
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 2
+    assert (decision.choice[2] == -1).all()  # the finished rank runs ghosts
+    assert sorted(decision.choice[0].tolist()) == [0, 1]  # its first two offered groups
+
+
+def test_step_j_pairs_the_jth_costliest_groups_and_sums_global_counts():
+    table = _table(
+        _row(costs=[10, 30, 20], labels=[1, 3, 2], samples=[4, 4, 4]),
+        _row(costs=[300, 100, 200], labels=[30, 10, 20], samples=[1, 1, 1]),
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
+    for j in range(decision.steps):
+        # rank 0's k-th costliest is paired with rank 1's k-th costliest
+        assert decision.costs[1, j] == 10 * decision.costs[0, j]
+        assert (
+            decision.global_label_tokens[j] == 11 * table[0, 3 + MAX_STEPS + decision.choice[0, j]]
+        )
+        assert decision.global_samples[j] == 5
+
+
+def test_order_of_steps_is_shared_and_seeded():
+    table = _table(_row(costs=[4, 3, 2, 1]), _row(costs=[1, 2, 3, 4]))
+    a = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(1))
+    b = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(1))
+    assert (a.choice == b.choice).all()
+    orders = {
+        tuple(decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(s)).choice[0])
+        for s in range(20)
+    }
+    assert len(orders) > 1
+
+
+def test_done_when_no_rank_has_data():
+    table = _table(_row(FINISHED | EXHAUSTED), _row(FINISHED | EXHAUSTED))
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    assert decision.done and not decision.stopped and decision.steps == 0
+
+
+def test_non_join_stops_everyone_when_one_rank_runs_out():
+    table = _table(_row(costs=[5]), _row(FINISHED | EXHAUSTED))
+    decision = decide(table, max_steps=MAX_STEPS, join=False, rng=np.random.default_rng(0))
+    assert decision.done and decision.stopped
+
+
+def test_a_failed_rank_makes_every_rank_raise():
+    table = _table(_row(costs=[5]), _row(FAILED))
+    with pytest.raises(AlignmentError, match=r"rank\(s\) \[1\] raised"):
+        decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+
+
+def test_report_has_a_fixed_width():
+    assert _row(costs=[1]).shape == _row().shape == (report_width(MAX_STEPS),)
+    with pytest.raises(ValueError, match="at most 4"):
+        _row(costs=[1] * 5)
+
+
+def _shards(counts, lengths):
+    shards, index = [], 0
+    for count in counts:
+        shards.append(
+            [
+                (index + i, SampleSize(int(lengths[(index + i) % len(lengths)]), 2))
+                for i in range(count)
+            ]
+        )
+        index += count
+    return shards
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 120), min_size=1, max_size=6),
+    lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=50),
+    packed=st.booleans(),
+    window=st.integers(4, 64),
+    join=st.booleans(),
+)
+def test_equal_steps_coverage_and_termination(counts, lengths, packed, window, join):
+    budget = Budget(4096, PackedCost() if packed else PaddedCost())
+    settings_ = RoundSettings.create(budget, window=window)
+    shards = _shards(counts, lengths)
+    total = sum(counts)
+    # proof in docs/protocol.md: at most max_r N_r rounds with steps, sum_r N_r without, +1
+    bound = max(counts) + total + 1
+    result = simulate(shards, settings_, join=join, seed=7, max_rounds=bound)
+    assert result.rounds <= bound
+    steps = {len(rank_steps) for rank_steps in result.steps}
+    assert len(steps) == 1, "every rank runs the same number of steps"
+    for rank, rank_steps in enumerate(result.steps):
+        emitted = [i for step in rank_steps for i in step.indices]
+        assert len(emitted) == len(set(emitted)), "nothing emitted twice"
+        expected = sorted(i for i, _ in shards[rank])
+        if join:
+            assert sorted(emitted) == expected, "join: every sample of every rank once"
+            ghosts = [step.ghost for step in rank_steps]
+            if True in ghosts:  # ghosts only at the tail, once the rank has nothing left
+                assert all(ghosts[ghosts.index(True) :])
+        else:
+            assert not any(step.ghost for step in rank_steps)
+            assert len(emitted) + result.dropped[rank] == len(expected)
+            assert set(emitted) <= set(expected)
+
+
+def test_global_label_tokens_sum_the_ranks_batches():
+    shards = _shards([50, 80, 65], [100, 700, 1500, 40])
+    settings_ = RoundSettings.create(Budget(4096), window=32)
+    result = simulate(shards, settings_)
+    for j in range(len(result.steps[0])):
+        local = sum(rank_steps[j].label_tokens for rank_steps in result.steps)
+        assert all(rank_steps[j].global_label_tokens == local for rank_steps in result.steps)
