@@ -8,8 +8,9 @@ gathered table, so no second collective is ever needed and no rank can skip one:
     rank 1 report: [status, offered=3, buffered, costs(3) ..., label tokens(3) ..., samples(3) ...]
                             \\ all_gather: every rank holds the same table /
     decide:  T = min offered over ranks with data = 3
-             rank r runs its first 3 offered groups, sorted by cost, so step j pairs the j-th
-             costliest group of every rank; the T steps then run in one shared random order
+             each rank runs T of its offered groups (those that must go now first, then the
+             ones closest in cost to the bottleneck rank's), sorted by cost, so step j pairs
+             the j-th costliest group of every rank; the T steps then run in one shared random order
              (seed, epoch, round); a rank with no data left runs ghost steps (weight 0)
 
 One process is the same protocol with a table of one row and no collective. The proof that
@@ -45,11 +46,12 @@ EXHAUSTED = 2  # no more input (buffered samples may remain)
 FAILED = 4  # this rank raised while preparing the round
 
 _HEADER = 3  # status, offered, buffered
+_COLUMNS = 4  # per offered group: cost, label tokens, samples, must-go-now flag
 
 
 def report_width(max_steps: int) -> int:
-    """Length of one rank's report: a header and three columns of ``max_steps`` entries."""
-    return _HEADER + 3 * max_steps
+    """Length of one rank's report: a header and four columns of ``max_steps`` entries."""
+    return _HEADER + _COLUMNS * max_steps
 
 
 def encode_report(
@@ -59,17 +61,20 @@ def encode_report(
     label_tokens: Sequence[int],
     samples: Sequence[int],
     max_steps: int,
+    must: Sequence[bool] = (),
 ) -> np.ndarray:
-    """One rank's report for a round; ``costs[i]`` etc. describe its i-th offered group."""
+    """One rank's report for a round; ``costs[i]`` etc. describe its i-th offered group, and
+    ``must[i]`` says it has to go this round (a stale or solo group)."""
     offered = len(costs)
     if offered > max_steps:
         raise ValueError(f"{offered} groups offered, at most {max_steps} fit in a report")
     row = np.zeros(report_width(max_steps), dtype=np.int64)
     row[:_HEADER] = (status, offered, buffered)
-    columns = row[_HEADER:].reshape(3, max_steps)
+    columns = row[_HEADER:].reshape(_COLUMNS, max_steps)
     columns[0, :offered] = np.ceil(np.asarray(costs, dtype=np.float64))
     columns[1, :offered] = label_tokens
     columns[2, :offered] = samples
+    columns[3, : len(must)] = must
     return row
 
 
@@ -101,7 +106,7 @@ def decide(table: np.ndarray, *, max_steps: int, join: bool, rng: np.random.Gene
             f"rank(s) {failed.tolist()} raised while preparing this round; see their logs "
             f"for the error (the other ranks stop here instead of waiting)"
         )
-    columns = table[:, _HEADER:].reshape(world, 3, max_steps)
+    columns = table[:, _HEADER:].reshape(world, _COLUMNS, max_steps)
     active = (status & FINISHED) == 0
     empty = np.zeros((world, 0), dtype=np.int64)
     if not active.any():
@@ -111,10 +116,15 @@ def decide(table: np.ndarray, *, max_steps: int, join: bool, rng: np.random.Gene
 
     steps = int(offered[active].min())
     choice = np.full((world, steps), -1, dtype=np.int64)
+    bottleneck = int(np.flatnonzero(active & (offered == steps))[0])
+    targets = columns[bottleneck, 0, :steps]
     for rank in np.flatnonzero(active):
+        count = int(offered[rank])
+        picks = np.arange(steps)
+        if count > steps:
+            picks = _match(columns[rank, 0, :count], columns[rank, 3, :count] > 0, targets)
         # Pair similar work across ranks: step j gets every rank's j-th costliest group.
-        by_cost = np.argsort(-columns[rank, 0, :steps], kind="stable")
-        choice[rank] = by_cost
+        choice[rank] = picks[np.argsort(-columns[rank, 0, picks], kind="stable")]
     order = rng.permutation(steps)
     choice = choice[:, order]
 
@@ -126,6 +136,24 @@ def decide(table: np.ndarray, *, max_steps: int, join: bool, rng: np.random.Gene
     label_tokens = gather(columns[ranks, 1, :], picked, axis=1).sum(axis=0)
     samples = gather(columns[ranks, 2, :], picked, axis=1).sum(axis=0)
     return Decision(steps, choice, samples, label_tokens, costs, done=False, stopped=False)
+
+
+def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Choose ``len(targets)`` of a rank's offered groups to resemble the bottleneck rank's:
+    the groups that must go now (stale, solo) first, then, for each remaining target, the
+    free group of closest cost."""
+    chosen = list(np.flatnonzero(must)[: len(targets)])
+    remaining = sorted(targets.tolist(), reverse=True)
+    for position in chosen:  # each mandatory group stands in for the target nearest to it
+        remaining.pop(int(np.argmin(np.abs(np.asarray(remaining) - costs[position]))))
+    free = np.ones(len(costs), dtype=bool)
+    free[chosen] = False
+    for target in remaining:
+        candidates = np.flatnonzero(free)
+        best = int(candidates[np.argmin(np.abs(costs[candidates] - target))])
+        chosen.append(best)
+        free[best] = False
+    return np.asarray(chosen, dtype=np.int64)
 
 
 _GLOO_GROUPS: dict[int, object] = {}  # one alignment group per default process group

@@ -15,7 +15,7 @@ import numpy as np
 from odb.align import EXHAUSTED, FINISHED, encode_report
 from odb.cost import Budget, SampleSize
 from odb.errors import ConfigError
-from odb.planner import Group, Plan, plan_groups
+from odb.planner import Group, Plan, Reason, plan_groups
 
 __all__ = ["Entry", "Offer", "RoundSettings", "SampleBuffer"]
 
@@ -171,4 +171,5 @@ class Offer:
             self.label_tokens,
             [len(g.members) for g in self.groups],
             max_steps,
+            [g.reason in (Reason.STALE, Reason.SOLO) for g in self.groups],
         )

@@ -137,3 +137,19 @@ def test_global_label_tokens_sum_the_ranks_batches():
     for j in range(len(result.steps[0])):
         local = sum(rank_steps[j].label_tokens for rank_steps in result.steps)
         assert all(rank_steps[j].global_label_tokens == local for rank_steps in result.steps)
+
+
+def test_a_rank_with_more_groups_offers_those_closest_in_cost_and_all_that_must_go():
+    table = _table(
+        _row(costs=[100, 50]),
+        encode_report(
+            0, 0, [90, 10, 48, 200], [1] * 4, [1] * 4, MAX_STEPS, must=[False, True, False, False]
+        ),
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    # the stale group (position 1) must go; it stands in for the target nearest its cost (50),
+    # the other target (100) takes the closest free group (90)
+    assert sorted(decision.choice[1].tolist()) == [0, 1]
+    for j in range(decision.steps):
+        pair = {int(decision.costs[0, j]), int(decision.costs[1, j])}
+        assert pair in ({100, 90}, {50, 10})

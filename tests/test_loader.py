@@ -259,3 +259,19 @@ def test_stats_account_for_waiting_and_planning(lengths):
     assert stats.wait_seconds > 0 and stats.plan_seconds > 0 and stats.collate_seconds > 0
     assert 0 < stats.padding_efficiency <= 1 and 0 < stats.fill <= 1
     assert stats.rounds >= len(lengths) // loader.settings.round_size
+
+
+def test_a_distributed_sampler_becomes_odb_sharding_with_its_settings():
+    dataset = LengthDataset([10] * 20)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, seed=9)
+    loader = odb.wrap(torch.utils.data.DataLoader(dataset, sampler=sampler), 64)
+    assert loader.sampler is None and loader.shuffle and loader.seed == 9
+    assert sorted(i for b in loader for i in odb.step_info(b).sample_indices) == list(range(20))
+
+
+def test_a_distributed_sampler_for_another_world_is_refused():
+    dataset = LengthDataset([10] * 20)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1)
+    loader = odb.DataLoader(dataset, 64, sampler=sampler)
+    with pytest.raises(ConfigError, match="rank 1 of 2, but this process is rank 0 of 1"):
+        iter(loader)
