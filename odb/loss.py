@@ -27,8 +27,9 @@ def scale_loss(
     the batch's label tokens). ``reduction`` picks the global mean: over label tokens
     (``"token"``) or over samples (``"sample"``). ``batch`` is an odb batch or its StepInfo.
 
-    With gradient accumulation over k batches, sum the k results and divide by k only if the
-    optimizer step should average the micro-steps' means rather than pool their tokens.
+    This makes each batch its own global mean; for the exact mean over the tokens of k
+    gradient-accumulation micro-batches, scale each micro-batch's token-loss sum by
+    ``world_size / sum(global_label_tokens of the k batches)`` instead.
     """
     info = batch if isinstance(batch, StepInfo) else step_info(batch)
     if reduction == "token":
