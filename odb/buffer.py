@@ -14,7 +14,7 @@ import numpy as np
 
 from odb.align import EXHAUSTED, FINISHED, encode_report
 from odb.cost import Budget, SampleSize
-from odb.errors import ConfigError
+from odb.errors import ConfigError, positive_int
 from odb.planner import Group, Plan, Reason, plan_groups
 
 __all__ = ["Entry", "Offer", "RoundSettings", "SampleBuffer"]
@@ -46,11 +46,11 @@ class RoundSettings:
         """Settings with defaults filled in: ``round_size = window // 8``, ``max_wait`` = four
         times the rounds a full window takes to arrive, ``fill_threshold`` 0.98 padded and 0.97
         packed."""
-        window = _positive_int("window", window)
-        round_size = _positive_int("round_size", round_size or max(1, window // 8))
+        window = positive_int("window", window)
+        round_size = positive_int("round_size", round_size or max(1, window // 8))
         if round_size > window:
             raise ConfigError(f"round_size ({round_size}) must be <= window ({window})")
-        max_wait = _positive_int("max_wait", max_wait or 4 * -(-window // round_size))
+        max_wait = positive_int("max_wait", max_wait or 4 * -(-window // round_size))
         if fill_threshold is None:
             fill_threshold = _DEFAULT_FILL[budget.cost.padded]
         if not 0 <= fill_threshold <= 1:
@@ -61,12 +61,6 @@ class RoundSettings:
     def max_steps(self) -> int:
         """The most steps one round can emit: the width of a rank's report."""
         return max(64, 2 * self.round_size)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @dataclass

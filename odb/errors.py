@@ -7,6 +7,8 @@ protocol failures), so ``except ValueError`` keeps working for code that does no
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BatchTypeError",
     "ConfigError",
@@ -56,3 +58,10 @@ class BatchTypeError(OdbError, TypeError):
 
 class AlignmentError(OdbError, RuntimeError):
     """The ranks could not agree on a round: a peer failed, died or timed out."""
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ConfigError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value

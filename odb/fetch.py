@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from odb.errors import ConfigError
+from odb.errors import positive_int
 
 __all__ = [
     "SHARED_MEMORY_BYTES",
@@ -48,9 +48,7 @@ class ChunkSampler:
     """Batch sampler over the index stream the loader sets before each pass."""
 
     def __init__(self, fetch_size: int):
-        if isinstance(fetch_size, bool) or not isinstance(fetch_size, int) or fetch_size < 1:
-            raise ConfigError(f"fetch_size must be a positive integer, got {fetch_size!r}")
-        self.fetch_size = fetch_size
+        self.fetch_size = positive_int("fetch_size", fetch_size)
         self.indices: Iterable[int] = ()
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -29,7 +29,7 @@ from odb.align import GlooExchange, LocalExchange
 from odb.buffer import RoundSettings
 from odb.collate import PackedCollator, PaddedCollator
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
-from odb.errors import ConfigError, StateError
+from odb.errors import ConfigError, StateError, positive_int
 from odb.fetch import ChunkSampler, IndexedDataset, encode_chunk, keep_chunk
 from odb.rounds import EpochIterator, PassSetup, refetch_order
 from odb.stats import LoaderStats
@@ -77,6 +77,9 @@ class DataLoader:
             initialised; a ``DistributedSampler`` given as ``sampler`` is turned into odb's
             own sharding with its seed, shuffle and rank, without its padding duplicates).
         align_timeout: seconds a rank waits for the others in a round before failing.
+        steps_multiple_of: end every pass on a multiple of this many steps, with ghost batches
+            (loss weight 0) if needed; set it to the gradient-accumulation steps so an epoch
+            never ends on a partial accumulation window.
         num_workers, pin_memory, timeout, worker_init_fn, multiprocessing_context, generator,
         prefetch_factor, persistent_workers: as for ``torch.utils.data.DataLoader``.
     """
@@ -112,6 +115,7 @@ class DataLoader:
         join: bool = True,
         shard: bool | None = None,
         align_timeout: float = 1800.0,
+        steps_multiple_of: int = 1,
     ):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
             raise ConfigError(
@@ -162,6 +166,7 @@ class DataLoader:
             persistent_workers=persistent_workers and num_workers > 0,
         )
         self.join = bool(join)
+        self.steps_multiple_of = positive_int("steps_multiple_of", steps_multiple_of)
         self.shard = shard
         self.align_timeout = float(align_timeout)
         self._exchange: LocalExchange | GlooExchange | None = None
@@ -184,6 +189,7 @@ class DataLoader:
             self.num_workers > 0,
             exchange,
             self.join,
+            self.steps_multiple_of,
             self.seed,
             self.dataset,
         )
@@ -226,6 +232,7 @@ class DataLoader:
             "seed": self.seed,
             "dataset_len": len(self.dataset),
             "join": self.join,
+            "steps_multiple_of": self.steps_multiple_of,
         }
 
     def state_dict(self) -> dict:

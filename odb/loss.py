@@ -16,9 +16,7 @@ from odb.errors import ConfigError
 __all__ = ["scale_loss"]
 
 
-def scale_loss(
-    loss: Any, batch: Any, *, reduction: str = "token", reduced: str = "sum"
-) -> Any:
+def scale_loss(loss: Any, batch: Any, *, reduction: str = "token", reduced: str = "sum") -> Any:
     """This rank's share of the exact global mean loss of the step.
 
     ``loss`` is this rank's loss over its batch: a sum (``reduced="sum"``: the sum of

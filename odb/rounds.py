@@ -53,6 +53,7 @@ class PassSetup:
     decode: bool
     exchange: Any  # LocalExchange or GlooExchange
     join: bool
+    steps_multiple_of: int
     seed: int
     dataset: Any  # for the ghost sample of a rank whose shard is empty
 
@@ -198,6 +199,7 @@ class EpochIterator:
             self.done = True
             if decision.stopped:
                 stats.dropped_samples += len(self.buffer) + self.shard_size - self.consumed
+            self._pad_with_ghosts()
             return
         picks = decision.choice[rank]
         taken = iter(self.buffer.commit(offer, [int(i) for i in picks if i >= 0]))
@@ -242,6 +244,20 @@ class EpochIterator:
             rank=exchange.rank,
             world_size=exchange.world_size,
         )
+
+    def _pad_with_ghosts(self) -> None:
+        """End the pass on a multiple of ``steps_multiple_of`` steps (every rank alike, since
+        step counts are equal): a trainer accumulating gradients over that many batches then
+        never ends an epoch on a partial window."""
+        multiple = self.setup.steps_multiple_of
+        if self.step % multiple == 0:
+            return
+        empty = np.zeros(1, dtype=np.int64)
+        for _ in range(multiple - self.step % multiple):
+            ghost = [self._ghost_entry()]
+            padding = _Padding(empty, empty)
+            self.pending.append((ghost, self._step_info(ghost, None, padding, 0)))
+            self.step += 1
 
     def _ghost_entry(self) -> Entry:
         """A copy of one of this rank's samples; a rank whose shard is empty borrows one."""
@@ -303,6 +319,14 @@ class EpochIterator:
             self.ghost = self._admit(*self._receive(), count=False)
         for entries, info in pending:
             self.pending.append((entries if entries is not None else [self.ghost], info))
+
+
+@dataclass(frozen=True)
+class _Padding:
+    """The global counts of padding steps: nothing, on every rank."""
+
+    global_samples: np.ndarray
+    global_label_tokens: np.ndarray
 
 
 def _truncate(sample: Mapping, size: SampleSize, budget: Budget, index: int):

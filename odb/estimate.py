@@ -1,0 +1,62 @@
+"""Steps per epoch, estimated before the epoch runs (for progress bars and LR schedules).
+
+odb only knows a sample's length once the user's pipeline has produced it, so the number of
+batches of an epoch is not known in advance. The estimate measures a seeded probe of the
+dataset (through ``dataset.estimate(index)`` when the dataset offers a cheap length estimate,
+otherwise by processing the probed samples), resamples those sizes to the dataset's size, and
+runs the loader's own planning rounds on them for every rank (odb/simulate.py).
+
+The estimate never decides what is trained: batches are always built from measured lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from odb.cost import SampleSize, measure_sample
+from odb.simulate import simulate
+
+__all__ = ["estimate_steps", "probe_sizes"]
+
+_SIMULATED_SAMPLES = 20_000  # beyond this, simulate a part and scale: steps grow linearly
+
+
+def probe_sizes(dataset, count: int, seed: int) -> list[SampleSize]:
+    """Sizes of ``count`` seeded random samples; ``dataset.estimate(i)`` when available."""
+    n = len(dataset)
+    indices = np.random.default_rng([seed, 0x0DB]).choice(n, size=min(count, n), replace=False)
+    if hasattr(dataset, "estimate"):
+        return [dataset.estimate(int(i)) for i in indices]
+    return [measure_sample(dataset[int(i)], int(i)) for i in indices]
+
+
+def estimate_steps(loader, probe: int = 256) -> int:
+    """Expected number of batches of one epoch on each rank of ``loader`` (an odb.DataLoader).
+
+    Every rank computes the same value when the dataset is deterministic.
+    """
+    dataset = loader.dataset
+    n = len(dataset)
+    if n == 0:
+        return 0
+    exchange = loader._world()
+    sizes = probe_sizes(dataset, probe, loader.seed)
+    budget = loader.settings.budget
+    longest = budget.cost.longest_within(budget.limit)
+    sizes = [
+        replace(s, length=min(s.length, longest), vision_patches=0) if budget.why_over(s) else s
+        for s in sizes
+    ]
+    simulated = min(n, _SIMULATED_SAMPLES)
+    picks = np.random.default_rng([loader.seed, 0x0DB, 1]).integers(0, len(sizes), simulated)
+    world = exchange.world_size if loader.shard is not False else 1
+    shards = [
+        [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
+    ]
+    result = simulate(shards, loader.settings, join=loader.join, seed=loader.seed)
+    steps = len(result.steps[0]) * n / simulated
+    multiple = loader.steps_multiple_of
+    return max(1, math.ceil(steps / multiple)) * multiple
