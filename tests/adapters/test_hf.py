@@ -1,0 +1,199 @@
+"""The Hugging Face Trainer adapter with the real Trainer, in one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from hf_setup import (
+    Recorder,
+    TokenDataset,
+    grads,
+    lengths,
+    tiny_model,
+    token_loss_sum,
+    training_args,
+)
+
+import odb
+from odb.adapters.hf import OdbTrainer, enable
+
+BUDGET = 256
+
+
+def _train(
+    tmp_path, dataset, *, kind="qwen2", budget=BUDGET, eval_dataset=None, resume=None, **args
+):
+    model = tiny_model(kind)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(tmp_path, **args),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+    )
+    enable(trainer, budget)
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train(resume_from_checkpoint=resume)
+    recorder.windows = [w for w in recorder.windows if w]
+    return trainer, recorder
+
+
+def _epochs(recorder):
+    """Step infos per epoch (odb's epoch number)."""
+    out: dict[int, list] = {}
+    for window in recorder.windows:
+        for info in window:
+            out.setdefault(info.epoch, []).append(info)
+    return [out[e] for e in sorted(out)]
+
+
+def test_every_sample_once_per_epoch_and_full_accumulation_windows(tmp_path):
+    dataset = TokenDataset(lengths(90))
+    trainer, recorder = _train(tmp_path, dataset, num_train_epochs=2, gradient_accumulation_steps=3)
+    epochs = _epochs(recorder)
+    assert len(epochs) == 2
+    for infos in epochs:
+        seen = [i for info in infos if not info.ghost for i in info.sample_indices]
+        assert sorted(seen) == list(range(len(dataset)))
+        assert all(info.padded_tokens <= BUDGET for info in infos)
+    assert all(len(window) == 3 for window in recorder.windows)
+    assert trainer.state.global_step == len(recorder.windows)
+
+
+def test_max_steps_runs_exactly_that_many_optimizer_steps(tmp_path):
+    trainer, recorder = _train(
+        tmp_path, TokenDataset(lengths(30)), max_steps=23, gradient_accumulation_steps=2
+    )
+    assert trainer.state.global_step == 23
+    assert len(recorder.windows) == 23
+    assert len({info.epoch for w in recorder.windows for info in w}) > 1  # ran past one epoch
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
+def test_gradient_is_the_exact_token_mean_of_the_window(tmp_path, kind):
+    """Qwen2 accepts num_items_in_batch, Qwen2.5-VL does not: both get the exact mean."""
+    dataset = TokenDataset(lengths(40, seed=1))
+    assert getattr(tiny_model(kind), "accepts_loss_kwargs", True) is (kind == "qwen2")
+    _, recorder = _train(
+        tmp_path,
+        dataset,
+        kind=kind,
+        max_steps=1,
+        gradient_accumulation_steps=3,
+        learning_rate=0.0,
+    )
+    window = recorder.windows[0]
+    samples = [dataset[i] for info in window if not info.ghost for i in info.sample_indices]
+    tokens = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
+    assert tokens == sum(info.global_label_tokens for info in window)
+    reference = tiny_model(kind)
+    (sum(token_loss_sum(reference, s) for s in samples) / tokens).backward()
+    for got, want in zip(recorder.first_grads, grads(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_linear_schedule_ends_with_the_data(tmp_path):
+    dataset = TokenDataset(lengths(400, seed=2))
+    trainer, recorder = _train(
+        tmp_path,
+        dataset,
+        num_train_epochs=1,
+        gradient_accumulation_steps=1,
+        warmup_steps=0.2,
+        learning_rate=1e-3,
+    )
+    lrs = recorder.lrs
+    steps = len(lrs)
+    assert steps == trainer.state.global_step and steps > 40
+    assert all(lr > 0 for lr in lrs)
+    assert lrs[-1] <= 0.05 * max(lrs)  # at the last step the schedule is all but over
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    peak = max(range(steps), key=lambda k: lrs[k])
+    assert abs(peak / steps - 0.2) < 0.05  # warmup lasts its fraction of the training
+    # the progress bar used an estimate of the steps; the end is the real one
+    assert trainer.state.max_steps == steps
+
+
+def test_resume_continues_with_the_same_batches_without_replay(tmp_path):
+    dataset = TokenDataset(lengths(120, seed=3))
+    common = dict(num_train_epochs=2, gradient_accumulation_steps=2)
+    _, full = _train(tmp_path / "full", dataset, **common)
+    first, _ = _train(tmp_path / "run", dataset, save_strategy="steps", save_steps=7, **common)
+    checkpoint = tmp_path / "run" / "checkpoint-7"
+    assert (checkpoint / "odb_state_rank0.json").exists()
+    _, resumed = _train(tmp_path / "run", dataset, resume=str(checkpoint), **common)
+    rest = [[i.sample_indices for i in w] for w in resumed.windows]
+    assert rest == [[i.sample_indices for i in w] for w in full.windows[7:]]
+
+
+def test_resume_from_a_checkpoint_without_odb_state_is_refused(tmp_path):
+    dataset = TokenDataset(lengths(20))
+    plain = transformers.Trainer(
+        model=tiny_model(),
+        train_dataset=dataset,
+        args=training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        data_collator=odb.PaddedCollator(),
+    )
+    plain.train()
+    with pytest.raises(odb.StateError, match="odb_state_rank0.json is missing"):
+        _train(tmp_path, dataset, max_steps=4, resume=str(tmp_path / "checkpoint-2"))
+
+
+def test_evaluation_during_training_uses_the_plain_eval_loader(tmp_path):
+    train, held_out = TokenDataset(lengths(60)), TokenDataset([16] * 12)
+    trainer, _ = _train(
+        tmp_path,
+        train,
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=4,
+        eval_dataset=held_out,
+    )
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evals) == 2 and all(math.isfinite(e["eval_loss"]) for e in evals)
+    eval_loader = trainer.get_eval_dataloader()
+    assert not isinstance(eval_loader, odb.DataLoader) and len(eval_loader) == 3
+
+
+def test_other_dataloaders_keep_their_length(tmp_path):
+    _train(tmp_path, TokenDataset(lengths(30)), max_steps=2)
+    plain = torch.utils.data.DataLoader(TokenDataset([5] * 10), batch_size=4)
+    assert len(plain) == 3
+
+
+def test_logs_carry_odb_figures(tmp_path):
+    trainer, _ = _train(tmp_path, TokenDataset(lengths(60)), max_steps=4)
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert logged and all(0 < e["odb_padding_efficiency"] <= 1 for e in logged)
+    assert all(e["odb_samples_per_second"] > 0 for e in logged)
+    assert "odb_ghost_steps" in logged[0] and "odb_stale_groups" in logged[0]
+
+
+def test_odb_trainer_class_is_the_same_as_enable(tmp_path):
+    dataset = TokenDataset(lengths(30))
+    trainer = OdbTrainer(
+        model=tiny_model(),
+        args=training_args(tmp_path, max_steps=3),
+        train_dataset=dataset,
+        token_budget=BUDGET,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert isinstance(trainer.get_train_dataloader(), odb.DataLoader)
+
+
+def test_enable_refuses_twice_and_reserved_options(tmp_path):
+    trainer = transformers.Trainer(
+        model=tiny_model(),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=TokenDataset([5]),
+    )
+    with pytest.raises(odb.ConfigError, match="'shuffle' is set by the Trainer adapter"):
+        enable(trainer, BUDGET, shuffle=False)
+    enable(trainer, BUDGET)
+    with pytest.raises(odb.ConfigError, match="already enabled"):
+        enable(trainer, BUDGET)
