@@ -1,0 +1,120 @@
+"""``odb-bench``: run the benchmark suites and write the report, the JSON record and plots.
+
+Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
+for and hands every result to the report. The planner suite always runs; ``--overhead`` adds
+the loader-overhead suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .overhead import OverheadResult, run_overhead
+from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
+from .plots import write_plots
+from .report import markdown, write_report
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULTS = PlannerConfig()
+# --quick: sizes small enough for a test, still several planning rounds per set.
+_QUICK = {"samples": 400, "window": 128, "overhead_samples": 48, "repeats": 1}
+_OVERHEAD = {"overhead_samples": 1500, "repeats": 5}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="odb-bench",
+        description="Compare odb's batching with fixed-size and sorted batching on the same "
+        "samples; write report.md, results.json and PNG plots.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("odb-bench-out"), help="output folder")
+    parser.add_argument("--budget", type=int, default=_DEFAULTS.budget, help="token budget")
+    parser.add_argument("--window", type=int, help=f"odb window (default {_DEFAULTS.window})")
+    parser.add_argument(
+        "--samples", type=int, help=f"samples per length set (default {_DEFAULTS.samples})"
+    )
+    parser.add_argument(
+        "--cv",
+        type=float,
+        action="append",
+        help="length CV of a lognormal set; repeat for several "
+        f"(default {' '.join(map(str, _DEFAULTS.cvs))})",
+    )
+    parser.add_argument("--mean", type=float, default=_DEFAULTS.mean, help="mean sample length")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also time odb.DataLoader against a plain DataLoader (real Qwen tokenizer, "
+        "2 workers; about a minute and a half)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    return parser
+
+
+@contextmanager
+def _progress(total: int):
+    """A callback advancing a tqdm bar on stderr (silent when tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield lambda label: None
+        return
+    with tqdm(total=total, file=sys.stderr, leave=False) as bar:
+
+        def advance(label: str) -> None:
+            bar.set_description(label)
+            bar.update()
+
+        yield advance
+
+
+def _planner_config(args: argparse.Namespace) -> PlannerConfig:
+    quick = _QUICK if args.quick else {}
+    return PlannerConfig(
+        mean=args.mean,
+        cvs=tuple(args.cv) if args.cv else _DEFAULTS.cvs,
+        samples=args.samples or quick.get("samples", _DEFAULTS.samples),
+        budget=args.budget,
+        window=args.window or quick.get("window", _DEFAULTS.window),
+        seed=args.seed,
+    )
+
+
+def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> OverheadResult:
+    sizes = _QUICK if args.quick else _OVERHEAD
+    return run_overhead(
+        samples=sizes["overhead_samples"],
+        mean_tokens=args.mean,
+        token_budget=args.budget,
+        repeats=sizes["repeats"],
+        seed=args.seed,
+        progress=progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = _planner_config(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = len(config.cvs) * POLICY_COUNT
+    if args.overhead:
+        steps += (_QUICK if args.quick else _OVERHEAD)["repeats"]
+    with _progress(steps) as progress:
+        planner: list[SetResult] = run_planner(config, progress=progress)
+        overhead = _overhead(args, progress) if args.overhead else None
+    written = write_report(args.out, config, planner, overhead)
+    written += write_plots(planner, args.out)
+    print(markdown(config, planner, overhead), end="")
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
