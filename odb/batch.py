@@ -89,9 +89,14 @@ def attach_step_info(batch: Any, info: StepInfo) -> Any:
     return batch
 
 
+def find_step_info(batch: Any) -> StepInfo | None:
+    """The step info of ``batch``, or None for a batch that did not come from odb."""
+    return getattr(batch, _ATTRIBUTE, None)
+
+
 def step_info(batch: Any) -> StepInfo:
     """The :class:`StepInfo` of a batch emitted by an odb loader."""
-    info = getattr(batch, _ATTRIBUTE, None)
+    info = find_step_info(batch)
     if info is None:
         raise BatchTypeError(
             f"this {type(batch).__name__} carries no odb step info: it was not emitted by an "
