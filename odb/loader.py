@@ -81,7 +81,9 @@ class DataLoader:
             (loss weight 0) if needed; set it to the gradient-accumulation steps so an epoch
             never ends on a partial accumulation window.
         num_workers, pin_memory, timeout, worker_init_fn, multiprocessing_context, generator,
-        prefetch_factor, persistent_workers: as for ``torch.utils.data.DataLoader``.
+        prefetch_factor, persistent_workers: as for ``torch.utils.data.DataLoader``
+            (``prefetch_factor`` counts fetch chunks per worker; by default enough for a
+            whole round to be in flight).
     """
 
     def __init__(
@@ -152,6 +154,11 @@ class DataLoader:
         self.pin_memory = bool(pin_memory) and torch.accelerator.is_available()
         self.num_workers = num_workers
         self._chunks = ChunkSampler(fetch_size if fetch_size is not None else 8)
+        if num_workers and prefetch_factor is None:
+            # Keep a whole round of samples in flight, so a round never waits for the
+            # workers to start on samples it needs (torch's default keeps 2 chunks a worker).
+            chunks_per_round = -(-self.settings.round_size // self._chunks.fetch_size)
+            prefetch_factor = max(2, -(-chunks_per_round // num_workers))
         self._fetcher = torch.utils.data.DataLoader(
             IndexedDataset(dataset),
             batch_sampler=self._chunks,
@@ -376,8 +383,6 @@ def wrap(
         "generator": dataloader.generator,
         "persistent_workers": dataloader.persistent_workers,
     }
-    if dataloader.num_workers:
-        settings["prefetch_factor"] = dataloader.prefetch_factor
     if dataloader.collate_fn not in (default_collate, default_convert):
         settings["collate_fn"] = dataloader.collate_fn
     sampler = dataloader.sampler
