@@ -1,0 +1,59 @@
+"""One rank of a multi-process Hugging Face Trainer test (torchrun or accelerate launch).
+
+Reads a JSON config (argv[1]); trains a tiny model with odb enabled; writes what this rank saw
+to ``<out>/rank<r>.json`` (and rank 0's first accumulated gradient to ``grads.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from hf_setup import Recorder, TokenDataset, tiny_model, training_args  # the script's folder
+
+from odb.adapters.hf import enable
+
+
+def main() -> None:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(config["out"])
+    dataset = TokenDataset(config["lengths"])
+    args = training_args(out / config.get("run", "run"), **config["args"])
+    trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=dataset)
+    enable(trainer, config["budget"])
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train(resume_from_checkpoint=config.get("resume"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    windows = [
+        [
+            {
+                "indices": list(i.sample_indices),
+                "ghost": i.ghost,
+                "epoch": i.epoch,
+                "global_label_tokens": i.global_label_tokens,
+                "padded_tokens": i.padded_tokens,
+            }
+            for i in window
+        ]
+        for window in recorder.windows
+        if window
+    ]
+    record = {
+        "rank": rank,
+        "world": world,
+        "windows": windows,
+        "lrs": recorder.lrs,
+        "global_step": trainer.state.global_step,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0 and recorder.first_grads is not None:
+        torch.save(recorder.first_grads, out / "grads.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The Hugging Face adapter with the real Trainer in 2 processes: torchrun and
+``accelerate launch --multi_gpu`` (``--cpu`` would silently run one process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_setup import TokenDataset, grads, lengths, tiny_model, token_loss_sum
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("hf_worker.py")
+BUDGET = 256
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(tmp_path: Path, config: dict, launcher: str) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = {**config, "out": str(tmp_path)}
+    path = tmp_path / f"config-{config.get('run', 'run')}.json"
+    path.write_text(json.dumps(config))
+    port = str(_free_port())
+    if launcher == "torchrun":
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
+    else:
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+        command = [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, str(WORKER), str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in results] == [2, 2], "two real processes"
+    return results
+
+
+def _check(results, dataset, epochs):
+    a, b = results
+    assert len(a["windows"]) == len(b["windows"]) == a["global_step"] == b["global_step"]
+    assert a["lrs"] == b["lrs"]
+    for epoch in range(epochs):
+        seen = [
+            i
+            for r in results
+            for w in r["windows"]
+            for s in w
+            if s["epoch"] == epoch and not s["ghost"]
+            for i in s["indices"]
+        ]
+        assert sorted(seen) == list(range(len(dataset))), f"epoch {epoch}: each sample once"
+    for wa, wb in zip(a["windows"], b["windows"], strict=True):
+        assert [s["global_label_tokens"] for s in wa] == [s["global_label_tokens"] for s in wb]
+        assert all(s["padded_tokens"] <= BUDGET for s in wa + wb)
+
+
+def _check_first_gradient(tmp_path, results, dataset):
+    """Rank 0's DDP gradient of the first optimizer step equals one process's exact mean
+    over both ranks' samples of that window."""
+    samples = [
+        dataset[i] for r in results for s in r["windows"][0] if not s["ghost"] for i in s["indices"]
+    ]
+    tokens = sum(int((x["labels"][1:] != -100).sum()) for x in samples)
+    reference = tiny_model()
+    (sum(token_loss_sum(reference, x) for x in samples) / tokens).backward()
+    got = torch.load(tmp_path / "grads.pt")
+    for mine, want in zip(got, grads(reference), strict=True):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_equal_steps_coverage_exact_gradient(tmp_path, launcher):
+    dataset_lengths = lengths(75, seed=4)
+    config = {
+        "lengths": dataset_lengths,
+        "budget": BUDGET,
+        "args": {"num_train_epochs": 2, "gradient_accumulation_steps": 2},
+    }
+    results = _launch(tmp_path, config, launcher)
+    dataset = TokenDataset(dataset_lengths)
+    _check(results, dataset, epochs=2)
+    _check_first_gradient(tmp_path, results, dataset)
+    assert results[0]["lrs"][-1] <= 0.05 * max(results[0]["lrs"])
+
+
+def test_two_process_resume_continues_with_the_same_batches(tmp_path):
+    dataset_lengths = lengths(90, seed=5)
+    args = {"num_train_epochs": 2, "gradient_accumulation_steps": 2}
+    base = {"lengths": dataset_lengths, "budget": BUDGET}
+    full = _launch(tmp_path / "full", {**base, "args": args}, "torchrun")
+    saving = {**args, "save_strategy": "steps", "save_steps": 6}
+    _launch(tmp_path / "run", {**base, "args": saving}, "torchrun")
+    checkpoint = tmp_path / "run" / "run" / "checkpoint-6"
+    resumed = _launch(
+        tmp_path / "run", {**base, "args": args, "resume": str(checkpoint)}, "torchrun"
+    )
+    for rank in range(2):
+        assert resumed[rank]["windows"] == full[rank]["windows"][6:]
