@@ -1,8 +1,8 @@
 """``odb-bench``: run the benchmark suites and write the report, the JSON record and plots.
 
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
-for and hands every result to the report. The planner suite always runs; ``--overhead`` adds
-the loader-overhead suite.
+for and hands every result to the report. The planner and alignment suites always run;
+``--overhead`` adds the loader-overhead suite.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .alignment_suite import AlignmentConfig, run_alignment
 from .overhead import OverheadResult, run_overhead
 from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
 from .plots import write_plots
@@ -22,7 +23,14 @@ __all__ = ["build_parser", "main"]
 
 _DEFAULTS = PlannerConfig()
 # --quick: sizes small enough for a test, still several planning rounds per set.
-_QUICK = {"samples": 400, "window": 128, "overhead_samples": 48, "repeats": 1}
+_QUICK = {
+    "samples": 400,
+    "window": 128,
+    "overhead_samples": 48,
+    "repeats": 1,
+    "alignment_samples": 2000,
+    "worlds": (2, 4),
+}
 _OVERHEAD = {"overhead_samples": 1500, "repeats": 5}
 
 
@@ -86,6 +94,19 @@ def _planner_config(args: argparse.Namespace) -> PlannerConfig:
     )
 
 
+def _alignment_config(args: argparse.Namespace) -> AlignmentConfig:
+    defaults = AlignmentConfig()
+    quick = _QUICK if args.quick else {}
+    return AlignmentConfig(
+        mean=args.mean,
+        samples=quick.get("alignment_samples", defaults.samples),
+        budget=args.budget,
+        window=args.window or quick.get("window", defaults.window),
+        worlds=quick.get("worlds", defaults.worlds),
+        seed=args.seed,
+    )
+
+
 def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> OverheadResult:
     sizes = _QUICK if args.quick else _OVERHEAD
     return run_overhead(
@@ -102,15 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = _planner_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = len(config.cvs) * POLICY_COUNT
+    steps = len(config.cvs) * POLICY_COUNT + 1
     if args.overhead:
         steps += (_QUICK if args.quick else _OVERHEAD)["repeats"]
     with _progress(steps) as progress:
         planner: list[SetResult] = run_planner(config, progress=progress)
+        alignment_config = _alignment_config(args)
+        alignment = run_alignment(alignment_config)
+        progress("alignment")
         overhead = _overhead(args, progress) if args.overhead else None
-    written = write_report(args.out, config, planner, overhead)
+    written = write_report(args.out, config, planner, overhead, (alignment_config, alignment))
     written += write_plots(planner, args.out)
-    print(markdown(config, planner, overhead), end="")
+    print(markdown(config, planner, overhead, (alignment_config, alignment)), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ import torch
 
 import odb
 
+from .alignment_suite import AlignmentConfig, AlignmentResult, alignment_table
 from .overhead import OverheadResult
 from .planner_suite import PlannerConfig, SetResult
 
@@ -74,8 +75,14 @@ def overhead_table(result: OverheadResult) -> str:
     return "\n".join(lines)
 
 
+Alignment = tuple[AlignmentConfig, list[AlignmentResult]]
+
+
 def markdown(
-    config: PlannerConfig, planner: list[SetResult], overhead: OverheadResult | None = None
+    config: PlannerConfig,
+    planner: list[SetResult],
+    overhead: OverheadResult | None = None,
+    alignment: Alignment | None = None,
 ) -> str:
     """The whole report."""
     parts = [
@@ -95,6 +102,13 @@ def markdown(
     clipped = [f"{r.name}: {r.clipped}" for r in planner if r.clipped]
     if clipped:
         parts += ["", "Samples longer than the budget, clipped to it: " + "; ".join(clipped) + "."]
+    if alignment is not None:
+        parts += [
+            "",
+            "## Alignment across ranks (simulated with odb's own round code)",
+            "",
+            alignment_table(*alignment),
+        ]
     if overhead is not None:
         parts += [
             "",
@@ -129,7 +143,10 @@ def _set_record(result: SetResult) -> dict:
 
 
 def record(
-    config: PlannerConfig, planner: list[SetResult], overhead: OverheadResult | None = None
+    config: PlannerConfig,
+    planner: list[SetResult],
+    overhead: OverheadResult | None = None,
+    alignment: Alignment | None = None,
 ) -> dict:
     """Everything measured, with the settings and the machine, as JSON-ready data."""
     data = {
@@ -143,6 +160,11 @@ def record(
         },
         "planner": {"config": asdict(config), "sets": [_set_record(r) for r in planner]},
     }
+    if alignment is not None:
+        data["alignment"] = {
+            "config": asdict(alignment[0]),
+            "results": [asdict(r) for r in alignment[1]],
+        }
     if overhead is not None:
         data["overhead"] = {
             **asdict(overhead),
@@ -160,10 +182,11 @@ def write_report(
     config: PlannerConfig,
     planner: list[SetResult],
     overhead: OverheadResult | None = None,
+    alignment: Alignment | None = None,
 ) -> list[Path]:
     """``report.md`` and ``results.json`` into ``out``; the paths written."""
     report = out / "report.md"
-    report.write_text(markdown(config, planner, overhead))
+    report.write_text(markdown(config, planner, overhead, alignment))
     results = out / "results.json"
-    results.write_text(json.dumps(record(config, planner, overhead), indent=2) + "\n")
+    results.write_text(json.dumps(record(config, planner, overhead, alignment), indent=2) + "\n")
     return [report, results]
