@@ -65,38 +65,60 @@ class RoundSettings:
 
 @dataclass
 class Entry:
-    """A buffered sample: its dataset index, what it costs, and how long it has waited."""
+    """A buffered sample: its dataset index, what it costs, and the sample itself (or None in
+    simulations)."""
 
     index: int
     size: SampleSize
     payload: Any = None
     solo: bool = False
-    age: int = 0
+
+
+# Columns of the buffer's numbers, one row per entry (kept as one int64 array so a round's
+# planning reads them without touching the entries).
+_LENGTH, _PATCHES, _IMAGES, _AGE, _SOLO, _LABELS = range(6)
 
 
 class SampleBuffer:
-    """A list of :class:`Entry` with one planning round's worth of operations."""
+    """The buffered entries, with their sizes and ages as numpy columns, and one planning
+    round's worth of operations."""
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
+        self._columns = np.zeros((0, 6), dtype=np.int64)
+        self._new_rows: list[tuple[int, ...]] = []  # added since the columns were last built
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Entry, age: int = 0) -> None:
+        size = entry.size
         self.entries.append(entry)
+        self._new_rows.append(
+            (size.length, size.vision_patches, size.images, age, entry.solo, size.label_tokens)
+        )
+
+    def _table(self) -> np.ndarray:
+        if self._new_rows:
+            rows = np.array(self._new_rows, dtype=np.int64).reshape(-1, 6)
+            self._columns = np.concatenate([self._columns, rows])
+            self._new_rows = []
+        return self._columns
+
+    def ages(self) -> list[int]:
+        """Rounds each entry has waited, in entry order."""
+        return self._table()[:, _AGE].tolist()
 
     def plan(self, settings: RoundSettings, final: bool) -> Plan:
         """Plan every buffered entry into a group (see :func:`odb.planner.plan_groups`),
         keeping room in the buffer for the next round's samples."""
-        entries = self.entries
-        n = len(entries)
+        table = self._table()
         return plan_groups(
-            np.fromiter((e.size.length for e in entries), np.int64, n),
-            np.fromiter((e.size.vision_patches for e in entries), np.int64, n),
-            np.fromiter((e.size.images for e in entries), np.int64, n),
-            np.fromiter((e.age for e in entries), np.int64, n),
-            np.fromiter((e.solo for e in entries), bool, n),
+            table[:, _LENGTH],
+            table[:, _PATCHES],
+            table[:, _IMAGES],
+            table[:, _AGE],
+            table[:, _SOLO].astype(bool),
             settings.budget,
             fill_threshold=settings.fill_threshold,
             max_wait=settings.max_wait,
@@ -105,18 +127,18 @@ class SampleBuffer:
         )
 
     def label_tokens(self, group: Group) -> int:
-        return sum(self.entries[m].size.label_tokens for m in group.members)
+        return int(self._table()[group.members, _LABELS].sum())
 
     def take(self, groups: list[Group]) -> list[list[Entry]]:
         """Remove the groups' entries (returned in group order); everything left ages a round."""
         entries = self.entries
         taken = [[entries[m] for m in group.members] for group in groups]
-        gone = np.zeros(len(entries), dtype=bool)
+        keep = np.ones(len(entries), dtype=bool)
         for group in groups:
-            gone[group.members] = True
-        self.entries = [e for e, out in zip(entries, gone, strict=True) if not out]
-        for entry in self.entries:
-            entry.age += 1
+            keep[group.members] = False
+        self.entries = [e for e, kept in zip(entries, keep.tolist(), strict=True) if kept]
+        self._columns = self._table()[keep]
+        self._columns[:, _AGE] += 1
         return taken
 
     def refill(self, settings: RoundSettings, pull: Callable[[], Entry | None]) -> bool:
@@ -127,7 +149,7 @@ class SampleBuffer:
             entry = pull()
             if entry is None:
                 return True
-            self.entries.append(entry)
+            self.add(entry)
         return False
 
     def prepare(self, settings: RoundSettings, *, exhausted: bool) -> tuple[Offer, np.ndarray]:

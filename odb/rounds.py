@@ -286,7 +286,10 @@ class EpochIterator:
             "step": self.step,
             "exhausted": self.exhausted,
             "done": self.done,
-            "buffer": [[entry.index, entry.age] for entry in self.buffer.entries],
+            "buffer": [
+                [entry.index, age]
+                for entry, age in zip(self.buffer.entries, self.buffer.ages(), strict=True)
+            ],
             "ghost": None if self.ghost is None else self.ghost.index,
             "pending": [
                 {
@@ -312,9 +315,7 @@ class EpochIterator:
             )
             pending.append((entries, info))
         for _, age in resume["buffer"]:
-            entry = self._admit(*self._receive(), count=False)
-            entry.age = age
-            self.buffer.add(entry)
+            self.buffer.add(self._admit(*self._receive(), count=False), age=age)
         if resume["ghost"] is not None:
             self.ghost = self._admit(*self._receive(), count=False)
         for entries, info in pending:
