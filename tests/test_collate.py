@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny import tiny_model
 
 from odb import PackedCollator, PaddedCollator
 
@@ -79,19 +80,7 @@ def test_packed_collator_flash_attention_kwargs():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attn):
     """The core regression for padding-free rows: no cross-sample attention, no lost target."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).to(torch.float64)
-    model.config._attn_implementation = attn
+    model = tiny_model(vocab=97, attn=attn)
     generator = torch.Generator().manual_seed(1)
     samples = []
     for length in (17, 5, 11, 2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import transformers
+from tiny import tiny_model  # noqa: F401  (re-exported for the adapter tests)
 
 VOCAB = 128
 
@@ -29,45 +30,6 @@ class TokenDataset(torch.utils.data.Dataset):
 def lengths(n: int, seed: int = 0, mean: int = 40) -> list[int]:
     rng = np.random.default_rng(seed)
     return np.clip(rng.lognormal(np.log(mean) - 0.3, 0.8, n).round(), 4, 200).astype(int).tolist()
-
-
-def tiny_model(kind: str = "qwen2", dtype=torch.float64) -> torch.nn.Module:
-    """A 2-layer model built from config (no download). ``qwen2`` accepts
-    ``num_items_in_batch``; ``qwen2_5_vl`` does not (transformers 5.x)."""
-    torch.manual_seed(0)
-    text = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    if kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text))
-    elif kind == "qwen2_5_vl":
-        config = transformers.Qwen2_5_VLConfig(
-            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
-            vision_config=dict(
-                depth=1,
-                hidden_size=16,
-                intermediate_size=32,
-                num_heads=2,
-                out_hidden_size=32,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            ),
-            image_token_id=VOCAB - 1,
-            video_token_id=VOCAB - 2,
-            vision_start_token_id=VOCAB - 3,
-        )
-        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    else:
-        raise ValueError(kind)
-    model.config._attn_implementation = "sdpa"
-    return model.to(dtype)
 
 
 def token_loss_sum(model, sample: dict) -> torch.Tensor:

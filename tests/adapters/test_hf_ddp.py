@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_setup import TokenDataset, grads, lengths, tiny_model, token_loss_sum
+from tiny import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +21,12 @@ WORKER = Path(__file__).with_name("hf_worker.py")
 BUDGET = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(tmp_path: Path, config: dict, launcher: str) -> list[dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = {**config, "out": str(tmp_path)}
     path = tmp_path / f"config-{config.get('run', 'run')}.json"
     path.write_text(json.dumps(config))
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         command = [
             sys.executable,

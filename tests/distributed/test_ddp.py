@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import label_tokens, lognormal_lengths
+from tiny import free_port
 
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("worker.py")
 BUDGET = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env() -> dict:
@@ -45,7 +39,7 @@ def launch(tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180) ->
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         str(path),
     ]
@@ -183,7 +177,7 @@ def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    port = _free_port()
+    port = free_port()
     procs = []
     start = time.time()
     for rank in range(2):

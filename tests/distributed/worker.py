@@ -27,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `synthetic`
 
 from synthetic import LengthDataset
+from tiny import tiny_model
 
 import odb
 
@@ -118,24 +119,6 @@ def run_resume(config, rank, loader):
     return {"epochs": [records]}
 
 
-def tiny_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(torch.float64)
-    model.config._attn_implementation = "sdpa"
-    return model
-
-
 def token_loss_sum(model, batch):
     """Sum of per-token cross-entropy over the batch's label tokens (causal shift)."""
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -150,8 +133,8 @@ def token_loss_sum(model, batch):
 
 def run_grads(config, rank, loader):
     """DDP gradients with odb's loss scale equal one process's exact global token mean."""
-    model = tiny_model()
-    reference = tiny_model()  # same init; rank 0 uses it for the single-process gradient
+    model = tiny_model(vocab=512)
+    reference = tiny_model(vocab=512)  # same init; rank 0 uses it for the single-process gradient
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     dataset, collate = loader.dataset, loader.collate_fn
     worst, steps, ghosts = 0.0, 0, 0

@@ -1,0 +1,61 @@
+"""Tiny models built from config (no download) and process-launch helpers, shared by tests."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import transformers
+
+
+def text_config(vocab: int = 128, positions: int = 2048) -> dict:
+    """A 2-layer Qwen2-style text stack small enough for CPU tests."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+    )
+
+
+def tiny_model(
+    kind: str = "qwen2", *, vocab: int = 128, dtype=torch.float64, attn: str = "sdpa"
+) -> torch.nn.Module:
+    """Seeded so every process builds the same weights. ``qwen2`` accepts
+    ``num_items_in_batch``; ``qwen2_5_vl`` does not (transformers 5.x)."""
+    torch.manual_seed(0)
+    text = text_config(vocab)
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text))
+    elif kind == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=2,
+                out_hidden_size=32,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=vocab - 1,
+            video_token_id=vocab - 2,
+            vision_start_token_id=vocab - 3,
+        )
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        raise ValueError(kind)
+    model.config._attn_implementation = attn
+    return model.to(dtype)
+
+
+def free_port() -> int:
+    """A TCP port free right now on the loopback interface, for one process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
