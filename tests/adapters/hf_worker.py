@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
+
 from hf_setup import Recorder, TokenDataset, tiny_model, training_args  # the script's folder
 
 from odb.adapters.hf import enable
