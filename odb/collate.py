@@ -117,10 +117,15 @@ class PackedCollator:
 
     With ``flash_attn_kwargs=True`` the row also carries ``cu_seq_lens_q/k`` and
     ``max_length_q/k``, which Hugging Face models pass to flash-attention's varlen kernel.
+
+    The row also carries ``use_cache=False`` (``disable_cache=False`` leaves it out): Hugging
+    Face models build a KV cache by default, even in training, and with a cache their masks do
+    not look for packed sequences, so samples would silently attend to each other.
     """
 
-    def __init__(self, flash_attn_kwargs: bool = False):
+    def __init__(self, flash_attn_kwargs: bool = False, disable_cache: bool = True):
         self.flash_attn_kwargs = flash_attn_kwargs
+        self.disable_cache = disable_cache
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
         ids, keys = _per_token_keys(samples)
@@ -141,4 +146,6 @@ class PackedCollator:
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
             out["max_length_q"] = out["max_length_k"] = max(lengths)
         out.update(_gather_rest(samples, set(keys)))
+        if self.disable_cache:
+            out["use_cache"] = False
         return out

@@ -6,7 +6,10 @@ dataset (through ``dataset.estimate(index)`` when the dataset offers a cheap len
 otherwise by processing the probed samples), resamples those sizes to the dataset's size, and
 runs the loader's own planning rounds on them for every rank (odb/simulate.py).
 
-The estimate never decides what is trained: batches are always built from measured lengths.
+When every sample's size is known without processing (``LlavaDataset.estimate_all()``),
+:func:`count_steps` gives the exact count instead, for the epoch's real order.
+
+Neither decides what is trained: batches are always built from measured lengths.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from dataclasses import replace
 
 import numpy as np
 
+from odb.buffer import Entry
 from odb.cost import SampleSize, measure_sample
+from odb.errors import ConfigError
 from odb.simulate import simulate
 
-__all__ = ["estimate_steps", "probe_sizes"]
+__all__ = ["estimate_steps", "count_steps", "probe_sizes"]
 
 _SIMULATED_SAMPLES = 20_000  # beyond this, simulate a part and scale: steps grow linearly
 
@@ -42,7 +47,6 @@ def estimate_steps(loader, probe: int = 256) -> int:
     n = len(dataset)
     if n == 0:
         return 0
-    exchange = loader._world()
     sizes = probe_sizes(dataset, probe, loader.seed)
     budget = loader.settings.budget
     longest = budget.cost.longest_within(budget.limit)
@@ -52,7 +56,7 @@ def estimate_steps(loader, probe: int = 256) -> int:
     ]
     simulated = min(n, _SIMULATED_SAMPLES)
     picks = np.random.default_rng([loader.seed, 0x0DB, 1]).integers(0, len(sizes), simulated)
-    world = exchange.world_size if loader.shard is not False else 1
+    world = loader._world().world_size if loader._sharded() else 1
     shards = [
         [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
     ]
@@ -60,3 +64,32 @@ def estimate_steps(loader, probe: int = 256) -> int:
     steps = len(result.steps[0]) * n / simulated
     multiple = loader.steps_multiple_of
     return max(1, math.ceil(steps / multiple)) * multiple
+
+
+def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
+    """The exact number of batches ``loader`` yields in ``epoch`` on each rank, given the size
+    of every sample of its dataset (``sizes[i]`` for index ``i``), as long as the dataset's
+    lengths are deterministic. Runs the loader's planning rounds on the epoch's real order and
+    shards, with its over-budget policy; reads no sample."""
+    if len(sizes) != len(loader.dataset):
+        raise ConfigError(f"{len(sizes)} sizes given for a dataset of {len(loader.dataset)}")
+    world = loader._world().world_size if loader._sharded() else 1
+    shards = [
+        [_admitted(loader, i, sizes[i]) for i in loader._shard_order(epoch, rank)]
+        for rank in range(world)
+    ]
+    result = simulate(shards, loader.settings, join=loader.join, seed=loader.seed, epoch=epoch)
+    steps = len(result.steps[0])
+    return -(-steps // loader.steps_multiple_of) * loader.steps_multiple_of
+
+
+def _admitted(loader, index: int, size: SampleSize) -> Entry:
+    """The entry the loader would buffer for a sample of this size (over-budget policy)."""
+    budget = loader.settings.budget
+    if budget.why_over(size) is None:
+        return Entry(int(index), size)
+    if loader.over_budget == "solo":
+        return Entry(int(index), size, solo=True)
+    if loader.over_budget == "truncate" and size.images == 0:
+        return Entry(int(index), replace(size, length=budget.cost.longest_within(budget.limit)))
+    raise ConfigError(f"sample {index} is over the budget and over_budget={loader.over_budget!r}")

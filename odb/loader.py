@@ -318,17 +318,22 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return range(len(self.dataset))
 
-    def _shard_order(self, epoch: int) -> Iterable[int]:
-        """This rank's part of the epoch order: every world_size-th index from its rank.
-        Shards differ by at most one sample; alignment absorbs any difference."""
+    def _shard_order(self, epoch: int, rank: int | None = None) -> Iterable[int]:
+        """A rank's part of the epoch order (this rank's by default): every world_size-th index
+        from its rank. Shards differ by at most one sample; alignment absorbs any difference."""
         exchange = self._world()
+        rank = exchange.rank if rank is None else rank
         order = self._epoch_order(epoch)
-        shard = self.shard if self.shard is not None else exchange.world_size > 1
-        if not shard or exchange.world_size == 1:
+        if not self._sharded():
             return order
         if isinstance(order, range | np.ndarray):
-            return order[exchange.rank :: exchange.world_size]
-        return _Strided(order, exchange.rank, exchange.world_size)
+            return order[rank :: exchange.world_size]
+        return _Strided(order, rank, exchange.world_size)
+
+    def _sharded(self) -> bool:
+        """Whether ranks split the epoch order (else each brings its own order)."""
+        world = self._world().world_size
+        return world > 1 and (self.shard if self.shard is not None else True)
 
 
 class _Strided:

@@ -48,7 +48,7 @@ class Simulation:
 
 
 def simulate(
-    shards: Sequence[Sequence[tuple[int, SampleSize]]],
+    shards: Sequence[Sequence[tuple[int, SampleSize] | Entry]],
     settings: RoundSettings,
     *,
     join: bool = True,
@@ -56,7 +56,8 @@ def simulate(
     epoch: int = 0,
     max_rounds: int | None = None,
 ) -> Simulation:
-    """Run one pass for ``len(shards)`` ranks; ``shards[r]`` is rank r's (index, size) order.
+    """Run one pass for ``len(shards)`` ranks; ``shards[r]`` is rank r's order of (index,
+    size) pairs, or of entries (to mark over-budget samples ``solo`` as the loader does).
 
     ``max_rounds`` guards tests against a protocol that would not terminate.
     """
@@ -114,6 +115,8 @@ def simulate(
 def _puller(source):
     def pull() -> Entry | None:
         item = next(source, None)
-        return None if item is None else Entry(item[0], item[1])
+        if item is None or isinstance(item, Entry):
+            return item
+        return Entry(item[0], item[1])
 
     return pull

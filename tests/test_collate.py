@@ -58,6 +58,7 @@ def test_vision_fields_are_concatenated_in_sample_order():
 
 def test_packed_collator_restarts_positions_and_masks_boundaries():
     batch = PackedCollator()(_samples())
+    assert batch["use_cache"] is False
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
@@ -91,7 +92,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attn):
 
     def loss_and_grads(batch):
         model.zero_grad()
-        loss = model(**batch, use_cache=False).loss
+        loss = model(**batch).loss  # as a user calls it: the packed row must disable the cache
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

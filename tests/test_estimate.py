@@ -4,7 +4,7 @@ from synthetic import LengthDataset, lognormal_lengths
 
 import odb
 from odb.cost import SampleSize
-from odb.estimate import estimate_steps, probe_sizes
+from odb.estimate import count_steps, estimate_steps, probe_sizes
 
 
 @pytest.mark.parametrize("mode", ["padded", "packed"])
@@ -45,3 +45,18 @@ def test_padding_steps_end_a_pass_on_the_multiple_with_weightless_ghosts():
     ghosts = [i for i in infos if i.ghost]
     assert ghosts and all(g.loss_weight == 0 and g.global_label_tokens == 0 for g in ghosts)
     assert infos[-len(ghosts) :] == ghosts
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_count_steps_is_exact_for_known_sizes(mode):
+    lengths = np.minimum(lognormal_lengths(900, 300, 1.0, seed=4), 3000)
+    dataset = LengthDataset(lengths)
+    loader = odb.DataLoader(
+        dataset, 2048, mode=mode, shuffle=True, over_budget="solo", window=64, steps_multiple_of=3
+    )
+    sizes = [SampleSize(int(n), int(n) - max(int(n) // 3, 1)) for n in lengths]
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert count_steps(loader, sizes, epoch) == sum(1 for _ in loader)
+    with pytest.raises(odb.ConfigError, match="900 sizes"):
+        count_steps(odb.DataLoader(LengthDataset([5]), 10), sizes)

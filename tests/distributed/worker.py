@@ -121,7 +121,8 @@ def run_resume(config, rank, loader):
 
 def token_loss_sum(model, batch):
     """Sum of per-token cross-entropy over the batch's label tokens (causal shift)."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**{"use_cache": False, **inputs}).logits
     labels = batch["labels"][..., 1:]
     return torch.nn.functional.cross_entropy(
         logits[..., :-1, :].reshape(-1, logits.shape[-1]),
