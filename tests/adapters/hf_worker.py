@@ -56,6 +56,8 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0 and recorder.first_grads is not None:
         torch.save(recorder.first_grads, out / "grads.pt")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
