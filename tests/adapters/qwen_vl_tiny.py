@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import json
 import os
+import random
 import shutil
 import tempfile
 
@@ -199,3 +200,33 @@ def write_image(path: str, width: int, height: int, seed: int = 0, mode: str = "
         image = image.convert(mode)
     image.save(path)
     return path
+
+
+def write_llava_dataset(folder, count: int = 24) -> str:
+    """A LLaVA JSON file (returned) and its images in ``folder/images``: records with 0 to 3
+    images of 32-160 px, and answers of varying length."""
+    rng = random.Random(0)
+    (folder / "images").mkdir()
+    records = []
+    for index in range(count):
+        names = []
+        for number in range([0, 1, 1, 2, 3][index % 5]):
+            name = f"{index}_{number}.png"
+            size = rng.randint(32, 160), rng.randint(32, 160)
+            write_image(str(folder / "images" / name), *size, seed=index * 10 + number)
+            names.append(name)
+        question = "<image>" * len(names) + f"\nQuestion {index}: what is {index} plus {index}?"
+        answer = f"The answer is {2 * index}. " * (1 + index % 3)
+        record = {
+            "id": index,
+            "conversations": [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer.strip()},
+            ],
+        }
+        if names:
+            record["image"] = names
+        records.append(record)
+    path = folder / "train.json"
+    path.write_text(json.dumps(records))
+    return str(path)

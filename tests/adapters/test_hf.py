@@ -197,3 +197,42 @@ def test_enable_refuses_twice_and_reserved_options(tmp_path):
     enable(trainer, BUDGET)
     with pytest.raises(odb.ConfigError, match="already enabled"):
         enable(trainer, BUDGET)
+
+
+@pytest.mark.slow
+def test_trainer_trains_a_tiny_qwen_vl_on_llava_data_with_images(tmp_path):
+    """LLaVA JSON + images -> LlavaDataset -> Trainer with odb (2 workers) -> falling loss."""
+    import qwen_vl_tiny
+
+    from odb.adapters import qwen_vl
+
+    tokenizer = qwen_vl_tiny.small_tokenizer()
+    processor = qwen_vl_tiny.make_processor(
+        "qwen2_5_vl", tokenizer, min_pixels=4 * 28 * 28, max_pixels=160 * 160
+    )
+    source = qwen_vl_tiny.write_llava_dataset(tmp_path)
+    dataset = qwen_vl.LlavaDataset(source, tmp_path / "images", processor)
+    model = qwen_vl_tiny.tiny_model("qwen2_5_vl", tokenizer, dtype=torch.float32)
+    args = training_args(
+        tmp_path / "out",
+        num_train_epochs=6,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        dataloader_num_workers=2,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=qwen_vl.collator(model, "padded"),
+    )
+    enable(trainer, 400)
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    for infos in _epochs(recorder):
+        seen = [i for info in infos if not info.ghost for i in info.sample_indices]
+        assert sorted(seen) == list(range(len(dataset)))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) >= 10 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
