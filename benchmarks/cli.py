@@ -1,8 +1,8 @@
 """``odb-bench``: run the benchmark suites and write the report, the JSON record and plots.
 
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
-for and hands every result to the report. The planner and alignment suites always run;
-``--overhead`` adds the loader-overhead suite.
+for and hands every result to the report. The planner, alignment and multimodal suites always
+run; ``--overhead`` adds the loader-overhead suite.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .alignment_suite import AlignmentConfig, run_alignment
+from .gpu_model import MODELS
+from .multimodal_sets import BUILTIN_SETS
+from .multimodal_suite import POLICIES, MultimodalConfig, run_multimodal
 from .overhead import OverheadResult, run_overhead
 from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
-from .plots import write_plots
+from .plots import write_multimodal_plots, write_plots
 from .report import markdown, write_report
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +33,8 @@ _QUICK = {
     "repeats": 1,
     "alignment_samples": 2000,
     "worlds": (2, 4),
+    "multimodal_samples": 600,
+    "multimodal_worlds": (1, 4),
 }
 _OVERHEAD = {"overhead_samples": 1500, "repeats": 5}
 
@@ -61,8 +66,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time odb.DataLoader against a plain DataLoader (real Qwen tokenizer, "
         "2 workers; about a minute and a half)",
     )
+    multimodal = parser.add_argument_group(
+        "multimodal suite", "built-in multimodal sets on simulated ranks, GPU time estimated"
+    )
+    mm = MultimodalConfig()
+    multimodal.add_argument(
+        "--set",
+        action="append",
+        choices=list(BUILTIN_SETS),
+        help="a built-in multimodal set; repeat for several (default all)",
+    )
+    multimodal.add_argument(
+        "--mm-samples", type=_positive, help=f"samples per multimodal set (default {mm.samples})"
+    )
+    multimodal.add_argument(
+        "--world",
+        type=_positive,
+        action="append",
+        help=f"ranks to simulate; repeat for several (default {' '.join(map(str, mm.worlds))})",
+    )
+    multimodal.add_argument(
+        "--model",
+        type=_model_name,
+        action="append",
+        help=f"model whose step time is estimated on H100: {', '.join(MODELS)}; repeat for "
+        f"several, the first one gets the detailed tables (default {' '.join(mm.models)})",
+    )
+    multimodal.add_argument(
+        "--policy",
+        action="append",
+        choices=POLICIES,
+        help="a policy to run; repeat for several (default all)",
+    )
+    multimodal.add_argument(
+        "--batch-size",
+        type=_positive,
+        action="append",
+        help="also run the standard policy with this fixed batch size; repeat for several",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    """A model of :data:`MODELS`, named in any case."""
+    names = {name.lower(): name for name in MODELS}
+    if text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {list(MODELS)}")
+    return names[text.lower()]
 
 
 @contextmanager
@@ -107,6 +165,22 @@ def _alignment_config(args: argparse.Namespace) -> AlignmentConfig:
     )
 
 
+def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
+    defaults = MultimodalConfig()
+    quick = _QUICK if args.quick else {}
+    return MultimodalConfig(
+        sets=tuple(args.set or defaults.sets),
+        samples=args.mm_samples or quick.get("multimodal_samples", defaults.samples),
+        budget=args.budget,
+        window=args.window or quick.get("window", defaults.window),
+        worlds=tuple(args.world or quick.get("multimodal_worlds", defaults.worlds)),
+        models=tuple(dict.fromkeys(args.model or defaults.models)),
+        policies=tuple(args.policy or defaults.policies),
+        batch_sizes=tuple(args.batch_size or ()),
+        seed=args.seed,
+    )
+
+
 def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> OverheadResult:
     sizes = _QUICK if args.quick else _OVERHEAD
     return run_overhead(
@@ -122,8 +196,10 @@ def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> Over
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = _planner_config(args)
+    multimodal_config = _multimodal_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = len(config.cvs) * POLICY_COUNT + 1
+    steps += len(multimodal_config.sets) * (1 + len(multimodal_config.worlds))
     if args.overhead:
         steps += (_QUICK if args.quick else _OVERHEAD)["repeats"]
     with _progress(steps) as progress:
@@ -131,10 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         alignment_config = _alignment_config(args)
         alignment = run_alignment(alignment_config)
         progress("alignment")
+        multimodal = run_multimodal(multimodal_config, progress=progress)
         overhead = _overhead(args, progress) if args.overhead else None
-    written = write_report(args.out, config, planner, overhead, (alignment_config, alignment))
+    results = (config, planner, overhead, (alignment_config, alignment), multimodal)
+    written = write_report(args.out, *results)
     written += write_plots(planner, args.out)
-    print(markdown(config, planner, overhead, (alignment_config, alignment)), end="")
+    written += write_multimodal_plots(multimodal, args.out)
+    print(markdown(*results), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

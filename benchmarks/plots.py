@@ -1,4 +1,4 @@
-"""PNG figures of the planner suite.
+"""PNG figures of the planner and multimodal suites.
 
 Figures are drawn on matplotlib's Agg canvas directly, not through pyplot, so a benchmark run
 needs no display and leaves the caller's global matplotlib backend alone.
@@ -6,15 +6,26 @@ needs no display and leaves the caller's global matplotlib backend alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .multimodal_suite import Estimate, MultimodalResult
 from .planner_suite import SetResult
+from .policies import STANDARD
 
-__all__ = ["plot_batch_sizes", "plot_efficiency", "write_plots"]
+__all__ = [
+    "plot_batch_sizes",
+    "plot_efficiency",
+    "plot_multimodal_speedup",
+    "plot_multimodal_throughput",
+    "write_multimodal_plots",
+    "write_plots",
+]
 
 
 def plot_efficiency(results: list[SetResult], path: Path) -> Path:
@@ -70,3 +81,71 @@ def write_plots(results: list[SetResult], out: Path) -> list[Path]:
         plot_efficiency(results, out / "planner_efficiency.png"),
         plot_batch_sizes(results, out / "planner_batch_sizes.png"),
     ]
+
+
+def _world_bars(
+    ax: Axes,
+    result: MultimodalResult,
+    name: str,
+    model: str,
+    value: Callable[[Estimate], float | None],
+) -> None:
+    """Grouped bars of one set: x = world size, one bar per policy, height ``value(run,
+    estimate)``."""
+    worlds = result.config.worlds
+    runs = [r for r in result.runs if r.set == name]
+    policies = list(dict.fromkeys(r.policy for r in runs))
+    width = 0.8 / len(policies)
+    x = np.arange(len(worlds))
+    for k, policy in enumerate(policies):
+        heights = []
+        for world in worlds:
+            run = next(r for r in runs if r.policy == policy and r.world == world)
+            estimate = next(e for e in run.estimates if e.model == model)
+            heights.append(value(estimate) or 0.0)
+        ax.bar(x + (k - (len(policies) - 1) / 2) * width, heights, width, label=policy)
+    ax.set_xticks(x, [f"{w} rank{'s' * (w > 1)}" for w in worlds])
+    ax.set_title(name)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_multimodal_throughput(result: MultimodalResult, path: Path) -> Path:
+    """Estimated samples/s per policy and world size: one row of panels (sets) per model."""
+    names = [s["name"] for s in result.sets]
+    models = result.config.models
+    fig = Figure(figsize=(4.5 * len(names), 3.8 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), len(names), squeeze=False)
+    for row, model in zip(axes, models, strict=True):
+        for ax, name in zip(row, names, strict=True):
+            _world_bars(ax, result, name, model, lambda e: e.samples_per_second)
+            ax.set_yscale("log")  # 16 ranks run about 16 times as many samples as 1
+        row[0].set_ylabel(f"{model}: estimated samples/s")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
+    FigureCanvasAgg(fig).print_png(path)
+    return path
+
+
+def plot_multimodal_speedup(result: MultimodalResult, path: Path) -> Path:
+    """Estimated speedup over the standard fixed batch size, for the first model."""
+    names = [s["name"] for s in result.sets]
+    model = result.config.models[0]
+    fig = Figure(figsize=(4.5 * len(names), 4), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=True):
+        _world_bars(ax, result, name, model, lambda e: e.speedup.get("standard"))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    axes[0].set_ylabel(f"{model}: speedup over standard")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
+    FigureCanvasAgg(fig).print_png(path)
+    return path
+
+
+def write_multimodal_plots(result: MultimodalResult, out: Path) -> list[Path]:
+    """Every multimodal figure into ``out`` (the speedup one when standard ran); the paths
+    written."""
+    written = [plot_multimodal_throughput(result, out / "multimodal_throughput.png")]
+    if STANDARD in result.config.policies:
+        written.append(plot_multimodal_speedup(result, out / "multimodal_speedup.png"))
+    return written

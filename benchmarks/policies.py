@@ -6,6 +6,10 @@ A batch is an array of sample indices. The policies:
 - ``sorted``: the whole epoch sorted by length and cut into max-token batches; it needs every
   length before training starts, so it is the offline best case for padding, not something
   a trainer reading processed samples online can do.
+- ``gmt`` / ``bmt`` oracles: offline max-token batching from an exact length cache, the way
+  length-grouped samplers do it: the shuffled epoch (GMT, global max-tokens) or each
+  mega-bucket of 4096 consecutive samples of it (BMT, bucketed max-tokens) planned whole, then
+  its batches shuffled, so training sees no length curriculum.
 - ``odb padded`` / ``odb packed``: the very round code ``odb.DataLoader`` runs (buffer, planner,
   alignment decision), fed sizes instead of samples, so the figures are odb's, not a model of
   it.
@@ -20,13 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from odb.buffer import RoundSettings
-from odb.cost import Budget, SampleSize
-from odb.simulate import simulate
+from odb.cost import Budget, PackedCost, PaddedCost, SampleSize
+from odb.planner import plan_groups
+from odb.simulate import Simulation, simulate
 
 __all__ = [
+    "BMT_BUCKET",
     "PolicyRun",
     "epoch_order",
     "odb_batches",
+    "odb_simulation",
+    "oracle_batches",
     "sorted_batches",
     "standard_batch_size",
     "standard_batches",
@@ -35,6 +43,8 @@ __all__ = [
 
 STANDARD = "standard"
 SORTED = "sorted"
+BMT_BUCKET = 4096
+"""Samples per mega-bucket of the BMT oracle."""
 
 
 @dataclass(frozen=True)
@@ -112,11 +122,78 @@ def sorted_batches(lengths: np.ndarray, budget: int) -> PolicyRun:
     return PolicyRun(SORTED, batches)
 
 
+def oracle_batches(
+    lengths: np.ndarray, budget: int, seed: int, packed: bool, bucket: int | None = None
+) -> PolicyRun:
+    """Max-token batches planned offline from exact lengths: GMT (``bucket=None``) or BMT.
+
+    The shuffled epoch (:func:`epoch_order`) is cut into mega-buckets of ``bucket`` consecutive
+    samples (one bucket holding the whole epoch for GMT); each bucket is planned whole by odb's
+    planner with every sample known: padded, sorted by length and cut greedily longest first
+    with ``n * max_len <= budget``; packed, best-fit decreasing into rows of ``sum(len) <=
+    budget``. The batches of each bucket are then shuffled; buckets stay in epoch order.
+    A sample over the budget goes alone.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = epoch_order(len(lengths), seed)
+    limit = Budget(budget, PackedCost() if packed else PaddedCost())
+    step = bucket or max(1, len(order))
+    rng = np.random.default_rng([seed, 1])
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), step):
+        members = order[start : start + step]
+        zeros = np.zeros(len(members), dtype=np.int64)
+        plan = plan_groups(
+            lengths[members],
+            zeros,
+            zeros,
+            zeros,
+            lengths[members] > budget,
+            limit,
+            fill_threshold=1.0,
+            max_wait=1,
+            keep=len(members),
+            final=True,
+        )
+        groups = [members[group.members] for group in plan.groups]
+        batches.extend(groups[i] for i in rng.permutation(len(groups)))
+    kind = "gmt" if bucket is None else "bmt"
+    return PolicyRun(f"{kind} {'packed' if packed else 'padded'}", batches, packed=packed)
+
+
 def text_sizes(lengths: np.ndarray, label_tokens: np.ndarray | None = None) -> list[SampleSize]:
     """Sizes of text-only samples; without ``label_tokens`` every next token is a target
     (label counts only matter for loss scaling, not for planning)."""
     labels = np.asarray(lengths) - 1 if label_tokens is None else np.asarray(label_tokens)
     return [SampleSize(int(n), int(k)) for n, k in zip(lengths, labels, strict=True)]
+
+
+def odb_name(budget: Budget) -> str:
+    return "odb padded" if budget.cost.padded else "odb packed"
+
+
+def odb_simulation(
+    sizes: Sequence[SampleSize],
+    budget: Budget,
+    seed: int,
+    world: int = 1,
+    window: int = 1024,
+    round_size: int | None = None,
+    epoch: int = 0,
+) -> tuple[Simulation, float]:
+    """One epoch of ``world`` ranks through the loader's own round code
+    (:func:`odb.simulate.simulate`), each rank reading every ``world``-th index of the order
+    ``odb.DataLoader`` reads with ``shuffle=True``; and the seconds it took.
+
+    The clock covers the rounds (refill, plan, decide, take), i.e. the planner's share of a
+    real loader, without the user's pipeline or collation.
+    """
+    settings = RoundSettings.create(budget, window=window, round_size=round_size)
+    order = epoch_order(len(sizes), seed, epoch)
+    shards = [[(int(i), sizes[i]) for i in order[rank::world]] for rank in range(world)]
+    start = time.perf_counter()
+    simulation = simulate(shards, settings, seed=seed, epoch=epoch)
+    return simulation, time.perf_counter() - start
 
 
 def odb_batches(
@@ -127,19 +204,7 @@ def odb_batches(
     round_size: int | None = None,
     epoch: int = 0,
 ) -> PolicyRun:
-    """One epoch of one process through the loader's own round code
-    (:func:`odb.simulate.simulate`), in the order ``odb.DataLoader`` reads with
-    ``shuffle=True``.
-
-    The clock covers the rounds (refill, plan, decide, take), i.e. the planner's share of a
-    real loader, without the user's pipeline or collation.
-    """
-    settings = RoundSettings.create(budget, window=window, round_size=round_size)
-    shard = [(int(i), sizes[i]) for i in epoch_order(len(sizes), seed, epoch)]
-    start = time.perf_counter()
-    simulation = simulate([shard], settings, seed=seed, epoch=epoch)
-    seconds = time.perf_counter() - start
+    """One epoch of one process through odb's rounds (see :func:`odb_simulation`)."""
+    simulation, seconds = odb_simulation(sizes, budget, seed, 1, window, round_size, epoch)
     batches = [np.array(step.indices, dtype=np.int64) for step in simulation.steps[0]]
-    padded = budget.cost.padded
-    name = "odb padded" if padded else "odb packed"
-    return PolicyRun(name, batches, packed=not padded, plan_seconds=seconds)
+    return PolicyRun(odb_name(budget), batches, packed=not budget.cost.padded, plan_seconds=seconds)

@@ -14,10 +14,19 @@ import torch
 import odb
 
 from .alignment_suite import AlignmentConfig, AlignmentResult, alignment_table
+from .multimodal_suite import MultimodalResult, RunResult
 from .overhead import OverheadResult
 from .planner_suite import PlannerConfig, SetResult
+from .policies import BMT_BUCKET
 
-__all__ = ["markdown", "overhead_table", "planner_table", "record", "write_report"]
+__all__ = [
+    "markdown",
+    "multimodal_section",
+    "overhead_table",
+    "planner_table",
+    "record",
+    "write_report",
+]
 
 
 def _rate(value: float | None) -> str:
@@ -75,6 +84,111 @@ def overhead_table(result: OverheadResult) -> str:
     return "\n".join(lines)
 
 
+def _per_second(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def multimodal_sets_table(result: MultimodalResult) -> str:
+    """One row per built-in set: its shape, and the standard policy's batch size on it."""
+    lines = [
+        "| set | imitates | mean length | length CV | images / sample | patches / image "
+        "| visual tokens | standard batch size | filtered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in result.sets:
+        lines.append(
+            f"| {s['name']} | {s['description']} | {s['mean_length']:.0f} "
+            f"| {s['length_cv']:.2f} | {s['images_per_sample']:.2f} "
+            f"| {s['patches_per_image']:.0f} | {s['visual_token_share']:.0%} "
+            f"| {s['standard_batch_size']} | {s['filtered']} |"
+        )
+    return "\n".join(lines)
+
+
+def multimodal_throughput_table(result: MultimodalResult, model: str) -> str:
+    """Estimated samples/s of every (set, policy) at each world size, for one model."""
+    worlds = result.config.worlds
+    rate = {
+        (r.set, r.policy, r.world): e.samples_per_second
+        for r in result.runs
+        for e in r.estimates
+        if e.model == model
+    }
+    lines = [
+        "| set | policy | " + " | ".join(f"{w} rank{'s' * (w > 1)}" for w in worlds) + " |",
+        "|---|---|" + "---:|" * len(worlds),
+    ]
+    for s in result.sets:
+        policies = dict.fromkeys(r.policy for r in result.runs if r.set == s["name"])
+        for policy in policies:
+            cells = " | ".join(_per_second(rate.get((s["name"], policy, w))) for w in worlds)
+            lines.append(f"| {s['name']} | {policy} | {cells} |")
+    return "\n".join(lines)
+
+
+def multimodal_runs_table(runs: list[RunResult], model: str) -> str:
+    """Every run of one set: batching figures, and one model's estimates."""
+    lines = [
+        "| ranks | policy | steps | padding | real tokens / step | peak tokens | idle "
+        "| balance | step (ms) | samples/s | vs standard | vs GMT | vs BMT |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        e = next(e for e in r.estimates if e.model == model)
+        lines.append(
+            f"| {r.world} | {r.policy} | {r.steps} | {r.padding_ratio:.2%} "
+            f"| {r.real_tokens_per_step:,.0f} | {r.peak_tokens} | {r.idle_share:.1%} "
+            f"| {e.balance:.3f} | {1000 * e.step_seconds:,.0f} "
+            f"| {_per_second(e.samples_per_second)} "
+            f"| {_times(e.speedup.get('standard'))} | {_times(e.speedup.get('gmt'))} "
+            f"| {_times(e.speedup.get('bmt'))} |"
+        )
+    return "\n".join(lines)
+
+
+def multimodal_section(result: MultimodalResult) -> str:
+    """The multimodal suite's part of the report."""
+    config = result.config
+    primary = config.models[0]
+    parts = [
+        "## Multimodal (simulated ranks, estimated GPU time)",
+        "",
+        f"{config.samples} samples per built-in set (sizes only: text tokens and Qwen3-VL "
+        f"image patches), token budget {config.budget}, odb window {config.window}, seed "
+        f"{config.seed}. Every policy's own batches; odb's from its round and alignment code "
+        f"on simulated ranks. Offline policies deal their batches round-robin to the ranks. "
+        f"Step time is estimated per rank on one H100 (docs/benchmarks.md: linear layers, "
+        f"attention, vision tower, per-step overhead, utilisation curve); a step lasts as "
+        f"long as its slowest rank. `gmt`/`bmt`: offline max-token oracles over the whole "
+        f"shuffled epoch / shuffled mega-buckets of {BMT_BUCKET}; speedups are against "
+        f"`standard` and against the oracles of the same mode (padded or packed). Idle: rank-steps "
+        f"without a batch (odb's ghost steps at the tail of the epoch); balance: the ranks' "
+        f"compute time over that of the slowest rank.",
+        "",
+        multimodal_sets_table(result),
+    ]
+    for model in config.models:
+        parts += [
+            "",
+            f"### Estimated samples/s, {model} on H100",
+            "",
+            multimodal_throughput_table(result, model),
+        ]
+    for s in result.sets:
+        runs = [r for r in result.runs if r.set == s["name"]]
+        parts += [
+            "",
+            f"### {s['name']}: {primary} on H100",
+            "",
+            multimodal_runs_table(runs, primary),
+        ]
+    return "\n".join(parts)
+
+
 Alignment = tuple[AlignmentConfig, list[AlignmentResult]]
 
 
@@ -83,6 +197,7 @@ def markdown(
     planner: list[SetResult],
     overhead: OverheadResult | None = None,
     alignment: Alignment | None = None,
+    multimodal: MultimodalResult | None = None,
 ) -> str:
     """The whole report."""
     parts = [
@@ -109,6 +224,8 @@ def markdown(
             "",
             alignment_table(*alignment),
         ]
+    if multimodal is not None:
+        parts += ["", multimodal_section(multimodal)]
     if overhead is not None:
         parts += [
             "",
@@ -147,6 +264,7 @@ def record(
     planner: list[SetResult],
     overhead: OverheadResult | None = None,
     alignment: Alignment | None = None,
+    multimodal: MultimodalResult | None = None,
 ) -> dict:
     """Everything measured, with the settings and the machine, as JSON-ready data."""
     data = {
@@ -165,6 +283,8 @@ def record(
             "config": asdict(alignment[0]),
             "results": [asdict(r) for r in alignment[1]],
         }
+    if multimodal is not None:
+        data["multimodal"] = asdict(multimodal)
     if overhead is not None:
         data["overhead"] = {
             **asdict(overhead),
@@ -183,10 +303,12 @@ def write_report(
     planner: list[SetResult],
     overhead: OverheadResult | None = None,
     alignment: Alignment | None = None,
+    multimodal: MultimodalResult | None = None,
 ) -> list[Path]:
     """``report.md`` and ``results.json`` into ``out``; the paths written."""
     report = out / "report.md"
-    report.write_text(markdown(config, planner, overhead, alignment))
+    report.write_text(markdown(config, planner, overhead, alignment, multimodal))
     results = out / "results.json"
-    results.write_text(json.dumps(record(config, planner, overhead, alignment), indent=2) + "\n")
+    data = record(config, planner, overhead, alignment, multimodal)
+    results.write_text(json.dumps(data, indent=2) + "\n")
     return [report, results]

@@ -1,0 +1,247 @@
+"""The multimodal suite: every policy on the built-in multimodal sets at several world sizes,
+with each DDP step timed by the GPU cost model.
+
+The batches are the policies' own (odb's from its round and alignment code on simulated
+ranks); only the time of a step is modelled (:mod:`.gpu_model`), since no GPU runs here.
+Speedups compare estimated samples per second on the same samples: against the fixed batch
+size, and against the offline oracles of the same mode (padded policies against the padded
+oracles, packed against packed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from odb.cost import Budget, PackedCost, PaddedCost
+
+from .gpu_model import H100, MODELS, BatchShape, StepCostModel, computed_tokens
+from .metrics import measure
+from .multimodal_sets import BUILTIN_SETS, MultimodalSet, builtin_sets
+from .policies import (
+    BMT_BUCKET,
+    STANDARD,
+    PolicyRun,
+    epoch_order,
+    oracle_batches,
+    sorted_batches,
+    standard_batch_size,
+    standard_batches,
+)
+from .ranks import RankedRun, odb_ranked, round_robin
+
+__all__ = [
+    "POLICIES",
+    "Estimate",
+    "MultimodalConfig",
+    "MultimodalResult",
+    "RunResult",
+    "batch_shapes",
+    "estimate_run",
+    "run_multimodal",
+]
+
+POLICIES = (
+    "standard",
+    "sorted",
+    "gmt-padded",
+    "bmt-padded",
+    "gmt-packed",
+    "bmt-packed",
+    "odb-padded",
+    "odb-packed",
+)
+"""Policy keys (``--policy``); tables show them with a space for the dash."""
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    """What the suite runs: ``samples`` of each of ``sets``, under a token ``budget``, for
+    each of ``worlds``, timed for each of ``models`` on an H100. ``batch_sizes`` adds
+    fixed-size policies besides the headline standard size."""
+
+    sets: tuple[str, ...] = tuple(BUILTIN_SETS)
+    samples: int = 80_000
+    budget: int = 16_384
+    window: int = 1024
+    worlds: tuple[int, ...] = (1, 8, 16)
+    models: tuple[str, ...] = ("Qwen3-VL-8B", "Qwen3-VL-2B")
+    policies: tuple[str, ...] = POLICIES
+    batch_sizes: tuple[int, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One run under one model's cost model.
+
+    ``balance``: the ranks' compute time over ``world x`` the slowest rank's, summed over
+    steps (1 when every rank works as long as the slowest). ``speedup[b]``: samples per second
+    over baseline ``b``'s in the same set and world (None when ``b`` did not run).
+    """
+
+    model: str
+    balance: float
+    step_seconds: float
+    epoch_seconds: float
+    samples_per_second: float
+    speedup: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One policy on one set at one world size.
+
+    ``padding_ratio``: padding over computed tokens; ``real_tokens_per_step``: over all ranks;
+    ``peak_tokens``: the most tokens one rank's batch computes; ``idle_share``: rank-steps
+    without a batch of the epoch (odb's ghost steps, the offline policies' idle last step).
+    """
+
+    set: str
+    world: int
+    policy: str
+    packed: bool
+    steps: int
+    padding_ratio: float
+    real_tokens_per_step: float
+    peak_tokens: int
+    idle_share: float
+    estimates: list[Estimate]
+
+
+@dataclass(frozen=True)
+class MultimodalResult:
+    """The settings, each set's description and shape, and every run."""
+
+    config: MultimodalConfig
+    sets: list[dict]
+    runs: list[RunResult]
+
+
+def batch_shapes(run: RankedRun, data: MultimodalSet) -> BatchShape:
+    """What each rank's batch holds at each step, as ``[steps, world]`` arrays."""
+    batches = [batch for step in run.steps for batch in step]
+    counts = np.array([len(batch) for batch in batches], dtype=np.int64)
+    filled = counts > 0
+    flat = np.concatenate(batches).astype(np.int64)
+    starts = (np.cumsum(counts) - counts)[filled]
+    lengths = data.lengths.astype(np.int64)
+
+    def per_batch(reduce: np.ufunc, column: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(batches), dtype=np.int64)
+        if len(starts):
+            out[filled] = reduce.reduceat(column[flat], starts)
+        return out.reshape(len(run.steps), run.world)
+
+    return BatchShape(
+        samples=counts.reshape(len(run.steps), run.world),
+        longest=per_batch(np.maximum, lengths),
+        tokens=per_batch(np.add, lengths),
+        square_tokens=per_batch(np.add, lengths * lengths),
+        patches=per_batch(np.add, data.patches),
+        image_pairs=per_batch(np.add, data.vision_pairs),
+    )
+
+
+def estimate_run(run: RankedRun, shape: BatchShape, model: StepCostModel, samples: int) -> Estimate:
+    """``run``'s time under ``model``: each step costs the overhead plus its slowest rank."""
+    compute = model.compute_seconds(shape, run.packed)
+    slowest = compute.max(axis=1)
+    epoch = float((model.overhead + slowest).sum())
+    busy = float(slowest.sum()) * run.world
+    return Estimate(
+        model=model.model.name,
+        balance=float(compute.sum()) / busy if busy else 1.0,
+        step_seconds=epoch / len(run.steps),
+        epoch_seconds=epoch,
+        samples_per_second=samples / epoch,
+    )
+
+
+def _offline(data: MultimodalSet, config: MultimodalConfig, batch_size: int) -> Iterator[PolicyRun]:
+    """The offline policies' epochs (one process; dealt to ranks later)."""
+    lengths, budget, seed, wanted = data.lengths, config.budget, config.seed, config.policies
+    if STANDARD in wanted:
+        yield standard_batches(lengths, budget, seed, batch_size)
+    for size in config.batch_sizes:
+        yield replace(standard_batches(lengths, budget, seed, size), name=f"{STANDARD} bs={size}")
+    if "sorted" in wanted:
+        yield sorted_batches(lengths, budget)
+    for mode in ("padded", "packed"):
+        for kind, bucket in (("gmt", None), ("bmt", BMT_BUCKET)):
+            if f"{kind}-{mode}" in wanted:
+                yield oracle_batches(lengths, budget, seed, mode == "packed", bucket)
+
+
+def _speedups(results: list[RunResult]) -> list[RunResult]:
+    """Fill each estimate's speedups from the other runs of the same set and world."""
+    rate = {(r.policy, e.model): e.samples_per_second for r in results for e in r.estimates}
+    done = []
+    for r in results:
+        mode = "packed" if r.packed else "padded"
+        bases = {"standard": STANDARD, "gmt": f"gmt {mode}", "bmt": f"bmt {mode}"}
+        estimates = []
+        for e in r.estimates:
+            speedup = {}
+            for key, policy in bases.items():
+                base = rate.get((policy, e.model))
+                speedup[key] = e.samples_per_second / base if base else None
+            estimates.append(replace(e, speedup=speedup))
+        done.append(replace(r, estimates=estimates))
+    return done
+
+
+def _measure(
+    run: RankedRun, data: MultimodalSet, config: MultimodalConfig, models: list[StepCostModel]
+) -> RunResult:
+    """A run's batching figures (after checking it holds every sample once) and estimates."""
+    metrics = measure(run.flat(), data.lengths, config.budget)
+    shape = batch_shapes(run, data)
+    return RunResult(
+        set=data.name,
+        world=run.world,
+        policy=run.name,
+        packed=run.packed,
+        steps=len(run.steps),
+        padding_ratio=1.0 - metrics.padding_efficiency,
+        real_tokens_per_step=metrics.real_tokens / len(run.steps),
+        peak_tokens=int(computed_tokens(shape, run.packed).max()),
+        idle_share=float(np.mean(shape.samples == 0)),
+        estimates=[estimate_run(run, shape, model, len(data)) for model in models],
+    )
+
+
+def run_multimodal(
+    config: MultimodalConfig, progress: Callable[[str], None] | None = None
+) -> MultimodalResult:
+    """Every policy on every set at every world size; ``progress`` is called after each set's
+    offline policies and after each world size."""
+    models = [StepCostModel(MODELS[name], H100) for name in config.models]
+    sets, runs = [], []
+    for data in builtin_sets(config.sets, config.samples, config.budget, config.seed):
+        order = epoch_order(len(data), config.seed)
+        batch_size = standard_batch_size(data.lengths, config.budget, order)
+        sets.append(
+            {
+                "name": data.name,
+                "description": data.description,
+                "standard_batch_size": batch_size,
+                **data.summary(),
+            }
+        )
+        offline = list(_offline(data, config, batch_size))
+        if progress:
+            progress(f"{data.name}: offline policies")
+        sizes = data.sizes()
+        for world in config.worlds:
+            ranked = [round_robin(run, world) for run in offline]
+            for mode, cost in (("padded", PaddedCost()), ("packed", PackedCost())):
+                if f"odb-{mode}" in config.policies:
+                    budget = Budget(config.budget, cost)
+                    ranked.append(odb_ranked(sizes, budget, config.seed, world, config.window))
+            runs += _speedups([_measure(run, data, config, models) for run in ranked])
+            if progress:
+                progress(f"{data.name}: {world} ranks")
+    return MultimodalResult(config, sets, runs)
