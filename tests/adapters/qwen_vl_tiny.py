@@ -153,21 +153,7 @@ def tiny_config(family: str, tokenizer, hidden: int = 64):
             "patch_size": patch,
         }
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    if family == "qwen2_5_vl":
-        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "out_hidden_size": hidden,
-            "num_heads": 2,
-            "patch_size": patch,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        }
-        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    text["head_dim"] = hidden // 4
-    text["rope_parameters"].update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    # Qwen2.5-VL and Qwen3-VL share the vision tower's basic shape.
     vision = {
         "depth": 2,
         "hidden_size": 32,
@@ -175,9 +161,14 @@ def tiny_config(family: str, tokenizer, hidden: int = 64):
         "out_hidden_size": hidden,
         "num_heads": 2,
         "patch_size": patch,
-        "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
     }
+    if family == "qwen2_5_vl":
+        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+        vision.update(window_size=56, fullatt_block_indexes=[1])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    text["head_dim"] = hidden // 4
+    text["rope_parameters"].update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
     return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
 
 

@@ -8,23 +8,17 @@ trainer on the same rollouts and compares the all-reduced gradients.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tiny import free_port
 
 pytestmark = pytest.mark.slow
 
 BUDGET = 96
 WORKER = Path(__file__).with_name("trl_ddp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_ranks_run_equal_passes_within_budget(tmp_path):
@@ -36,7 +30,7 @@ def test_two_ranks_run_equal_passes_within_budget(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         str(tmp_path),
         str(BUDGET),

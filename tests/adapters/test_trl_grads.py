@@ -15,20 +15,9 @@ from trl import GRPOTrainer
 
 from odb.adapters.trl import OdbGRPOTrainer, enable
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trl_one_thread")]
 
 BUDGET = 128  # prompts reach ~56 tokens and completions 48: stock forwards hold ~4 x 104
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with trl_tiny.one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return trl_tiny.write_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
 
 
 def _train_both(tokenizer, tmp_path, budget=BUDGET, beta=0.0, rollouts=None, **config):

@@ -7,20 +7,9 @@ lengths differ and every pass must take exactly its rows' patches (``image_grid_
 import pytest
 import trl_tiny
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trl_one_thread")]
 
 BUDGET = 160  # prompts reach ~50 tokens and completions 32: stock forwards hold ~4 x 80
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with trl_tiny.one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return trl_tiny.write_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
 
 
 class ForwardLog:
