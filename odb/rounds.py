@@ -213,13 +213,14 @@ class EpochIterator:
                 group = offer.groups[pick]
                 stats.stale_groups += group.reason is Reason.STALE
                 stats.pressure_groups += group.reason is Reason.PRESSURE
-            self.pending.append((entries, self._step_info(entries, group, decision, j)))
+            totals = int(decision.global_samples[j]), int(decision.global_label_tokens[j])
+            self.pending.append((entries, self._step_info(entries, group, *totals)))
             self.step += 1
         self.round += 1
         stats.rounds += 1
         stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
 
-    def _step_info(self, entries, group, decision, j) -> StepInfo:
+    def _step_info(self, entries, group, global_samples: int, global_label_tokens: int) -> StepInfo:
         exchange = self.setup.exchange
         sizes = [entry.size for entry in entries]
         real = sum(size.length for size in sizes)
@@ -230,9 +231,9 @@ class EpochIterator:
         return StepInfo(
             sample_indices=tuple(entry.index for entry in entries),
             local_samples=len(entries),
-            global_samples=int(decision.global_samples[j]),
+            global_samples=global_samples,
             local_label_tokens=sum(size.label_tokens for size in sizes),
-            global_label_tokens=int(decision.global_label_tokens[j]),
+            global_label_tokens=global_label_tokens,
             real_tokens=real,
             padded_tokens=padded,
             step=self.step,
@@ -252,11 +253,9 @@ class EpochIterator:
         multiple = self.setup.steps_multiple_of
         if self.step % multiple == 0:
             return
-        empty = np.zeros(1, dtype=np.int64)
         for _ in range(multiple - self.step % multiple):
             ghost = [self._ghost_entry()]
-            padding = _Padding(empty, empty)
-            self.pending.append((ghost, self._step_info(ghost, None, padding, 0)))
+            self.pending.append((ghost, self._step_info(ghost, None, 0, 0)))
             self.step += 1
 
     def _ghost_entry(self) -> Entry:
@@ -320,14 +319,6 @@ class EpochIterator:
             self.ghost = self._admit(*self._receive(), count=False)
         for entries, info in pending:
             self.pending.append((entries if entries is not None else [self.ghost], info))
-
-
-@dataclass(frozen=True)
-class _Padding:
-    """The global counts of padding steps: nothing, on every rank."""
-
-    global_samples: np.ndarray
-    global_label_tokens: np.ndarray
 
 
 def _truncate(sample: Mapping, size: SampleSize, budget: Budget, index: int):
