@@ -154,11 +154,6 @@ class ComputeCost:
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {weight!r}")
 
-    @property
-    def additive(self) -> bool:
-        """Whether a group costs the sum of its samples' costs (what bin packing needs)."""
-        return not self.padded
-
     def group_cost(self, n, max_len, sum_len, sum_sq, patches):
         """Cost of groups from their aggregates; numpy arrays in, float array out."""
         if self.padded:
