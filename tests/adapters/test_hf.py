@@ -50,6 +50,7 @@ def _epochs(recorder):
     return [out[e] for e in sorted(out)]
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_and_full_accumulation_windows(tmp_path):
     dataset = TokenDataset(lengths(90))
     trainer, recorder = _train(tmp_path, dataset, num_train_epochs=2, gradient_accumulation_steps=3)
@@ -63,6 +64,7 @@ def test_every_sample_once_per_epoch_and_full_accumulation_windows(tmp_path):
     assert trainer.state.global_step == len(recorder.windows)
 
 
+@pytest.mark.slow
 def test_max_steps_runs_exactly_that_many_optimizer_steps(tmp_path):
     trainer, recorder = _train(
         tmp_path, TokenDataset(lengths(30)), max_steps=23, gradient_accumulation_steps=2
@@ -72,6 +74,7 @@ def test_max_steps_runs_exactly_that_many_optimizer_steps(tmp_path):
     assert len({info.epoch for w in recorder.windows for info in w}) > 1  # ran past one epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
 def test_gradient_is_the_exact_token_mean_of_the_window(tmp_path, kind):
     """Qwen2 accepts num_items_in_batch, Qwen2.5-VL does not: both get the exact mean."""
@@ -95,6 +98,7 @@ def test_gradient_is_the_exact_token_mean_of_the_window(tmp_path, kind):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_linear_schedule_ends_with_the_data(tmp_path):
     dataset = TokenDataset(lengths(400, seed=2))
     trainer, recorder = _train(
@@ -117,6 +121,7 @@ def test_linear_schedule_ends_with_the_data(tmp_path):
     assert trainer.state.max_steps == steps
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_batches_without_replay(tmp_path):
     dataset = TokenDataset(lengths(120, seed=3))
     common = dict(num_train_epochs=2, gradient_accumulation_steps=2)
@@ -129,6 +134,7 @@ def test_resume_continues_with_the_same_batches_without_replay(tmp_path):
     assert rest == [[i.sample_indices for i in w] for w in full.windows[7:]]
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_without_odb_state_is_refused(tmp_path):
     dataset = TokenDataset(lengths(20))
     plain = transformers.Trainer(
@@ -142,6 +148,7 @@ def test_resume_from_a_checkpoint_without_odb_state_is_refused(tmp_path):
         _train(tmp_path, dataset, max_steps=4, resume=str(tmp_path / "checkpoint-2"))
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_uses_the_plain_eval_loader(tmp_path):
     train, held_out = TokenDataset(lengths(60)), TokenDataset([16] * 12)
     trainer, _ = _train(
@@ -159,12 +166,14 @@ def test_evaluation_during_training_uses_the_plain_eval_loader(tmp_path):
     assert not isinstance(eval_loader, odb.DataLoader) and len(eval_loader) == 3
 
 
+@pytest.mark.slow
 def test_other_dataloaders_keep_their_length(tmp_path):
     _train(tmp_path, TokenDataset(lengths(30)), max_steps=2)
     plain = torch.utils.data.DataLoader(TokenDataset([5] * 10), batch_size=4)
     assert len(plain) == 3
 
 
+@pytest.mark.slow
 def test_logs_carry_odb_figures(tmp_path):
     trainer, _ = _train(tmp_path, TokenDataset(lengths(60)), max_steps=4)
     logged = [e for e in trainer.state.log_history if "loss" in e]
@@ -173,6 +182,7 @@ def test_logs_carry_odb_figures(tmp_path):
     assert "odb_ghost_steps" in logged[0] and "odb_stale_groups" in logged[0]
 
 
+@pytest.mark.slow
 def test_odb_trainer_class_is_the_same_as_enable(tmp_path):
     dataset = TokenDataset(lengths(30))
     trainer = OdbTrainer(
