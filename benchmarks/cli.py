@@ -2,7 +2,9 @@
 
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
 for and hands every result to the report. The planner, alignment and multimodal suites always
-run; ``--overhead`` adds the loader-overhead suite.
+run; ``--overhead`` adds the loader-overhead suite. ``--llava`` runs the multimodal suite on a
+user's LLaVA-format data instead of the built-in sets; ``--train`` adds measured training of a
+tiny Qwen2.5-VL on CPU.
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from .alignment_suite import AlignmentConfig, run_alignment
 from .gpu_model import MODELS
-from .multimodal_sets import BUILTIN_SETS
-from .multimodal_suite import POLICIES, MultimodalConfig, run_multimodal
+from .llava_input import llava_set
+from .multimodal_sets import BUILTIN_SETS, builtin_sets
+from .multimodal_suite import POLICIES, MultimodalConfig, MultimodalResult, compare_sets
 from .overhead import OverheadResult, run_overhead
 from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
-from .plots import write_multimodal_plots, write_plots
+from .plots import write_multimodal_plots, write_plots, write_training_plots
+from .qwen_vl_offline import ImageSettings, load_processor
 from .report import markdown, write_report
+from .training_suite import TrainingConfig, TrainingResult, run_training
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +41,7 @@ _QUICK = {
     "worlds": (2, 4),
     "multimodal_samples": 600,
     "multimodal_worlds": (1, 4),
+    "train_samples": 12,
 }
 _OVERHEAD = {"overhead_samples": 1500, "repeats": 5}
 
@@ -103,6 +110,45 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         action="append",
         help="also run the standard policy with this fixed batch size; repeat for several",
+    )
+    llava = parser.add_argument_group(
+        "LLaVA input",
+        "run the multimodal suite on your LLaVA-format data (exact sizes from image headers "
+        "and the processor's tokenizer) instead of the built-in sets",
+    )
+    llava.add_argument("--llava", type=Path, help="a LLaVA-format JSON or JSONL file")
+    llava.add_argument("--images", type=Path, help="the folder image paths are relative to")
+    llava.add_argument(
+        "--processor",
+        help="a Qwen-VL processor folder for AutoProcessor.from_pretrained (default: a "
+        "Qwen2.5-VL processor built offline from the Qwen tokenizer, with --min-pixels and "
+        "--max-pixels)",
+    )
+    images = ImageSettings()
+    llava.add_argument(
+        "--min-pixels", type=_positive, default=images.min_pixels, help="offline processor"
+    )
+    llava.add_argument(
+        "--max-pixels", type=_positive, default=images.max_pixels, help="offline processor"
+    )
+    training = parser.add_argument_group(
+        "training suite", "measured CPU training of a tiny Qwen2.5-VL through each loader"
+    )
+    train = TrainingConfig()
+    training.add_argument("--train", action="store_true", help="run the training suite")
+    training.add_argument(
+        "--train-samples",
+        type=_positive,
+        help=f"synthetic LLaVA records to train on (default {train.samples})",
+    )
+    training.add_argument(
+        "--train-budget", type=_positive, default=train.budget, help="token budget per rank"
+    )
+    training.add_argument(
+        "--train-world",
+        type=_positive,
+        action="append",
+        help="processes (torchrun, gloo, DDP when more than 1); repeat for several (default 1)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     return parser
@@ -181,6 +227,30 @@ def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
     )
 
 
+def _multimodal(
+    args: argparse.Namespace, config: MultimodalConfig, progress: Callable[[str], None]
+) -> MultimodalResult:
+    """The multimodal suite on ``--llava`` data, if given, and on the built-in sets of
+    ``config`` (none with ``--llava`` unless ``--set`` names some)."""
+    sets = builtin_sets(config.sets, config.samples, config.budget, config.seed)
+    if args.llava is not None:
+        processor = load_processor(args.processor, ImageSettings(args.min_pixels, args.max_pixels))
+        sets.insert(0, llava_set(args.llava, args.images, processor, config.budget))
+    return compare_sets(sets, replace(config, sets=tuple(s.name for s in sets)), progress)
+
+
+def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> TrainingResult:
+    defaults = TrainingConfig()
+    quick = _QUICK if args.quick else {}
+    config = TrainingConfig(
+        samples=args.train_samples or quick.get("train_samples", defaults.samples),
+        budget=args.train_budget,
+        worlds=tuple(args.train_world or defaults.worlds),
+        seed=args.seed,
+    )
+    return run_training(config, progress=progress)
+
+
 def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> OverheadResult:
     sizes = _QUICK if args.quick else _OVERHEAD
     return run_overhead(
@@ -197,9 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = _planner_config(args)
     multimodal_config = _multimodal_config(args)
+    if args.llava is not None and args.set is None:
+        multimodal_config = replace(multimodal_config, sets=())
     args.out.mkdir(parents=True, exist_ok=True)
     steps = len(config.cvs) * POLICY_COUNT + 1
-    steps += len(multimodal_config.sets) * (1 + len(multimodal_config.worlds))
+    mm_sets = len(multimodal_config.sets) + (args.llava is not None)
+    steps += mm_sets * (1 + len(multimodal_config.worlds))
+    if args.train:
+        steps += len(TrainingConfig.loaders) * len(args.train_world or TrainingConfig.worlds)
     if args.overhead:
         steps += (_QUICK if args.quick else _OVERHEAD)["repeats"]
     with _progress(steps) as progress:
@@ -207,12 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         alignment_config = _alignment_config(args)
         alignment = run_alignment(alignment_config)
         progress("alignment")
-        multimodal = run_multimodal(multimodal_config, progress=progress)
+        multimodal = _multimodal(args, multimodal_config, progress)
         overhead = _overhead(args, progress) if args.overhead else None
-    results = (config, planner, overhead, (alignment_config, alignment), multimodal)
+        training = _training(args, progress) if args.train else None
+    results = (config, planner, overhead, (alignment_config, alignment), multimodal, training)
     written = write_report(args.out, *results)
     written += write_plots(planner, args.out)
     written += write_multimodal_plots(multimodal, args.out)
+    if training is not None:
+        written += write_training_plots(training, args.out)
     print(markdown(*results), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

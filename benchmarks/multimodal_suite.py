@@ -10,7 +10,7 @@ oracles, packed against packed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "MultimodalResult",
     "RunResult",
     "batch_shapes",
+    "compare_sets",
     "estimate_run",
     "run_multimodal",
 ]
@@ -216,11 +217,22 @@ def _measure(
 def run_multimodal(
     config: MultimodalConfig, progress: Callable[[str], None] | None = None
 ) -> MultimodalResult:
-    """Every policy on every set at every world size; ``progress`` is called after each set's
-    offline policies and after each world size."""
+    """Every policy on every built-in set of ``config`` at every world size; ``progress`` is
+    called after each set's offline policies and after each world size."""
+    data = builtin_sets(config.sets, config.samples, config.budget, config.seed)
+    return compare_sets(data, config, progress)
+
+
+def compare_sets(
+    data_sets: Sequence[MultimodalSet],
+    config: MultimodalConfig,
+    progress: Callable[[str], None] | None = None,
+) -> MultimodalResult:
+    """Every policy on the given sets (built-in or measured from a user's data) at every world
+    size of ``config``; its ``sets`` and ``samples`` are not used."""
     models = [StepCostModel(MODELS[name], H100) for name in config.models]
     sets, runs = [], []
-    for data in builtin_sets(config.sets, config.samples, config.budget, config.seed):
+    for data in data_sets:
         order = epoch_order(len(data), config.seed)
         batch_size = standard_batch_size(data.lengths, config.budget, order)
         sets.append(

@@ -17,14 +17,17 @@ from matplotlib.figure import Figure
 from .multimodal_suite import Estimate, MultimodalResult
 from .planner_suite import SetResult
 from .policies import STANDARD
+from .training_suite import TrainingResult
 
 __all__ = [
     "plot_batch_sizes",
     "plot_efficiency",
     "plot_multimodal_speedup",
     "plot_multimodal_throughput",
+    "plot_training_loss",
     "write_multimodal_plots",
     "write_plots",
+    "write_training_plots",
 ]
 
 
@@ -149,3 +152,26 @@ def write_multimodal_plots(result: MultimodalResult, out: Path) -> list[Path]:
     if STANDARD in result.config.policies:
         written.append(plot_multimodal_speedup(result, out / "multimodal_speedup.png"))
     return written
+
+
+def plot_training_loss(result: TrainingResult, path: Path) -> Path:
+    """Training loss against samples seen, one line per loader, one panel per process count:
+    samples on the x axis so that loaders with different batch sizes line up."""
+    worlds = result.config.worlds
+    fig = Figure(figsize=(5.5 * len(worlds), 4), layout="constrained")
+    axes = fig.subplots(1, len(worlds), squeeze=False)[0]
+    for ax, world in zip(axes, worlds, strict=True):
+        for run in (r for r in result.runs if r.world == world):
+            ax.plot(run.samples_seen, run.losses, label=run.loader, linewidth=1)
+        ax.set_title(f"{world} process{'es' * (world > 1)}")
+        ax.set_xlabel("samples seen")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss (rank 0)")
+    axes[0].legend()
+    FigureCanvasAgg(fig).print_png(path)
+    return path
+
+
+def write_training_plots(result: TrainingResult, out: Path) -> list[Path]:
+    """The training suite's figure into ``out``; the paths written."""
+    return [plot_training_loss(result, out / "training_loss.png")]

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import transformers
 from PIL import Image
 
 from odb.adapters.qwen_vl import CHAT_TEMPLATE
+from odb.benchmarks import qwen_vl_offline
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -48,33 +50,9 @@ def real_tokenizer_dir() -> str:
 
 
 def write_small_tokenizer(folder: str, keep: int = 2048) -> str:
-    """The real tokenizer cut to its first ``keep`` tokens: merges whose parts and result are
-    kept stay, special tokens move to ``keep, keep + 1, ...``. It still encodes any text."""
-    source = real_tokenizer_dir()
-    with open(os.path.join(source, "tokenizer.json"), encoding="utf-8") as file:
-        spec = json.load(file)
-    vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < keep}
-    spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [
-        pair
-        for pair in spec["model"]["merges"]
-        if pair[0] in vocab and pair[1] in vocab and pair[0] + pair[1] in vocab
-    ]
-    moved = {}
-    for offset, token in enumerate(spec["added_tokens"]):
-        moved[str(token["id"])] = str(keep + offset)
-        token["id"] = keep + offset
-    with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as file:
-        config = json.load(file)
-    config["added_tokens_decoder"] = {
-        moved[key]: value for key, value in config["added_tokens_decoder"].items()
-    }
-    config.pop("chat_template", None)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as file:
-        json.dump(spec, file)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as file:
-        json.dump(config, file)
+    """The real tokenizer cut to its first ``keep`` tokens, written to ``folder`` (the
+    benchmark's builder: odb.benchmarks.qwen_vl_offline.small_tokenizer)."""
+    qwen_vl_offline.small_tokenizer(Path(folder), keep)
     return folder
 
 
@@ -122,28 +100,10 @@ def make_processor(family: str, tokenizer, **image_settings):
 
 def tiny_config(family: str, tokenizer, hidden: int = 64):
     """A 2-layer model of ``family`` (hidden 64, 4 heads of 16) for ``tokenizer``'s ids."""
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(token)
-        for name, token in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    }
+    ids = qwen_vl_offline.vision_token_ids(tokenizer)
+    text = qwen_vl_offline.text_config(tokenizer, hidden, positions=4096)
     patch = CHECKPOINT_IMAGE_SETTINGS[family]["patch_size"]
     if family == "qwen2_vl":
-        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
         vision = {
             "depth": 2,
             "embed_dim": 32,
@@ -163,11 +123,10 @@ def tiny_config(family: str, tokenizer, hidden: int = 64):
         "patch_size": patch,
     }
     if family == "qwen2_5_vl":
-        text["rope_parameters"]["mrope_section"] = [2, 3, 3]
         vision.update(window_size=56, fullatt_block_indexes=[1])
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     text["head_dim"] = hidden // 4
-    text["rope_parameters"].update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    text["rope_parameters"]["mrope_interleaved"] = True
     vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
     return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
 
