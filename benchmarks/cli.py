@@ -25,7 +25,7 @@ from .overhead import OverheadResult, run_overhead
 from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
 from .plots import write_multimodal_plots, write_plots, write_training_plots
 from .qwen_vl_offline import ImageSettings, load_processor
-from .report import markdown, write_report
+from .report import BenchResults, markdown, write_report
 from .training_suite import TrainingConfig, TrainingResult, run_training
 
 __all__ = ["build_parser", "main"]
@@ -285,13 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         multimodal = _multimodal(args, multimodal_config, progress)
         overhead = _overhead(args, progress) if args.overhead else None
         training = _training(args, progress) if args.train else None
-    results = (config, planner, overhead, (alignment_config, alignment), multimodal, training)
-    written = write_report(args.out, *results)
+    results = BenchResults(
+        config, planner, overhead, (alignment_config, alignment), multimodal, training
+    )
+    written = write_report(args.out, results)
     written += write_plots(planner, args.out)
     written += write_multimodal_plots(multimodal, args.out)
     if training is not None:
         written += write_training_plots(training, args.out)
-    print(markdown(*results), end="")
+    print(markdown(results), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

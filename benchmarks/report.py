@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from .policies import BMT_BUCKET
 from .training_suite import TrainingResult
 
 __all__ = [
+    "BenchResults",
     "markdown",
     "multimodal_section",
     "overhead_table",
@@ -229,15 +230,22 @@ def training_section(result: TrainingResult) -> str:
 Alignment = tuple[AlignmentConfig, list[AlignmentResult]]
 
 
-def markdown(
-    config: PlannerConfig,
-    planner: list[SetResult],
-    overhead: OverheadResult | None = None,
-    alignment: Alignment | None = None,
-    multimodal: MultimodalResult | None = None,
-    training: TrainingResult | None = None,
-) -> str:
+@dataclass(frozen=True)
+class BenchResults:
+    """Everything one ``odb-bench`` run measured; suites that did not run are None."""
+
+    config: PlannerConfig
+    planner: list[SetResult]
+    overhead: OverheadResult | None = None
+    alignment: Alignment | None = None
+    multimodal: MultimodalResult | None = None
+    training: TrainingResult | None = None
+
+
+def markdown(results: BenchResults) -> str:
     """The whole report."""
+    config, planner, overhead = results.config, results.planner, results.overhead
+    alignment, multimodal, training = results.alignment, results.multimodal, results.training
     parts = [
         "# odb-bench",
         "",
@@ -299,15 +307,10 @@ def _set_record(result: SetResult) -> dict:
     }
 
 
-def record(
-    config: PlannerConfig,
-    planner: list[SetResult],
-    overhead: OverheadResult | None = None,
-    alignment: Alignment | None = None,
-    multimodal: MultimodalResult | None = None,
-    training: TrainingResult | None = None,
-) -> dict:
+def record(results: BenchResults) -> dict:
     """Everything measured, with the settings and the machine, as JSON-ready data."""
+    config, planner, overhead = results.config, results.planner, results.overhead
+    alignment, multimodal, training = results.alignment, results.multimodal, results.training
     data = {
         "environment": {
             "odb": odb.__version__,
@@ -340,19 +343,10 @@ def record(
     return data
 
 
-def write_report(
-    out: Path,
-    config: PlannerConfig,
-    planner: list[SetResult],
-    overhead: OverheadResult | None = None,
-    alignment: Alignment | None = None,
-    multimodal: MultimodalResult | None = None,
-    training: TrainingResult | None = None,
-) -> list[Path]:
+def write_report(out: Path, results: BenchResults) -> list[Path]:
     """``report.md`` and ``results.json`` into ``out``; the paths written."""
     report = out / "report.md"
-    report.write_text(markdown(config, planner, overhead, alignment, multimodal, training))
-    results = out / "results.json"
-    data = record(config, planner, overhead, alignment, multimodal, training)
-    results.write_text(json.dumps(data, indent=2) + "\n")
-    return [report, results]
+    report.write_text(markdown(results))
+    record_path = out / "results.json"
+    record_path.write_text(json.dumps(record(results), indent=2) + "\n")
+    return [report, record_path]
