@@ -27,6 +27,7 @@ __all__ = [
     "small_tokenizer",
     "text_config",
     "tiny_model",
+    "vision_config",
     "tiny_processor",
     "vision_token_ids",
 ]
@@ -138,22 +139,26 @@ def text_config(tokenizer: Any, hidden: int = 64, positions: int = 32768) -> dic
     }
 
 
+def vision_config(hidden: int, patch: int) -> dict[str, Any]:
+    """A 2-block vision tower (width 32) feeding a text stack of width ``hidden``: the shape
+    Qwen2.5-VL and Qwen3-VL towers share."""
+    return {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": hidden,
+        "num_heads": 2,
+        "patch_size": patch,
+    }
+
+
 def tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64) -> Any:
     """A 2-layer Qwen2.5-VL (hidden 64, 4 heads) with a 2-block vision tower, in float32."""
     import transformers
 
     ids = vision_token_ids(tokenizer)
     text = text_config(tokenizer, hidden)
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": hidden,
-        "num_heads": 2,
-        "patch_size": PATCH,
-        "window_size": 56,
-        "fullatt_block_indexes": [1],
-    }
+    vision = {**vision_config(hidden, PATCH), "window_size": 56, "fullatt_block_indexes": [1]}
     config = transformers.Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import torch
 import transformers
@@ -59,3 +60,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, *script_and_args: str) -> list[str]:
+    """The command that starts ``nproc`` local ranks of a script under torchrun, on a free
+    loopback port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *script_and_args,
+    ]

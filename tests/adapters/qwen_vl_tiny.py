@@ -113,15 +113,7 @@ def tiny_config(family: str, tokenizer, hidden: int = 64):
             "patch_size": patch,
         }
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    # Qwen2.5-VL and Qwen3-VL share the vision tower's basic shape.
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": hidden,
-        "num_heads": 2,
-        "patch_size": patch,
-    }
+    vision = qwen_vl_offline.vision_config(hidden, patch)
     if family == "qwen2_5_vl":
         vision.update(window_size=56, fullatt_block_indexes=[1])
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)

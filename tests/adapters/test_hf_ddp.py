@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_setup import TokenDataset, grads, lengths, tiny_model, token_loss_sum
-from tiny import free_port
+from tiny import free_port, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +26,8 @@ def _launch(tmp_path: Path, config: dict, launcher: str) -> list[dict]:
     config = {**config, "out": str(tmp_path)}
     path = tmp_path / f"config-{config.get('run', 'run')}.json"
     path.write_text(json.dumps(config))
-    port = str(free_port())
     if launcher == "torchrun":
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-        ]
+        command = torchrun(2)
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
         command = [
@@ -54,7 +43,7 @@ def _launch(tmp_path: Path, config: dict, launcher: str) -> list[dict]:
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            port,
+            str(free_port()),
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

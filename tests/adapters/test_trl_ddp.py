@@ -9,11 +9,10 @@ trainer on the same rollouts and compares the all-reduced gradients.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tiny import free_port
+from tiny import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +22,7 @@ WORKER = Path(__file__).with_name("trl_ddp_worker.py")
 
 def test_two_ranks_run_equal_passes_within_budget(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(tmp_path),
-        str(BUDGET),
-    ]
+    command = torchrun(2, str(WORKER), str(tmp_path), str(BUDGET))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

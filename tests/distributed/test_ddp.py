@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import label_tokens, lognormal_lengths
-from tiny import free_port
+from tiny import free_port, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +30,7 @@ def launch(tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180) ->
     config = {**config, "out": str(tmp_path)}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(path),
-    ]
+    command = torchrun(nproc, str(WORKER), str(path))
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
     records = [tmp_path / f"rank{r}.json" for r in range(nproc)]
     missing = [str(p) for p in records if not p.exists()]
