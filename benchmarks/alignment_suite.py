@@ -79,7 +79,7 @@ def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
                     mode=mode,
                     steps=steps,
                     rounds=run.rounds,
-                    collectives_per_step=run.rounds / max(steps, 1),
+                    collectives_per_step=run.collectives / max(steps, 1),
                     balance=float(ratio.mean()),
                     aggregate_balance=float(costs.sum() / (world * peak.sum())),
                     steady_balance=float(ratio[steady].mean()) if steady.any() else 0.0,

@@ -34,8 +34,11 @@ __all__ = [
     "FAILED",
     "report_width",
     "encode_report",
+    "Transfer",
     "Decision",
     "decide",
+    "encode_given",
+    "decode_received",
     "LocalExchange",
     "GlooExchange",
 ]
@@ -79,25 +82,64 @@ def encode_report(
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """A group planned on ``donor`` (at ``position`` of its offer) that ``recipient`` runs at
+    step ``step`` of the round, to even out the ranks' remaining work at the end of the data."""
+
+    recipient: int
+    step: int
+    donor: int
+    position: int
+    samples: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """What every rank does this round; identical on all ranks.
 
-    ``choice[r][j]`` is the position (in rank r's offer) of the group rank r runs at step j, or
-    -1 for a ghost step. ``done``: the pass is over: no rank has data left, or (``stopped``)
-    non-join mode ends it because some rank ran out while others still had data.
+    ``choice[r][j]`` is the position of the group rank r runs at step j in the offer of rank
+    ``owner[r][j]`` (r itself, except for transfers), or -1 for a ghost step. ``done``: the
+    pass is over: no rank has data left, or (``stopped``) non-join mode ends it because some
+    rank ran out while others still had data.
     """
 
     steps: int
+    owner: np.ndarray  # [world, steps]
     choice: np.ndarray  # [world, steps]
     global_samples: np.ndarray  # [steps]
     global_label_tokens: np.ndarray  # [steps]
     costs: np.ndarray  # [world, steps], 0 for ghosts
     done: bool
     stopped: bool
+    transfers: tuple[Transfer, ...] = ()
+
+    def own_picks(self, rank: int) -> list[int]:
+        """Positions in ``rank``'s own offer that it runs, in step order."""
+        mine = (self.owner[rank] == rank) & (self.choice[rank] >= 0)
+        return self.choice[rank][mine].tolist()
+
+    def given(self, rank: int) -> list[int]:
+        """Positions in ``rank``'s offer that other ranks run, in transfer order."""
+        return [t.position for t in self.transfers if t.donor == rank]
 
 
-def decide(table: np.ndarray, *, max_steps: int, join: bool, rng: np.random.Generator) -> Decision:
-    """The round's steps from the gathered reports (one row per rank, see ``encode_report``)."""
+def decide(
+    table: np.ndarray,
+    *,
+    max_steps: int,
+    join: bool,
+    rng: np.random.Generator,
+    share_tail: bool = True,
+) -> Decision:
+    """The round's steps from the gathered reports (one row per rank, see ``encode_report``).
+
+    Steps = the fewest groups offered by a rank that will read more input. With
+    ``share_tail`` (join mode; non-join once every rank is exhausted), a rank that will read
+    no more and has fewer groups than that runs groups other ranks offered but do not run this
+    round (see :class:`Transfer`) instead of ghost steps, and a round takes no more steps than
+    ``ceil(offered groups / world)`` (non-join: ``floor``), so the end of the data is spread
+    over all ranks and they finish together.
+    """
     world = table.shape[0]
     status, offered = table[:, 0], table[:, 1]
     failed = np.flatnonzero(status & FAILED)
@@ -108,34 +150,121 @@ def decide(table: np.ndarray, *, max_steps: int, join: bool, rng: np.random.Gene
         )
     columns = table[:, _HEADER:].reshape(world, _COLUMNS, max_steps)
     active = (status & FINISHED) == 0
-    empty = np.zeros((world, 0), dtype=np.int64)
-    if not active.any():
-        return Decision(0, empty, empty[0], empty[0], empty, done=True, stopped=False)
-    if not join and not active.all():
-        return Decision(0, empty, empty[0], empty[0], empty, done=True, stopped=True)
+    if not active.any() or (not join and not active.all()):
+        return _ended(world, stopped=bool(active.any()))
 
-    steps = int(offered[active].min())
+    exhausted = (status & EXHAUSTED) != 0
+    # a non-join pass has no ghost steps for sharing to replace until every rank is exhausted
+    sharing = share_tail and world > 1 and (join or exhausted.all())
+    pace = active & ~exhausted if sharing else active  # ranks that will read more set the pace
+    steps = int(offered[pace].min()) if pace.any() else max_steps
+    if sharing:  # no more steps than it takes to spread the offered groups over the ranks
+        total = int(offered.sum())
+        if not exhausted.all():  # the remainder waits for the next round, not a ghost step
+            steps = min(steps, max(1, total // world))
+        elif join:  # the last groups: all of them now
+            steps = -(-total // world)
+        else:  # no ghost steps in non-join mode: the remainder is what it drops
+            steps = total // world
+            if steps == 0:
+                return _ended(world, stopped=True)
+    runs = _matched_runs(columns, offered, active, pace, steps)
+    if sharing:
+        runs = _hand_over_surplus(runs, offered, steps)
+    owner = np.repeat(np.arange(world)[:, None], steps, axis=1)
     choice = np.full((world, steps), -1, dtype=np.int64)
-    bottleneck = int(np.flatnonzero(active & (offered == steps))[0])
-    targets = columns[bottleneck, 0, :steps]
-    for rank in np.flatnonzero(active):
-        count = int(offered[rank])
-        picks = np.arange(steps)
-        if count > steps:
-            picks = _match(columns[rank, 0, :count], columns[rank, 3, :count] > 0, targets)
+    for rank, (owners, positions) in enumerate(runs):
         # Pair similar work across ranks: step j gets every rank's j-th costliest group.
-        choice[rank] = picks[np.argsort(-columns[rank, 0, picks], kind="stable")]
+        order = np.argsort(-columns[owners, 0, positions], kind="stable")
+        owner[rank, : len(order)] = owners[order]
+        choice[rank, : len(order)] = positions[order]
     order = rng.permutation(steps)
-    choice = choice[:, order]
+    owner, choice = owner[:, order], choice[:, order]
 
-    ranks = np.flatnonzero(active)
-    picked = choice[ranks]
-    gather = np.take_along_axis
-    costs = np.zeros((world, steps), dtype=np.int64)
-    costs[ranks] = gather(columns[ranks, 0, :], picked, axis=1)
-    label_tokens = gather(columns[ranks, 1, :], picked, axis=1).sum(axis=0)
-    samples = gather(columns[ranks, 2, :], picked, axis=1).sum(axis=0)
-    return Decision(steps, choice, samples, label_tokens, costs, done=False, stopped=False)
+    real = choice >= 0
+    picked = columns[owner, :, np.maximum(choice, 0)]  # [world, steps, column]
+    costs = np.where(real, picked[..., 0], 0)
+    label_tokens = np.where(real, picked[..., 1], 0).sum(axis=0)
+    samples = np.where(real, picked[..., 2], 0).sum(axis=0)
+    recipients, steps_at = np.nonzero(real & (owner != np.arange(world)[:, None]))
+    transfers = tuple(
+        Transfer(int(r), int(j), int(owner[r, j]), int(choice[r, j]), int(picked[r, j, 2]))
+        for r, j in zip(recipients, steps_at, strict=True)
+    )
+    return Decision(steps, owner, choice, samples, label_tokens, costs, False, False, transfers)
+
+
+def encode_given(decision: Decision, rank: int, indices: Sequence[Sequence[int]]) -> np.ndarray:
+    """``rank``'s row of a round's transfer exchange: the dataset indices of the groups it hands
+    over (``indices[k]`` for ``decision.given(rank)[k]``). Every rank sends a row of the same
+    width, known to all from the decision, so the exchange is one ``all_gather``."""
+    width = max(
+        sum(t.samples for t in decision.transfers if t.donor == donor)
+        for donor in {t.donor for t in decision.transfers}
+    )
+    row = np.full(width, -1, dtype=np.int64)
+    flat = [int(i) for group in indices for i in group]
+    row[: len(flat)] = flat
+    return row
+
+
+def decode_received(decision: Decision, table: np.ndarray, rank: int) -> dict[int, list[int]]:
+    """The dataset indices ``rank`` runs at each step it received a group for, read from the
+    gathered rows of :func:`encode_given`."""
+    offsets = dict.fromkeys(range(table.shape[0]), 0)
+    received = {}
+    for t in decision.transfers:
+        start = offsets[t.donor]
+        offsets[t.donor] = start + t.samples
+        if t.recipient == rank:
+            received[t.step] = table[t.donor, start : start + t.samples].tolist()
+    return received
+
+
+def _ended(world: int, stopped: bool) -> Decision:
+    empty = np.zeros((world, 0), dtype=np.int64)
+    return Decision(0, empty, empty, empty[0], empty[0], empty, True, stopped)
+
+
+_Runs = list[tuple[np.ndarray, np.ndarray]]  # per rank: (owner ranks, offer positions)
+
+
+def _matched_runs(
+    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, pace: np.ndarray, steps: int
+) -> _Runs:
+    """Every active rank runs ``steps`` of its own groups, or all it offered if fewer: those
+    that must go now, then those closest in cost to the groups of the ``pace`` rank offering
+    fewest (in priority order when no rank sets the pace)."""
+    targets = None
+    if pace.any():
+        bottleneck = int(np.flatnonzero(pace & (offered == offered[pace].min()))[0])
+        targets = columns[bottleneck, 0, :steps]
+    runs: _Runs = []
+    for rank in range(len(offered)):
+        count = int(offered[rank]) if active[rank] else 0
+        picks = np.arange(min(steps, count))
+        if count > steps and targets is not None:
+            picks = _match(columns[rank, 0, :count], columns[rank, 3, :count] > 0, targets)
+        runs.append((np.full(len(picks), rank), picks))
+    return runs
+
+
+def _hand_over_surplus(runs: _Runs, offered: np.ndarray, steps: int) -> _Runs:
+    """Fill the steps a rank has no group of its own for with groups other ranks offered but
+    do not run this round (lowest rank and earliest offer position first), instead of ghosts.
+    Once every rank is exhausted this is the whole of what is left: all finish together."""
+    surplus = [
+        (donor, int(p))
+        for donor, (_, positions) in enumerate(runs)
+        for p in np.setdiff1d(np.arange(offered[donor]), positions)
+    ]
+    topped: _Runs = []
+    for owners, positions in runs:
+        taken, surplus = surplus[: steps - len(owners)], surplus[steps - len(owners) :]
+        owners = np.concatenate([owners, [d for d, _ in taken]]).astype(np.int64)
+        positions = np.concatenate([positions, [p for _, p in taken]]).astype(np.int64)
+        topped.append((owners, positions))
+    return topped
 
 
 def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarray:

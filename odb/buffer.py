@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from odb.align import EXHAUSTED, FINISHED, encode_report
+from odb.align import EXHAUSTED, FINISHED, Decision, encode_report
 from odb.cost import Budget, SampleSize
 from odb.errors import ConfigError, positive_int
 from odb.planner import Group, Plan, Reason, plan_groups
@@ -167,9 +167,14 @@ class SampleBuffer:
         status = EXHAUSTED * exhausted | FINISHED * (exhausted and not self.entries)
         return offer, offer.report(status, len(self.entries), settings.max_steps)
 
-    def commit(self, offer: Offer, picks: list[int]) -> list[list[Entry]]:
-        """Take the offered groups at ``picks`` (in that order) out of the buffer."""
-        return self.take([offer.groups[i] for i in picks])
+    def commit(
+        self, offer: Offer, decision: Decision, rank: int
+    ) -> tuple[list[list[Entry]], list[list[Entry]]]:
+        """Take out of the buffer the offered groups this rank runs (in step order) and those it
+        hands to other ranks (in ``decision.given`` order)."""
+        own, given = decision.own_picks(rank), decision.given(rank)
+        taken = self.take([offer.groups[i] for i in own + given])
+        return taken[: len(own)], taken[len(own) :]
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,9 @@ def estimate_steps(loader, probe: int = 256) -> int:
     shards = [
         [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
     ]
-    result = simulate(shards, loader.settings, join=loader.join, seed=loader.seed)
+    result = simulate(
+        shards, loader.settings, join=loader.join, share_tail=loader.share_tail, seed=loader.seed
+    )
     steps = len(result.steps[0]) * n / simulated
     multiple = loader.steps_multiple_of
     return max(1, math.ceil(steps / multiple)) * multiple
@@ -78,7 +80,14 @@ def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
         [_admitted(loader, i, sizes[i]) for i in loader._shard_order(epoch, rank)]
         for rank in range(world)
     ]
-    result = simulate(shards, loader.settings, join=loader.join, seed=loader.seed, epoch=epoch)
+    result = simulate(
+        shards,
+        loader.settings,
+        join=loader.join,
+        share_tail=loader.share_tail,
+        seed=loader.seed,
+        epoch=epoch,
+    )
     steps = len(result.steps[0])
     return -(-steps // loader.steps_multiple_of) * loader.steps_multiple_of
 

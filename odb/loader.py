@@ -73,6 +73,12 @@ class DataLoader:
         join: under torch.distributed, ``True`` (default) emits every sample of every rank,
             with ghost batches (loss weight 0) on ranks that ran out first; ``False`` stops
             all ranks when the first runs out and counts what was dropped.
+        share_tail: under torch.distributed, once every rank has read its whole shard, ranks
+            with more planned batches left hand some to ranks with fewer, so all finish
+            together instead of the others running ghost batches (True, the default; shards of
+            equal sample counts hold unequal tokens). A receiving rank reads those samples
+            again by index, in the main process: a few batches per pass. ``False`` keeps every
+            sample on its own rank.
         shard: split the index order across ranks (default: when torch.distributed is
             initialised; a ``DistributedSampler`` given as ``sampler`` is turned into odb's
             own sharding with its seed, shuffle and rank, without its padding duplicates).
@@ -115,6 +121,7 @@ class DataLoader:
         prefetch_factor: int | None = None,
         persistent_workers: bool = False,
         join: bool = True,
+        share_tail: bool = True,
         shard: bool | None = None,
         align_timeout: float = 1800.0,
         steps_multiple_of: int = 1,
@@ -173,6 +180,7 @@ class DataLoader:
             persistent_workers=persistent_workers and num_workers > 0,
         )
         self.join = bool(join)
+        self.share_tail = bool(share_tail)
         self.steps_multiple_of = positive_int("steps_multiple_of", steps_multiple_of)
         self.shard = shard
         self.align_timeout = float(align_timeout)
@@ -196,6 +204,7 @@ class DataLoader:
             self.num_workers > 0,
             exchange,
             self.join,
+            self.share_tail,
             self.steps_multiple_of,
             self.seed,
             self.dataset,
@@ -239,6 +248,7 @@ class DataLoader:
             "seed": self.seed,
             "dataset_len": len(self.dataset),
             "join": self.join,
+            "share_tail": self.share_tail,
             "steps_multiple_of": self.steps_multiple_of,
         }
 

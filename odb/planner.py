@@ -32,7 +32,7 @@ import numpy as np
 
 from odb.cost import Budget
 
-__all__ = ["Group", "Plan", "Reason", "plan_groups"]
+__all__ = ["Group", "Plan", "Reason", "plan_groups", "shared_group"]
 
 
 class Reason(str, Enum):
@@ -43,6 +43,7 @@ class Reason(str, Enum):
     FILL = "fill"  # good enough: maximal and efficient (padded) / full enough (packed)
     FLUSH = "flush"  # end of the data
     PRESSURE = "pressure"  # the buffer must make room for the next round
+    SHARED = "shared"  # planned on another rank, run here to even out the end of the data
     HELD = "held"
 
 
@@ -151,6 +152,15 @@ def _with_reason(group: Group, reason: Reason) -> Group:
     return Group(
         group.members, group.real_tokens, group.padded_tokens, group.cost, group.quality, reason
     )
+
+
+def shared_group(lengths, patches, budget: Budget) -> Group:
+    """A group another rank planned and handed over, rebuilt from its samples' sizes by the
+    rank that runs it."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    members = np.arange(len(lengths))
+    patches = np.asarray(patches, dtype=np.int64)
+    return _make_group(members, lengths, patches, budget, 1.0, Reason.SHARED)
 
 
 def _make_group(members, lengths, patches, budget, quality, reason) -> Group:

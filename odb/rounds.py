@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from odb.align import FAILED, decide, encode_report
+from odb.align import FAILED, decide, decode_received, encode_given, encode_report
 from odb.batch import StepInfo, attach_step_info
 from odb.buffer import Entry, RoundSettings, SampleBuffer
 from odb.collate import is_per_token
 from odb.cost import Budget, SampleSize, measure_sample
 from odb.errors import OverBudgetError
 from odb.fetch import decode_chunk
-from odb.planner import Reason
+from odb.planner import Reason, shared_group
 from odb.stats import LoaderStats
 
 __all__ = ["PassSetup", "EpochIterator", "refetch_order"]
@@ -53,6 +53,7 @@ class PassSetup:
     decode: bool
     exchange: Any  # LocalExchange or GlooExchange
     join: bool
+    share_tail: bool
     steps_multiple_of: int
     seed: int
     dataset: Any  # for the ghost sample of a rank whose shard is empty
@@ -193,7 +194,13 @@ class EpochIterator:
             raise
         table = setup.exchange.exchange(report)
         rng = np.random.default_rng([setup.seed, self.epoch, self.round])
-        decision = decide(table, max_steps=settings.max_steps, join=setup.join, rng=rng)
+        decision = decide(
+            table,
+            max_steps=settings.max_steps,
+            join=setup.join,
+            rng=rng,
+            share_tail=setup.share_tail,
+        )
         rank = setup.exchange.rank
         if decision.done:
             self.done = True
@@ -201,16 +208,30 @@ class EpochIterator:
                 stats.dropped_samples += len(self.buffer) + self.shard_size - self.consumed
             self._pad_with_ghosts()
             return
-        picks = decision.choice[rank]
-        taken = iter(self.buffer.commit(offer, [int(i) for i in picks if i >= 0]))
-        for j, pick in enumerate(picks.tolist()):
-            ghost = pick < 0
-            if ghost:
-                entries = [self._ghost_entry()]
-                group = None
+        own, given = self.buffer.commit(offer, decision, rank)
+        received = {}
+        if decision.transfers:
+            given_indices = [[entry.index for entry in group] for group in given]
+            gathered = setup.exchange.exchange(encode_given(decision, rank, given_indices))
+            received = decode_received(decision, gathered, rank)
+        try:
+            shared = {step: self._reread(indices) for step, indices in received.items()}
+        except Exception:
+            self._tell_peers_and_stop()
+            raise
+        own_groups = iter(own)
+        for j, pick in enumerate(decision.choice[rank].tolist()):
+            if pick < 0:
+                entries, group = [self._ghost_entry()], None
+            elif j in shared:
+                entries = shared[j]
+                sizes = [entry.size for entry in entries]
+                group = shared_group(
+                    [s.length for s in sizes], [s.vision_patches for s in sizes], settings.budget
+                )
+                stats.shared_groups += 1
             else:
-                entries = next(taken)
-                group = offer.groups[pick]
+                entries, group = next(own_groups), offer.groups[pick]
                 stats.stale_groups += group.reason is Reason.STALE
                 stats.pressure_groups += group.reason is Reason.PRESSURE
             totals = int(decision.global_samples[j]), int(decision.global_label_tokens[j])
@@ -219,6 +240,12 @@ class EpochIterator:
         self.round += 1
         stats.rounds += 1
         stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
+
+    def _reread(self, indices: list[int]) -> list[Entry]:
+        """Samples of a group handed over by another rank, read here by index (in this process:
+        a few groups per pass, at its end)."""
+        dataset = self.setup.dataset
+        return [self._admit(index, dataset[index], count=False) for index in indices]
 
     def _step_info(self, entries, group, global_samples: int, global_label_tokens: int) -> StepInfo:
         exchange = self.setup.exchange

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from odb.align import decide
+from odb.align import decide, decode_received, encode_given
 from odb.buffer import Entry, RoundSettings, SampleBuffer
 from odb.cost import SampleSize
+from odb.planner import shared_group
 
 __all__ = ["SimulatedStep", "Simulation", "simulate"]
 
@@ -40,11 +41,17 @@ class SimulatedStep:
 
 @dataclass(frozen=True)
 class Simulation:
-    """``steps[r]`` is rank r's sequence of steps; ``rounds`` the collectives it took."""
+    """``steps[r]`` is rank r's sequence of steps; ``rounds`` the report exchanges it took,
+    ``transfer_rounds`` those that also handed groups between ranks (a second exchange)."""
 
     steps: list[list[SimulatedStep]]
     rounds: int
     dropped: list[int]
+    transfer_rounds: int = 0
+
+    @property
+    def collectives(self) -> int:
+        return self.rounds + self.transfer_rounds
 
 
 def simulate(
@@ -52,6 +59,7 @@ def simulate(
     settings: RoundSettings,
     *,
     join: bool = True,
+    share_tail: bool = True,
     seed: int = 0,
     epoch: int = 0,
     max_rounds: int | None = None,
@@ -67,7 +75,7 @@ def simulate(
     exhausted = [False] * world
     steps: list[list[SimulatedStep]] = [[] for _ in range(world)]
     dropped = [0] * world
-    round_ = 0
+    round_ = transfer_rounds = 0
     while True:
         if max_rounds is not None and round_ >= max_rounds:
             raise RuntimeError(f"the simulation did not end within {max_rounds} rounds")
@@ -79,31 +87,55 @@ def simulate(
             offers.append(offer)
             reports.append(report)
         rng = np.random.default_rng([seed, epoch, round_])
-        decision = decide(np.stack(reports), max_steps=settings.max_steps, join=join, rng=rng)
+        decision = decide(
+            np.stack(reports),
+            max_steps=settings.max_steps,
+            join=join,
+            rng=rng,
+            share_tail=share_tail,
+        )
         if decision.done:
             if decision.stopped:
                 dropped = [
                     len(b) + sum(1 for _ in s) for b, s in zip(buffers, sources, strict=True)
                 ]
-            return Simulation(steps, round_ + 1, dropped)
+            return Simulation(steps, round_ + 1, dropped, transfer_rounds)
+        committed = [buffers[r].commit(offers[r], decision, r) for r in range(world)]
+        handed = {e.index: e for _, given in committed for group in given for e in group}
+        gathered = None
+        if decision.transfers:
+            rows = [
+                encode_given(decision, r, [[e.index for e in g] for g in committed[r][1]])
+                for r in range(world)
+            ]
+            gathered = np.stack(rows)
+            transfer_rounds += 1
         for rank in range(world):
-            picks = decision.choice[rank].tolist()
-            taken = iter(buffers[rank].commit(offers[rank], [p for p in picks if p >= 0]))
-            for j, pick in enumerate(picks):
+            own = iter(committed[rank][0])
+            shared = decode_received(decision, gathered, rank) if gathered is not None else {}
+            for j, pick in enumerate(decision.choice[rank].tolist()):
                 total_labels = int(decision.global_label_tokens[j])
                 if pick < 0:
                     steps[rank].append(
                         SimulatedStep((), 0.0, 0, 0, 0, total_labels, "ghost", round_)
                     )
                     continue
-                group, entries = offers[rank].groups[pick], next(taken)
+                if j in shared:
+                    entries = [handed[i] for i in shared[j]]
+                    group = shared_group(
+                        [e.size.length for e in entries],
+                        [e.size.vision_patches for e in entries],
+                        settings.budget,
+                    )
+                else:
+                    entries, group = next(own), offers[rank].groups[pick]
                 steps[rank].append(
                     SimulatedStep(
                         tuple(e.index for e in entries),
                         group.cost,
                         group.real_tokens,
                         group.padded_tokens,
-                        offers[rank].label_tokens[pick],
+                        sum(e.size.label_tokens for e in entries),
                         total_labels,
                         group.reason.value,
                         round_,

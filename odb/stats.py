@@ -15,8 +15,9 @@ class LoaderStats:
     tokens over the tokens the batches compute (padding included). ``wait_seconds`` is time
     spent blocked on the user's pipeline (workers), ``plan_seconds`` measuring and planning,
     ``collate_seconds`` collating. ``ghost_steps`` are steps a rank ran on a copy with loss
-    weight 0 because it had no data left while others had; ``dropped_samples`` what non-join
-    mode left out when the first rank ran out.
+    weight 0 because it had no data left while others had; ``shared_groups`` groups it ran
+    that another rank had planned (the end of the data is shared out, see ``share_tail``);
+    ``dropped_samples`` what non-join mode left out when the first rank ran out.
     """
 
     token_budget: float
@@ -29,6 +30,7 @@ class LoaderStats:
     ghost_steps: int = 0
     stale_groups: int = 0
     pressure_groups: int = 0
+    shared_groups: int = 0
     over_budget_solo: int = 0
     over_budget_truncated: int = 0
     dropped_samples: int = 0

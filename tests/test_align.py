@@ -5,7 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odb.align import EXHAUSTED, FAILED, FINISHED, decide, encode_report, report_width
+from odb.align import (
+    EXHAUSTED,
+    FAILED,
+    FINISHED,
+    decide,
+    decode_received,
+    encode_given,
+    encode_report,
+    report_width,
+)
 from odb.buffer import RoundSettings
 from odb.cost import Budget, PackedCost, PaddedCost, SampleSize
 from odb.errors import AlignmentError
@@ -26,10 +35,26 @@ def _row(status=0, costs=(), labels=None, samples=None, buffered=0):
 
 def test_steps_are_the_fewest_offered_by_a_rank_with_data():
     table = _table(_row(costs=[5, 4, 3]), _row(costs=[9, 8]), _row(FINISHED | EXHAUSTED))
-    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=rng, share_tail=False)
     assert decision.steps == 2
     assert (decision.choice[2] == -1).all()  # the finished rank runs ghosts
     assert sorted(decision.choice[0].tolist()) == [0, 1]  # its first two offered groups
+    assert decision.transfers == ()
+
+
+def test_a_finished_rank_runs_groups_other_ranks_leave_for_later():
+    table = _table(_row(costs=[5, 4, 3]), _row(costs=[9, 8]), _row(FINISHED | EXHAUSTED))
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 1  # 5 groups for 3 ranks: one step each; the rest waits
+    assert decision.own_picks(0) == [0] and decision.given(0) == [1]  # 5 is closest to 9
+    assert [(t.recipient, t.donor, t.position) for t in decision.transfers] == [(2, 0, 1)]
+    assert not (decision.choice == -1).any()
+    # a rank still reading input sets the pace; an exhausted one with fewer groups is topped up
+    table = _table(_row(costs=[5, 4, 3]), _row(EXHAUSTED, costs=[9]), _row(costs=[7, 6]))
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 2 and not (decision.choice == -1).any()
+    assert [(t.recipient, t.donor) for t in decision.transfers] == [(1, 0)]
 
 
 def test_step_j_pairs_the_jth_costliest_groups_and_sums_global_counts():
@@ -83,6 +108,42 @@ def test_report_has_a_fixed_width():
         _row(costs=[1] * 5)
 
 
+def test_once_all_ranks_are_exhausted_the_surplus_moves_to_ranks_with_fewer_groups():
+    table = _table(
+        _row(EXHAUSTED, costs=[50, 40, 30, 20], samples=[1, 2, 3, 4]),
+        _row(EXHAUSTED, costs=[45]),
+        _row(FINISHED | EXHAUSTED),
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
+    assert decision.steps == 2  # ceil(5 groups / 3 ranks)
+    assert sorted(decision.own_picks(0)) == [0, 1] and decision.given(0) == [2, 3]
+    moved = {(t.recipient, t.donor, t.position, t.samples) for t in decision.transfers}
+    assert moved == {(1, 0, 2, 3), (2, 0, 3, 4)}
+    assert (decision.choice[2] == -1).sum() == 1  # 5 groups over 6 slots: one ghost
+    assert decision.global_samples.sum() == 1 + 2 + 3 + 4 + 1
+    # the second exchange carries the donor's dataset indices to the recipients
+    rows = [
+        encode_given(decision, r, groups)
+        for r, groups in enumerate([[[7, 8, 9], [3, 1, 4, 6]], [], []])
+    ]
+    assert {len(row) for row in rows} == {7}
+    gathered = np.stack(rows)
+    step = {t.recipient: t.step for t in decision.transfers}
+    assert decode_received(decision, gathered, 1) == {step[1]: [7, 8, 9]}
+    assert decode_received(decision, gathered, 2) == {step[2]: [3, 1, 4, 6]}
+    assert decode_received(decision, gathered, 0) == {}
+
+
+def test_non_join_shares_only_whole_steps_and_then_stops():
+    table = _table(_row(EXHAUSTED, costs=[5, 4, 3]), _row(EXHAUSTED, costs=[9, 8, 7, 6]))
+    decision = decide(table, max_steps=MAX_STEPS, join=False, rng=np.random.default_rng(0))
+    assert decision.steps == 3 and not (decision.choice == -1).any()
+    assert [(t.recipient, t.donor) for t in decision.transfers] == []  # 7 // 2 = 3 each
+    table = _table(_row(EXHAUSTED, costs=[5]), _row(EXHAUSTED, costs=[]))
+    decision = decide(table, max_steps=MAX_STEPS, join=False, rng=np.random.default_rng(0))
+    assert decision.done and decision.stopped
+
+
 def _shards(counts, lengths):
     shards, index = [], 0
     for count in counts:
@@ -96,38 +157,62 @@ def _shards(counts, lengths):
     return shards
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 120), min_size=1, max_size=6),
     lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=50),
     packed=st.booleans(),
     window=st.integers(4, 64),
     join=st.booleans(),
+    share_tail=st.booleans(),
 )
-def test_equal_steps_coverage_and_termination(counts, lengths, packed, window, join):
+def test_equal_steps_coverage_and_termination(counts, lengths, packed, window, join, share_tail):
     budget = Budget(4096, PackedCost() if packed else PaddedCost())
     settings_ = RoundSettings.create(budget, window=window)
     shards = _shards(counts, lengths)
     total = sum(counts)
     # proof in docs/protocol.md: at most max_r N_r rounds with steps, sum_r N_r without, +1
     bound = max(counts) + total + 1
-    result = simulate(shards, settings_, join=join, seed=7, max_rounds=bound)
+    result = simulate(shards, settings_, join=join, share_tail=share_tail, seed=7, max_rounds=bound)
     assert result.rounds <= bound
     steps = {len(rank_steps) for rank_steps in result.steps}
     assert len(steps) == 1, "every rank runs the same number of steps"
+    emitted = [i for rank_steps in result.steps for step in rank_steps for i in step.indices]
+    assert len(emitted) == len(set(emitted)), "nothing emitted twice"
+    if join:
+        assert sorted(emitted) == list(range(total)), "join: every sample of every rank once"
+    else:
+        assert len(emitted) + sum(result.dropped) == total
     for rank, rank_steps in enumerate(result.steps):
-        emitted = [i for step in rank_steps for i in step.indices]
-        assert len(emitted) == len(set(emitted)), "nothing emitted twice"
-        expected = sorted(i for i, _ in shards[rank])
-        if join:
-            assert sorted(emitted) == expected, "join: every sample of every rank once"
-            ghosts = [step.ghost for step in rank_steps]
-            if True in ghosts:  # ghosts only at the tail, once the rank has nothing left
-                assert all(ghosts[ghosts.index(True) :])
-        else:
-            assert not any(step.ghost for step in rank_steps)
-            assert len(emitted) + result.dropped[rank] == len(expected)
-            assert set(emitted) <= set(expected)
+        own = {i for i, _ in shards[rank]}
+        runs_own = [bool(own & set(step.indices)) for step in rank_steps]
+        if not share_tail:
+            assert all(set(step.indices) <= own for step in rank_steps)
+        ghosts = [step.ghost for step in rank_steps]
+        if not join:
+            assert not any(ghosts)
+        elif True in ghosts:  # ghosts only in the round its own samples run out, or later
+            first = rank_steps[ghosts.index(True)].round
+            assert not any(
+                o for o, step in zip(runs_own, rank_steps, strict=True) if step.round > first
+            )
+
+
+def test_shared_tail_ends_unequal_shards_together():
+    # rank 0's samples are 8x longer: with equal sample counts it has 8x the groups to run
+    shards = [
+        [(i, SampleSize(2000, 2)) for i in range(40)],
+        [(40 + i, SampleSize(250, 2)) for i in range(40)],
+    ]
+    settings_ = RoundSettings.create(Budget(4096), window=64)
+    apart = simulate(shards, settings_, share_tail=False)
+    shared = simulate(shards, settings_)
+    assert sum(step.ghost for step in apart.steps[1]) >= 15  # 20 groups against 3
+    assert sum(step.ghost for steps in shared.steps for step in steps) <= 1
+    assert len(shared.steps[0]) == -(-(20 + 3) // 2)
+    handed = [step for step in shared.steps[1] if step.reason == "shared"]
+    assert handed and all(set(step.indices) < set(range(40)) for step in handed)
+    assert shared.transfer_rounds == 1 and shared.collectives == shared.rounds + 1
 
 
 def test_global_label_tokens_sum_the_ranks_batches():

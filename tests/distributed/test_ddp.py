@@ -47,7 +47,8 @@ def _lengths(n, seed=0):
 
 def _check_aligned(results, shards, lengths, *, join=True):
     """Equal steps; per step equal global counts that sum the ranks' batches; budget held;
-    in join mode every sample of every rank once, ghosts only at a rank's tail."""
+    in join mode every sample of every rank once; a rank runs ghosts only once nothing of its
+    own shard is left (it may still run groups handed over at the end)."""
     for r in results:
         assert "error" not in r, r.get("traceback")
     for epoch in range(len(results[0]["epochs"])):
@@ -65,14 +66,22 @@ def _check_aligned(results, shards, lengths, *, join=True):
                 expected = sum(label_tokens(lengths[i]) for i in s["indices"])
                 assert s["local_label_tokens"] == expected
             assert all(s["loss_weight"] == (0.0 if s["ghost"] else 1.0) for s in step)
+        emitted = [i for steps in per_rank for s in steps if not s["ghost"] for i in s["indices"]]
+        assert len(emitted) == len(set(emitted)), "nothing emitted twice"
+        if join and shards is not None:
+            assert sorted(emitted) == sorted(i for shard in shards for i in shard)
         for rank, steps in enumerate(per_rank):
-            emitted = [i for s in steps if not s["ghost"] for i in s["indices"]]
-            assert len(emitted) == len(set(emitted))
-            if join and shards is not None:
-                assert sorted(emitted) == sorted(shards[rank])
+            if shards is None:
+                break
+            mine = set(shards[rank])
+            own = [not s["ghost"] and s["reason"] != "shared" for s in steps]
+            for s, is_own in zip(steps, own, strict=True):
+                if not s["ghost"]:  # its own samples, or a whole group from another rank
+                    assert (set(s["indices"]) <= mine) if is_own else not (set(s["indices"]) & mine)
             ghosts = [s["ghost"] for s in steps]
-            if True in ghosts:
-                assert all(ghosts[ghosts.index(True) :])
+            if True in ghosts:  # only in the round its own samples run out, or later
+                first = steps[ghosts.index(True)]["round"]
+                assert not any(o for o, s in zip(own, steps, strict=True) if s["round"] > first)
     return [[r["epochs"][e] for e in range(len(r["epochs"]))] for r in results]
 
 
@@ -89,14 +98,48 @@ def test_three_ranks_with_100_400_400_samples(tmp_path):
     )
 
 
-def test_a_rank_with_an_empty_shard_runs_only_ghost_steps(tmp_path):
+def test_a_rank_with_an_empty_shard_runs_ghost_steps_until_the_end_is_shared(tmp_path):
     lengths = _lengths(300, seed=1)
     shards = [list(range(300)), []]
-    results = launch(tmp_path, {"lengths": lengths, "per_rank_indices": shards}, 2)
+    config = {"lengths": lengths, "per_rank_indices": shards, "share_tail": False}
+    results = launch(tmp_path, config, 2)
     _check_aligned(results, shards, lengths)
     steps = results[1]["epochs"][0]
     assert steps and all(s["ghost"] for s in steps)
     assert all(s["indices"] == [1] for s in steps)  # it borrows dataset[rank]
+    results = launch(tmp_path, {**config, "share_tail": True}, 2)
+    _check_aligned(results, shards, lengths)
+    steps = results[1]["epochs"][0]
+    assert any(s["reason"] == "shared" for s in steps) and steps[0]["ghost"]
+    assert results[1]["stats"]["shared_groups"] == sum(s["reason"] == "shared" for s in steps)
+
+
+def _skewed(n, seed):
+    """Equal sample counts, unequal work: rank 0 gets 70% of the longer half of the lengths."""
+    lengths = _lengths(n, seed=seed)
+    order = np.argsort(lengths)[::-1].tolist()
+    half, heavy = n // 2, int(0.7 * n // 2)
+    shards = [
+        order[:heavy] + order[half : 2 * half - heavy],
+        order[heavy:half] + order[2 * half - heavy :],
+    ]
+    return lengths, [np.random.default_rng(seed).permutation(s).tolist() for s in shards]
+
+
+def test_the_end_of_unequal_shards_is_shared_so_all_ranks_finish_together(tmp_path):
+    lengths, shards = _skewed(400, seed=11)
+    config = {"lengths": lengths, "per_rank_indices": shards, "num_workers": 2, "window": 64}
+    apart = launch(tmp_path, {**config, "share_tail": False}, 2)
+    _check_aligned(apart, shards, lengths)
+    together = launch(tmp_path, config, 2)
+    _check_aligned(together, shards, lengths)
+    ghost_steps = [
+        sum(s["ghost"] for r in run for s in r["epochs"][0]) for run in (apart, together)
+    ]
+    assert ghost_steps[0] > 30 and ghost_steps[1] <= ghost_steps[0] / 5, ghost_steps
+    assert len(together[0]["epochs"][0]) < len(apart[0]["epochs"][0])
+    received = [s for s in together[1]["epochs"][0] if s["reason"] == "shared"]
+    assert received and all(set(s["indices"]) <= set(shards[0]) for s in received)
 
 
 def test_odb_shards_the_shuffled_order_by_rank(tmp_path):
@@ -193,10 +236,14 @@ def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
     assert survivor["error_time"] - start < 20 + 30  # the timeout, plus start-up
 
 
-@pytest.mark.parametrize("mode", ["padded", "packed"])
-def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode):
-    lengths = _lengths(120, seed=7)
-    shards = [list(range(0, 40)), list(range(40, 120))]  # uneven: rank 0 runs ghost steps
+@pytest.mark.parametrize(
+    ("mode", "split"), [("padded", "uneven"), ("packed", "uneven"), ("packed", "skewed")]
+)
+def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, split):
+    if split == "uneven":  # rank 0 runs out first: ghost steps
+        lengths, shards = _lengths(120, seed=7), [list(range(0, 40)), list(range(40, 120))]
+    else:  # equal counts, unequal work: groups handed over at the end
+        lengths, shards = _skewed(120, seed=7)
     config = {
         "lengths": lengths,
         "per_rank_indices": shards,
@@ -208,7 +255,10 @@ def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode):
     for r in results:
         assert "error" not in r, r.get("traceback")
     assert results[0]["steps"] == results[1]["steps"]
-    assert results[0]["ghosts"] > 0
+    if split == "uneven":
+        assert results[0]["ghosts"] > 0
+    else:
+        assert results[1]["shared"] > 0
     assert results[0]["worst_grad_error"] < 1e-9
 
 
@@ -222,3 +272,16 @@ def test_resume_after_a_restart_continues_with_the_same_batches(tmp_path):
         assert "error" not in rest[rank], rest[rank].get("traceback")
         got = head[rank]["epochs"][0] + rest[rank]["epochs"][0]
         assert got == full[rank]["epochs"][0]
+
+
+def test_resume_inside_the_shared_end_of_the_data(tmp_path):
+    lengths, shards = _skewed(300, seed=12)
+    base = {"lengths": lengths, "per_rank_indices": shards, "num_workers": 2, "window": 64}
+    full = launch(tmp_path, {**base, "scenario": "epoch"}, 2)
+    reasons = [s["reason"] for s in full[1]["epochs"][0]]
+    cut = reasons.index("shared")  # the state then holds a handed-over group not yet run
+    head = launch(tmp_path, {**base, "scenario": "resume", "save_at": cut}, 2)
+    rest = launch(tmp_path, {**base, "scenario": "resume", "load": True}, 2)
+    for rank in range(2):
+        assert "error" not in rest[rank], rest[rank].get("traceback")
+        assert head[rank]["epochs"][0] + rest[rank]["epochs"][0] == full[rank]["epochs"][0]

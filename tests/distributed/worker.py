@@ -57,6 +57,7 @@ def make_loader(config, rank):
         num_workers=config.get("num_workers", 0),
         window=config.get("window", 64),
         join=config.get("join", True),
+        share_tail=config.get("share_tail", True),
         seed=config.get("seed", 0),
         align_timeout=config.get("align_timeout", 60),
     )
@@ -75,6 +76,7 @@ def info_record(batch):
     return {
         "indices": list(info.sample_indices),
         "ghost": info.ghost,
+        "reason": info.reason,
         "step": info.step,
         "round": info.round,
         "local_samples": info.local_samples,
@@ -138,7 +140,7 @@ def run_grads(config, rank, loader):
     reference = tiny_model(vocab=512)  # same init; rank 0 uses it for the single-process gradient
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     dataset, collate = loader.dataset, loader.collate_fn
-    worst, steps, ghosts = 0.0, 0, 0
+    worst, steps, ghosts, shared = 0.0, 0, 0, 0
     for batch in loader:
         info = odb.step_info(batch)
         ddp.zero_grad()
@@ -147,6 +149,7 @@ def run_grads(config, rank, loader):
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, [] if info.ghost else list(info.sample_indices))
         ghosts += info.ghost
+        shared += info.reason == "shared"
         if rank == 0:
             reference.zero_grad()
             total = sum(len(ix) for ix in everyone)
@@ -159,7 +162,7 @@ def run_grads(config, rank, loader):
             for mine, ref in zip(model.parameters(), reference.parameters(), strict=True):
                 worst = max(worst, float((mine.grad - ref.grad).abs().max()))
         steps += 1
-    return {"steps": steps, "worst_grad_error": worst, "ghosts": ghosts}
+    return {"steps": steps, "worst_grad_error": worst, "ghosts": ghosts, "shared": shared}
 
 
 def main():
