@@ -8,6 +8,7 @@ what DDP cares about: equal steps (by construction), how close the ranks' work i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +40,13 @@ class AlignmentResult:
     ``balance``: mean over steps of mean/max cost across ranks (ghost steps count as 0 work);
     ``aggregate_balance``: total work over ``world * sum of per-step maxima`` (the share of
     the ranks' step time spent on real work); the ``steady_`` figure leaves out steps that
-    hold a ghost (the tail of the epoch).
+    hold a ghost (the tail of the epoch). ``share_tail``: whether the end of the data was
+    shared between ranks (the loader's default) or every sample stayed on its rank.
     """
 
     world: int
     mode: str
+    share_tail: bool
     steps: int
     rounds: int
     collectives_per_step: float
@@ -64,9 +67,11 @@ def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
             [(int(i), SampleSize(int(lengths[i]), int(lengths[i]) - 1)) for i in order[r::world]]
             for r in range(world)
         ]
-        for mode, cost in (("padded", PaddedCost()), ("packed", PackedCost())):
+        for (mode, cost), share_tail in itertools.product(
+            (("padded", PaddedCost()), ("packed", PackedCost())), (True, False)
+        ):
             settings = RoundSettings.create(Budget(config.budget, cost), window=config.window)
-            run = simulate(shards, settings, seed=config.seed)
+            run = simulate(shards, settings, seed=config.seed, share_tail=share_tail)
             costs = np.array([[step.cost for step in steps] for steps in run.steps])
             ghosts = np.array([[step.ghost for step in steps] for steps in run.steps])
             peak = costs.max(axis=0)
@@ -77,6 +82,7 @@ def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
                 AlignmentResult(
                     world=world,
                     mode=mode,
+                    share_tail=share_tail,
                     steps=steps,
                     rounds=run.rounds,
                     collectives_per_step=run.collectives / max(steps, 1),
@@ -94,13 +100,14 @@ def alignment_table(config: AlignmentConfig, results: list[AlignmentResult]) -> 
         f"Lognormal lengths (mean {config.mean:g}, CV {config.cv:g}, {config.samples} samples "
         f"split over the ranks), budget {config.budget}, window {config.window}.",
         "",
-        "| ranks | mode | steps | collectives / step | balance (mean of mean/max) "
+        "| ranks | mode | end of data | steps | collectives / step | balance (mean of mean/max) "
         "| aggregate balance | balance without ghost steps | ghost steps |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.world} | {r.mode} | {r.steps} | {r.collectives_per_step:.3f} "
+            f"| {r.world} | {r.mode} | {'shared' if r.share_tail else 'kept per rank'} "
+            f"| {r.steps} | {r.collectives_per_step:.3f} "
             f"| {r.balance:.4f} | {r.aggregate_balance:.4f} | {r.steady_balance:.4f} "
             f"| {r.ghost_share:.2%} |"
         )

@@ -17,6 +17,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
 
 from hf_setup import Recorder, TokenDataset, tiny_model, training_args  # the script's folder
+from tiny import leave_distributed
 
 from odb.adapters.hf import enable
 
@@ -57,7 +58,7 @@ def main() -> None:
     if rank == 0 and recorder.first_grads is not None:
         torch.save(recorder.first_grads, out / "grads.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import trl_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
+from tiny import leave_distributed
 
 OUT = sys.argv[1]
 BUDGET = int(sys.argv[2])
@@ -66,7 +70,7 @@ def main() -> None:
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as file:
         json.dump(record, file)
     dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `synthetic`
 
 from synthetic import LengthDataset
-from tiny import tiny_model
+from tiny import leave_distributed, tiny_model
 
 import odb
 
@@ -184,7 +184,7 @@ def main():
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if "error" not in result:
         dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":
