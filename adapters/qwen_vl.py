@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -552,6 +553,23 @@ class ModelFlops:
         return self.vision_attention_pair * (full + window)
 
 
+_DENSE_ATTENTION = ("sdpa", "eager", None)
+
+
+def _warn_dense_packing(config: Any) -> None:
+    """Packed rows pay off with a varlen attention kernel; without one, transformers turns the
+    row's restarting positions into a dense block-diagonal mask over the whole row, so memory
+    and time grow with the square of the row length (the budget prices them linearly)."""
+    attention = getattr(_text_config(config), "_attn_implementation", None)
+    if attention in _DENSE_ATTENTION:
+        warnings.warn(
+            f"packed rows with attn_implementation={attention!r}: transformers builds a dense "
+            f"row-by-row mask, so attention costs the square of the row length; use "
+            f"flash_attention_2 / flash_attention_3 for packing, or mode='padded'",
+            stacklevel=3,
+        )
+
+
 def _text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
@@ -791,6 +809,7 @@ def collator(
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
     if pad_to_multiple_of is not None:
         raise ConfigError("pad_to_multiple_of applies to padded batches only")
+    _warn_dense_packing(config)
     if not is_vl:
         return odb.PackedCollator(flash_attn_kwargs=flash_attn_kwargs)
     if model_type not in VL_MODEL_TYPES:

@@ -142,7 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"synthetic LLaVA records to train on (default {train.samples})",
     )
     training.add_argument(
-        "--train-budget", type=_positive, default=train.budget, help="token budget per rank"
+        "--train-budget",
+        type=_positive,
+        default=train.budget,
+        help=f"token budget per rank (default {train.budget})",
+    )
+    training.add_argument(
+        "--train-max-length",
+        type=_positive,
+        default=train.max_length,
+        help=f"records longer than this many tokens are left out (default {train.max_length})",
     )
     training.add_argument(
         "--train-world",
@@ -245,6 +254,7 @@ def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> Trai
     config = TrainingConfig(
         samples=args.train_samples or quick.get("train_samples", defaults.samples),
         budget=args.train_budget,
+        max_length=args.train_max_length,
         worlds=tuple(args.train_world or defaults.worlds),
         seed=args.seed,
     )
@@ -264,7 +274,10 @@ def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> Over
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.train and args.train_budget < args.train_max_length:
+        parser.error("--train-budget must be at least --train-max-length")
     config = _planner_config(args)
     multimodal_config = _multimodal_config(args)
     if args.llava is not None and args.set is None:

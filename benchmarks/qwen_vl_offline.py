@@ -153,12 +153,13 @@ def vision_config(hidden: int, patch: int) -> dict[str, Any]:
 
 
 def tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64) -> Any:
-    """A 2-layer Qwen2.5-VL (hidden 64, 4 heads) with a 2-block vision tower, in float32."""
+    """A 2-layer Qwen2.5-VL (hidden 64, 4 heads) with a 2-block vision tower, in float32; the
+    vision windows are the real models' (112 pixels), one of the two blocks attends fully."""
     import transformers
 
     ids = vision_token_ids(tokenizer)
     text = text_config(tokenizer, hidden)
-    vision = {**vision_config(hidden, PATCH), "window_size": 56, "fullatt_block_indexes": [1]}
+    vision = {**vision_config(hidden, PATCH), "window_size": 112, "fullatt_block_indexes": [1]}
     config = transformers.Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,

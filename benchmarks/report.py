@@ -202,7 +202,7 @@ def training_section(result: TrainingResult) -> str:
         f"{data['samples']} synthetic LLaVA records shaped like long-multimodal (real PNG "
         f"images, {data['images_per_sample']:.2f} per record; mean length "
         f"{data['mean_length']:.0f} tokens, CV {data['length_cv']:.2f}; {data['filtered']} "
-        f"over the budget left out), one epoch per loader in its own process, "
+        f"over {config.max_length} tokens left out), one epoch per loader in its own process, "
         f"{config.num_workers} DataLoader workers, torch threads per process: half the cores "
         f"over the processes, token budget {config.budget} per rank, "
         f"seed {config.seed}. `standard`: torch DataLoader with the largest fixed batch size "

@@ -49,12 +49,19 @@ LOADERS = ("standard", "odb-padded", "odb-packed")
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """``samples`` synthetic records, images resized into ``[min_pixels, max_pixels]``, a
-    token ``budget`` per batch (per rank), one epoch per loader and per process count of
-    ``worlds``."""
+    """``samples`` synthetic records, images resized into ``[min_pixels, max_pixels]``,
+    records over ``max_length`` tokens left out (the usual maximum-length filter), a token
+    ``budget`` per batch (per rank), one epoch per loader and per process count of
+    ``worlds``.
+
+    The default budget is four times the maximum length, a common set-up (a per-device batch
+    of 4 at the maximum length), which lets Standard run batches of several samples; with
+    ``budget == max_length`` Standard runs batch size 1 and only odb's fewer steps differ.
+    """
 
     samples: int = 240
-    budget: int = 2048
+    max_length: int = 2048
+    budget: int = 8192
     window: int = 256
     worlds: tuple[int, ...] = (1,)
     loaders: tuple[str, ...] = LOADERS
@@ -63,6 +70,13 @@ class TrainingConfig:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 256
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget < self.max_length:
+            raise ValueError(
+                f"the token budget ({self.budget}) must hold a record of the maximum length "
+                f"({self.max_length})"
+            )
 
 
 @dataclass(frozen=True)
@@ -202,12 +216,12 @@ def _prepare(config: TrainingConfig, folder: Path) -> tuple[dict, np.ndarray]:
     tokenizer = small_tokenizer(folder / "tokenizer")
     images = ImageSettings(config.min_pixels, config.max_pixels)
     processor = tiny_processor(tokenizer, images)
-    # Records over the budget are left out, as a pipeline filtering at the maximum length would.
+    # Records over the maximum length are left out, as a pipeline's length filter would.
     dataset = qwen_vl.LlavaDataset(source, folder / "images", processor)
-    fits = [size.length <= config.budget for size in dataset.estimate_all()]
+    fits = [size.length <= config.max_length for size in dataset.estimate_all()]
     kept = [record for record, fit in zip(dataset.records, fits, strict=True) if fit]
     source.write_text(json.dumps(kept))
-    data = llava_set(source, folder / "images", processor, config.budget)
+    data = llava_set(source, folder / "images", processor, config.max_length)
     order = epoch_order(len(data), config.seed)
     batch_size = standard_batch_size(data.lengths, config.budget, order)
     settings = {**asdict(config), "batch_size": batch_size}

@@ -109,7 +109,9 @@ def test_summary_counts_missing_and_repeated_samples_and_the_slowest_rank():
 
 @pytest.mark.slow
 def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
-    config = TrainingConfig(samples=10, budget=1024, max_pixels=28 * 28 * 64, num_workers=1)
+    config = TrainingConfig(
+        samples=10, max_length=1024, budget=2048, max_pixels=28 * 28 * 64, num_workers=1
+    )
     result = run_training(config, tmp_path / "data")
     assert [r.loader for r in result.runs] == ["standard", "odb padded", "odb packed"]
     samples = result.data["samples"]
@@ -123,3 +125,11 @@ def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
     table = training_section(result)
     assert table.count("\n| ") == 1 + len(result.runs)
     assert plot_training_loss(result, tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
+    with pytest.raises(ValueError, match="maximum length"):
+        TrainingConfig(max_length=2048, budget=1024)
+    with pytest.raises(SystemExit):
+        main(["--train", "--train-budget", "1024", "--train-max-length", "2048"])
+    assert "--train-budget must be at least --train-max-length" in capsys.readouterr().err

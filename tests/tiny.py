@@ -86,10 +86,15 @@ def leave_distributed() -> None:
     After all work is done and the groups are destroyed, torch 2.14 still sometimes aborts
     ("terminate called without an active exception") while the interpreter tears down objects
     that reference a gloo group (DDP's reducer, a Trainer's accelerator). Tests judge what the
-    ranks wrote, so their ranks skip that teardown rather than fail on it.
+    ranks wrote, so their ranks skip that teardown rather than fail on it. Drop every loader
+    first: DataLoader workers still running at this exit are not shut down, and one blocked
+    on a full result queue never exits.
     """
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

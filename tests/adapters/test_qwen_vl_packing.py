@@ -1,6 +1,7 @@
 """Padded and packed batches of the same Qwen-VL samples train identically (tiny models)."""
 
 import pickle
+import warnings
 
 import pytest
 import qwen_vl_tiny
@@ -288,3 +289,15 @@ def test_a_wrapped_model_is_unwrapped(small_tokenizer, folder):
     assert torch.equal(wrapped["position_ids"], direct["position_ids"])
     with pytest.raises(odb.ConfigError, match="transformers model or config"):
         qwen_vl.collator(torch.nn.Linear(2, 2), "packed")
+
+
+def test_packing_without_a_varlen_kernel_warns_about_the_dense_mask():
+    config = _text_config("qwen2")
+    config._attn_implementation = "sdpa"
+    with pytest.warns(UserWarning, match="dense row-by-row mask"):
+        qwen_vl.collator(config, "packed")
+    config._attn_implementation = "flash_attention_2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwen_vl.collator(config, "packed")
+        qwen_vl.collator(config, "padded")

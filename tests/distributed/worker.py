@@ -172,6 +172,7 @@ def main():
     rank = dist.get_rank()
     out = Path(config["out"])
     result = {"rank": rank}
+    loader = None
     try:
         loader = make_loader(config, rank)
         scenario = config.get("scenario", "epoch")
@@ -184,6 +185,7 @@ def main():
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if "error" not in result:
         dist.barrier()
+    loader = None  # shuts down the workers of a pass left unfinished (before the quick exit)
     leave_distributed()
 
 
