@@ -56,7 +56,7 @@ def estimate_steps(loader, probe: int = 256) -> int:
     ]
     simulated = min(n, _SIMULATED_SAMPLES)
     picks = np.random.default_rng([loader.seed, 0x0DB, 1]).integers(0, len(sizes), simulated)
-    world = loader._world().world_size if loader._sharded() else 1
+    world = len(loader.shard_orders(0))
     shards = [
         [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
     ]
@@ -75,10 +75,8 @@ def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
     shards, with its over-budget policy; reads no sample."""
     if len(sizes) != len(loader.dataset):
         raise ConfigError(f"{len(sizes)} sizes given for a dataset of {len(loader.dataset)}")
-    world = loader._world().world_size if loader._sharded() else 1
     shards = [
-        [_admitted(loader, i, sizes[i]) for i in loader._shard_order(epoch, rank)]
-        for rank in range(world)
+        [_admitted(loader, i, sizes[i]) for i in order] for order in loader.shard_orders(epoch)
     ]
     result = simulate(
         shards,

@@ -328,6 +328,13 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return range(len(self.dataset))
 
+    def shard_orders(self, epoch: int) -> list[Iterable[int]]:
+        """Every rank's index order for ``epoch`` as this loader splits the epoch (one order,
+        this process's own, when it does not shard): what planning simulations replay."""
+        if not self._sharded():
+            return [self._shard_order(epoch)]
+        return [self._shard_order(epoch, rank) for rank in range(self._world().world_size)]
+
     def _shard_order(self, epoch: int, rank: int | None = None) -> Iterable[int]:
         """A rank's part of the epoch order (this rank's by default): every world_size-th index
         from its rank. Shards differ by at most one sample; alignment absorbs any difference."""
