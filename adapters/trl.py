@@ -119,6 +119,7 @@ class GRPOBatching:
     max_samples: int | None = None
     max_images: int | None = None
     max_vision_patches: int | None = None
+    max_tokens: int | None = None
     over_budget: str = "error"
     scoring_budget: float | None = None
     align_timeout: float = 1800.0
@@ -141,7 +142,7 @@ class GRPOBatching:
 
     @property
     def caps(self) -> Caps:
-        return Caps(self.max_samples, self.max_images, self.max_vision_patches)
+        return Caps(self.max_samples, self.max_images, self.max_vision_patches, self.max_tokens)
 
     @property
     def budget(self) -> Budget:
@@ -224,6 +225,8 @@ def _solo_rows(sizes: RowSizes, budget: Budget, over_budget: str) -> np.ndarray:
     """Rows that cannot share a forward (over the budget alone); an error unless ``solo``."""
     over = budget.cost.sample_cost(sizes.lengths, sizes.patches) > budget.limit
     caps = budget.caps
+    if caps.max_tokens is not None:
+        over |= sizes.lengths > caps.max_tokens
     if caps.max_images is not None:
         over |= sizes.images > caps.max_images
     if caps.max_vision_patches is not None:

@@ -201,14 +201,17 @@ class PackedCost(ComputeCost):
 
 @dataclass(frozen=True)
 class Caps:
-    """Hard per-batch limits that guard memory whatever the cost model says."""
+    """Hard per-batch limits that guard memory whatever the cost model says. ``max_tokens``
+    bounds the tokens a batch computes (``n * max_len`` padded, ``sum(len)`` packed): with a
+    :class:`ComputeCost` that prices step time, it keeps the activations' memory bounded too."""
 
     max_samples: int | None = None
     max_images: int | None = None
     max_vision_patches: int | None = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_samples", "max_images", "max_vision_patches"):
+        for name in ("max_samples", "max_images", "max_vision_patches", "max_tokens"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
@@ -216,7 +219,8 @@ class Caps:
     @property
     def any(self) -> bool:
         return any(
-            v is not None for v in (self.max_samples, self.max_images, self.max_vision_patches)
+            v is not None
+            for v in (self.max_samples, self.max_images, self.max_vision_patches, self.max_tokens)
         )
 
 
@@ -236,12 +240,21 @@ class Budget:
         if not isinstance(self.cost, ComputeCost):
             raise ConfigError(f"cost must be a ComputeCost, got {type(self.cost).__name__}")
 
+    def longest_text(self) -> int:
+        """The longest sample without images that forms a batch alone (what truncation keeps)."""
+        longest = self.cost.longest_within(self.limit)
+        if self.caps.max_tokens is not None:
+            longest = min(longest, self.caps.max_tokens)
+        return longest
+
     def why_over(self, size: SampleSize) -> str | None:
         """Why one sample alone cannot form a batch, or None if it can."""
         cost = float(self.cost.sample_cost(size.length, size.vision_patches))
         if cost > self.limit:
             return f"length {size.length} (cost {cost:g}) exceeds the token budget {self.limit:g}"
         caps = self.caps
+        if caps.max_tokens is not None and size.length > caps.max_tokens:
+            return f"length {size.length} exceeds max_tokens={caps.max_tokens}"
         if caps.max_images is not None and size.images > caps.max_images:
             return f"{size.images} images exceed max_images={caps.max_images}"
         if caps.max_vision_patches is not None and size.vision_patches > caps.max_vision_patches:

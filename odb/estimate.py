@@ -49,7 +49,7 @@ def estimate_steps(loader, probe: int = 256) -> int:
         return 0
     sizes = probe_sizes(dataset, probe, loader.seed)
     budget = loader.settings.budget
-    longest = budget.cost.longest_within(budget.limit)
+    longest = budget.longest_text()
     sizes = [
         replace(s, length=min(s.length, longest), vision_patches=0) if budget.why_over(s) else s
         for s in sizes
@@ -98,5 +98,5 @@ def _admitted(loader, index: int, size: SampleSize) -> Entry:
     if loader.over_budget == "solo":
         return Entry(int(index), size, solo=True)
     if loader.over_budget == "truncate" and size.images == 0:
-        return Entry(int(index), replace(size, length=budget.cost.longest_within(budget.limit)))
+        return Entry(int(index), replace(size, length=budget.longest_text()))
     raise ConfigError(f"sample {index} is over the budget and over_budget={loader.over_budget!r}")

@@ -65,7 +65,9 @@ class DataLoader:
             ``"solo"`` emits it alone (counted), ``"truncate"`` cuts its per-token fields to
             fit (text-only samples).
         cost: a :class:`~odb.ComputeCost` replacing the mode's token cost.
-        max_samples, max_images, max_vision_patches: hard caps per batch.
+        max_samples, max_images, max_vision_patches, max_tokens: hard caps per batch
+            (``max_tokens``: tokens computed, padding included; with a ``cost`` pricing step
+            time it keeps memory bounded).
         fill_threshold: how good a group must be to leave without waiting (padding efficiency
             of a maximal padded group; budget fill of a packed row).
         max_wait: rounds after which a buffered sample is forced out.
@@ -110,6 +112,7 @@ class DataLoader:
         max_samples: int | None = None,
         max_images: int | None = None,
         max_vision_patches: int | None = None,
+        max_tokens: int | None = None,
         fill_threshold: float | None = None,
         max_wait: int | None = None,
         fetch_size: int | None = None,
@@ -148,7 +151,9 @@ class DataLoader:
                 f"cost {cost!r} prices {'padded' if cost.padded else 'packed'} batches but "
                 f"mode={mode!r}; use ComputeCost(padded={mode == 'padded'}, ...)"
             )
-        budget = Budget(token_budget, cost, Caps(max_samples, max_images, max_vision_patches))
+        budget = Budget(
+            token_budget, cost, Caps(max_samples, max_images, max_vision_patches, max_tokens)
+        )
         self.settings = RoundSettings.create(budget, window, round_size, fill_threshold, max_wait)
         self.budget = budget
         self.mode = mode

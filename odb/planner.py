@@ -192,7 +192,7 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
         or caps.max_images is not None
         or (caps.max_vision_patches is not None)
     )
-    max_samples = caps.max_samples
+    max_samples, max_tokens = caps.max_samples, caps.max_tokens
     attention = cost_model.attention_weight
     total = len(order)
     groups = []
@@ -202,6 +202,8 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
         longest = sorted_list[start]
         row_cost = longest * (1.0 + attention * longest)
         room = int(limit // row_cost)  # rows that fit by tokens alone
+        if max_tokens is not None:
+            room = min(room, max_tokens // longest)
         size = max(1, min(total - start, room, max_samples or total))
         group_patches = int(cum_patches[start + size] - cum_patches[start])
         if vision_bound and size > 1:
@@ -212,7 +214,11 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
         real = cum_len[end] - cum_len[start]
         padded = size * longest
         grow_cost = float(cost_model.group_cost(size + 1, longest, 0, 0, group_patches))
-        can_grow = (max_samples is None or size < max_samples) and grow_cost <= limit
+        can_grow = (
+            (max_samples is None or size < max_samples)
+            and (max_tokens is None or (size + 1) * longest <= max_tokens)
+            and grow_cost <= limit
+        )
         maximal = end < total or not can_grow  # the next sample would not fit, or none could
         quality = real / padded
         ready = final or (maximal and quality >= fill_threshold)
@@ -244,13 +250,15 @@ def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, fina
     item_cost = cost_model.sample_cost(lengths[order], patches[order]).tolist()
     item_patches = patches[order].tolist()
     item_images = images[order].tolist()
+    item_tokens = lengths[order].tolist()
     bins: list[list[int]] = []  # item ranks per bin
     bin_patches: list[int] = []
     bin_images: list[int] = []
+    bin_tokens: list[int] = []
     room_keys: list[float] = []  # free room of each open bin, sorted ascending
     room_bins: list[int] = []  # bin id for each entry of room_keys
     max_samples, max_images = caps.max_samples, caps.max_images
-    max_patches = caps.max_vision_patches
+    max_patches, max_tokens = caps.max_vision_patches, caps.max_tokens
     for rank, cost in enumerate(item_cost):
         slot = bisect.bisect_left(room_keys, cost)
         while slot < len(room_keys):
@@ -259,6 +267,7 @@ def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, fina
                 (max_samples is None or len(bins[b]) < max_samples)
                 and (max_images is None or bin_images[b] + item_images[rank] <= max_images)
                 and (max_patches is None or bin_patches[b] + item_patches[rank] <= max_patches)
+                and (max_tokens is None or bin_tokens[b] + item_tokens[rank] <= max_tokens)
             ):
                 break
             slot += 1
@@ -270,10 +279,12 @@ def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, fina
             bins.append([])
             bin_patches.append(0)
             bin_images.append(0)
+            bin_tokens.append(0)
             room = limit - cost
         bins[b].append(rank)
         bin_patches[b] += item_patches[rank]
         bin_images[b] += item_images[rank]
+        bin_tokens[b] += item_tokens[rank]
         slot = bisect.bisect_left(room_keys, room)
         room_keys.insert(slot, room)
         room_bins.insert(slot, b)

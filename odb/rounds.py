@@ -350,7 +350,7 @@ class EpochIterator:
 
 def _truncate(sample: Mapping, size: SampleSize, budget: Budget, index: int):
     """Cut every per-token field of a text-only sample to the longest length that fits."""
-    keep = min(budget.cost.longest_within(budget.limit), size.length)
+    keep = min(budget.longest_text(), size.length)
     if keep < 1:
         raise OverBudgetError(index, "the budget is too small for even one token")
     cut = dict(sample)

@@ -161,6 +161,19 @@ def test_over_budget_truncate_cuts_per_token_fields():
     assert loader.stats().over_budget_truncated == 1
 
 
+def test_max_tokens_caps_batches_and_truncation():
+    cost = odb.ComputeCost(padded=True, attention_weight=1e-3)
+    lengths = [40] * 30 + [500]
+    loader = odb.DataLoader(
+        LengthDataset(lengths), 5000, cost=cost, max_tokens=200, over_budget="truncate"
+    )
+    infos = [odb.step_info(batch) for batch in loader]
+    assert all(info.padded_tokens <= 200 for info in infos)
+    assert sorted(i for info in infos for i in info.sample_indices) == list(range(31))
+    long = next(info for info in infos if 30 in info.sample_indices)
+    assert long.real_tokens == 200 and loader.stats().over_budget_truncated == 1
+
+
 def test_truncate_refuses_samples_with_images():
     dataset = LengthDataset([10, 300], images=[0, 1])
     with pytest.raises(OverBudgetError, match="cannot cut a sample with images"):

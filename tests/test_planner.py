@@ -52,16 +52,18 @@ samples = st.lists(st.tuples(st.integers(1, 600), st.integers(0, 3)), min_size=0
     limit=st.integers(1000, 5000),
     max_samples=st.one_of(st.none(), st.integers(1, 12)),
     max_images=st.one_of(st.none(), st.integers(3, 8)),
+    max_tokens=st.one_of(st.none(), st.integers(600, 3000)),
     final=st.booleans(),
     keep=st.integers(0, 300),
 )
 def test_plan_covers_every_sample_once_within_budget_and_caps(
-    items, cost, limit, max_samples, max_images, final, keep
+    items, cost, limit, max_samples, max_images, max_tokens, final, keep
 ):
     lengths = [n for n, _ in items]
     images = [k for _, k in items]
     patches = [16 * k for k in images]
-    budget = Budget(limit, COSTS[cost], Caps(max_samples=max_samples, max_images=max_images))
+    caps = Caps(max_samples=max_samples, max_images=max_images, max_tokens=max_tokens)
+    budget = Budget(limit, COSTS[cost], caps)
     plan = _plan(lengths, budget, patches=patches, images=images, final=final, keep=keep)
 
     members = np.concatenate([g.members for g in plan.groups]) if plan.groups else []
@@ -71,6 +73,7 @@ def test_plan_covers_every_sample_once_within_budget_and_caps(
         assert _true_cost(budget, group_lengths, np.asarray(patches)[group.members]) <= limit
         assert max_samples is None or len(group.members) <= max_samples
         assert max_images is None or np.asarray(images)[group.members].sum() <= max_images
+        assert max_tokens is None or group.padded_tokens <= max_tokens
         assert group.real_tokens == group_lengths.sum()
     assert all(g.ready for g in plan.groups[: plan.n_ready])
     assert not any(g.ready for g in plan.groups[plan.n_ready :])
@@ -198,3 +201,20 @@ def test_emission_order_within_a_round_is_shuffled_by_seed():
     # not a length curriculum: within the first round's steps, longest rows are not all first
     first_max = [max(lengths[i] for i in g) for g in a[:20]]
     assert first_max != sorted(first_max, reverse=True)
+
+
+def test_max_tokens_bounds_memory_under_a_compute_priced_budget():
+    # attention priced in: long rows cost more than their tokens, short rows barely more, so
+    # without a token cap a budget of 3000 admits 14 rows of 200 tokens = 2800 tokens and
+    # the cap of 1000 must cut that to 5 rows
+    cost = ComputeCost(padded=True, attention_weight=1e-4)
+    free = _plan([200] * 14, Budget(3000, cost), fill_threshold=0.0, final=True)
+    assert [len(g.members) for g in free.groups] == [14]
+    capped = _plan([200] * 14, Budget(3000, cost, Caps(max_tokens=1000)), final=True)
+    assert [len(g.members) for g in capped.groups] == [5, 5, 4]
+    packed = ComputeCost(padded=False, attention_weight=1e-4)
+    rows = _plan([300, 300, 300, 300], Budget(3000, packed, Caps(max_tokens=700)), final=True)
+    assert sorted(g.real_tokens for g in rows.groups) == [600, 600]
+    budget = Budget(3000, cost, Caps(max_tokens=1000))
+    assert "max_tokens=1000" in budget.why_over(SampleSize(1200, 1))
+    assert budget.longest_text() == 1000
