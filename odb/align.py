@@ -2,17 +2,20 @@
 
 Each round, every rank offers the groups it could emit now and sends ONE fixed-size int64
 report to all ranks (``all_gather``); every rank then computes the same :func:`decide` from the
-gathered table, so no second collective is ever needed and no rank can skip one::
+gathered table, so no rank can skip a collective::
 
     rank 0 report: [status, offered=5, buffered, costs(5) ..., label tokens(5) ..., samples(5) ...]
     rank 1 report: [status, offered=3, buffered, costs(3) ..., label tokens(3) ..., samples(3) ...]
                             \\ all_gather: every rank holds the same table /
-    decide:  T = min offered over ranks with data = 3
+    decide:  T = min offered over ranks still reading input = 3
              each rank runs T of its offered groups (those that must go now first, then the
              ones closest in cost to the bottleneck rank's), sorted by cost, so step j pairs
              the j-th costliest group of every rank; the T steps then run in one shared random order
              (seed, epoch, round); a rank with no data left runs ghost steps (weight 0)
 
+Near the end of the data, ranks that will read no more run other ranks' surplus groups
+instead of ghost steps (``share_tail``); those rounds add two exchanges, the groups' dataset
+indices and the recipients' verdicts (:func:`encode_given`, :func:`encode_verdict`).
 One process is the same protocol with a table of one row and no collective. The proof that
 steps stay equal, every sample is emitted once and passes end is in docs/protocol.md.
 """
@@ -20,8 +23,9 @@ steps stay equal, every sample is emitted once and passes end is in docs/protoco
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -39,6 +43,8 @@ __all__ = [
     "decide",
     "encode_given",
     "decode_received",
+    "encode_verdict",
+    "read_verdict",
     "LocalExchange",
     "GlooExchange",
 ]
@@ -91,6 +97,7 @@ class Transfer:
     donor: int
     position: int
     samples: int
+    label_tokens: int
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,14 @@ def decide(
     samples = np.where(real, picked[..., 2], 0).sum(axis=0)
     recipients, steps_at = np.nonzero(real & (owner != np.arange(world)[:, None]))
     transfers = tuple(
-        Transfer(int(r), int(j), int(owner[r, j]), int(choice[r, j]), int(picked[r, j, 2]))
+        Transfer(
+            recipient=int(r),
+            step=int(j),
+            donor=int(owner[r, j]),
+            position=int(choice[r, j]),
+            samples=int(picked[r, j, 2]),
+            label_tokens=int(picked[r, j, 1]),
+        )
         for r, j in zip(recipients, steps_at, strict=True)
     )
     return Decision(steps, owner, choice, samples, label_tokens, costs, False, False, transfers)
@@ -221,6 +235,34 @@ def decode_received(decision: Decision, table: np.ndarray, rank: int) -> dict[in
     return received
 
 
+def encode_verdict(
+    decision: Decision, failed: bool, label_tokens: Mapping[int, int] = MappingProxyType({})
+) -> np.ndarray:
+    """A rank's row of a transfer round's last exchange, after it read the groups it received:
+    whether that failed, and for each step the label tokens it found minus those the donor
+    reported (``label_tokens[step]`` for its received groups; a dataset whose samples vary
+    between reads, e.g. random augmentation, changes them), so every rank can correct the
+    step's global count before training on it."""
+    row = np.zeros(1 + decision.steps, dtype=np.int64)
+    row[0] = FAILED if failed else 0
+    for t in decision.transfers:
+        if t.step in label_tokens:
+            row[1 + t.step] = label_tokens[t.step] - t.label_tokens
+    return row
+
+
+def read_verdict(table: np.ndarray) -> np.ndarray:
+    """The per-step corrections of the global label tokens, from the gathered verdicts; raises
+    :class:`AlignmentError` on every rank when any rank could not read what it received."""
+    failed = np.flatnonzero(table[:, 0] & FAILED)
+    if failed.size:
+        raise AlignmentError(
+            f"rank(s) {failed.tolist()} could not read the samples handed over to them; see "
+            f"their logs for the error (the other ranks stop here instead of waiting)"
+        )
+    return table[:, 1:].sum(axis=0)
+
+
 def _ended(world: int, stopped: bool) -> Decision:
     empty = np.zeros((world, 0), dtype=np.int64)
     return Decision(0, empty, empty, empty[0], empty[0], empty, True, stopped)
@@ -251,16 +293,25 @@ def _matched_runs(
 
 def _hand_over_surplus(runs: _Runs, offered: np.ndarray, steps: int) -> _Runs:
     """Fill the steps a rank has no group of its own for with groups other ranks offered but
-    do not run this round (lowest rank and earliest offer position first), instead of ghosts.
-    Once every rank is exhausted this is the whole of what is left: all finish together."""
+    do not run this round (lowest donor rank and earliest offer position first), instead of
+    ghosts: each goes to the rank missing the most steps (lowest rank on ties), so the
+    ghosts that remain are spread as evenly as they can be. Once every rank is exhausted
+    this is the whole of what is left."""
     surplus = [
         (donor, int(p))
         for donor, (_, positions) in enumerate(runs)
         for p in np.setdiff1d(np.arange(offered[donor]), positions)
     ]
+    missing = [steps - len(owners) for owners, _ in runs]
+    received: list[list[tuple[int, int]]] = [[] for _ in runs]
+    for group in surplus:
+        rank = max(range(len(runs)), key=lambda r: (missing[r], -r))
+        if missing[rank] == 0:
+            break
+        received[rank].append(group)
+        missing[rank] -= 1
     topped: _Runs = []
-    for owners, positions in runs:
-        taken, surplus = surplus[: steps - len(owners)], surplus[steps - len(owners) :]
+    for (owners, positions), taken in zip(runs, received, strict=True):
         owners = np.concatenate([owners, [d for d, _ in taken]]).astype(np.int64)
         positions = np.concatenate([positions, [p for _, p in taken]]).astype(np.int64)
         topped.append((owners, positions))

@@ -26,12 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from odb.align import FAILED, decide, decode_received, encode_given, encode_report
+from odb.align import (
+    FAILED,
+    decide,
+    decode_received,
+    encode_given,
+    encode_report,
+    encode_verdict,
+    read_verdict,
+)
 from odb.batch import StepInfo, attach_step_info
 from odb.buffer import Entry, RoundSettings, SampleBuffer
 from odb.collate import is_per_token
 from odb.cost import Budget, SampleSize, measure_sample
-from odb.errors import OverBudgetError
+from odb.errors import AlignmentError, OverBudgetError
 from odb.fetch import decode_chunk
 from odb.planner import Reason, shared_group
 from odb.stats import LoaderStats
@@ -189,6 +197,8 @@ class EpochIterator:
             if not self.exhausted:
                 self.exhausted = self.buffer.refill(settings, self._pull)
             offer, report = self.buffer.prepare(settings, exhausted=self.exhausted)
+            if self.exhausted and self.ghost is None and self._may_run_ghosts():
+                self._ghost_entry()  # a rank whose shard was empty reads its ghost sample now
         except Exception:
             self._tell_peers_and_stop()
             raise
@@ -209,16 +219,9 @@ class EpochIterator:
             self._pad_with_ghosts()
             return
         own, given = self.buffer.commit(offer, decision, rank)
-        received = {}
+        shared, label_fix = {}, np.zeros(decision.steps, dtype=np.int64)
         if decision.transfers:
-            given_indices = [[entry.index for entry in group] for group in given]
-            gathered = setup.exchange.exchange(encode_given(decision, rank, given_indices))
-            received = decode_received(decision, gathered, rank)
-        try:
-            shared = {step: self._reread(indices) for step, indices in received.items()}
-        except Exception:
-            self._tell_peers_and_stop()
-            raise
+            shared, label_fix = self._receive_shared(decision, given)
         own_groups = iter(own)
         for j, pick in enumerate(decision.choice[rank].tolist()):
             if pick < 0:
@@ -234,18 +237,41 @@ class EpochIterator:
                 entries, group = next(own_groups), offer.groups[pick]
                 stats.stale_groups += group.reason is Reason.STALE
                 stats.pressure_groups += group.reason is Reason.PRESSURE
-            totals = int(decision.global_samples[j]), int(decision.global_label_tokens[j])
+            totals = (
+                int(decision.global_samples[j]),
+                int(decision.global_label_tokens[j] + label_fix[j]),
+            )
             self.pending.append((entries, self._step_info(entries, group, *totals)))
             self.step += 1
         self.round += 1
         stats.rounds += 1
         stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
 
-    def _reread(self, indices: list[int]) -> list[Entry]:
-        """Samples of a group handed over by another rank, read here by index (in this process:
-        a few groups per pass, at its end)."""
-        dataset = self.setup.dataset
-        return [self._admit(index, dataset[index], count=False) for index in indices]
+    def _receive_shared(self, decision, given):
+        """A transfer round's two further exchanges: the donors' dataset indices, then, once
+        each recipient has read its groups again by index (in this process: a few groups per
+        pass, at its end), whether that worked and how their label tokens differ from what the
+        donors reported. Every rank raises together if any read failed, before any of the
+        round's steps runs, so no rank is left waiting in a training collective."""
+        exchange, rank = self.setup.exchange, self.setup.exchange.rank
+        given_indices = [[entry.index for entry in group] for group in given]
+        gathered = exchange.exchange(encode_given(decision, rank, given_indices))
+        dataset, shared, failure = self.setup.dataset, {}, None
+        try:
+            for step, indices in decode_received(decision, gathered, rank).items():
+                shared[step] = [self._admit(i, dataset[i], count=False) for i in indices]
+        except Exception as error:
+            failure = error
+        labels = {step: sum(e.size.label_tokens for e in group) for step, group in shared.items()}
+        verdicts = exchange.exchange(encode_verdict(decision, failure is not None, labels))
+        if failure is not None:
+            self.done = True
+            raise failure
+        try:
+            return shared, read_verdict(verdicts)
+        except AlignmentError:
+            self.done = True
+            raise
 
     def _step_info(self, entries, group, global_samples: int, global_label_tokens: int) -> StepInfo:
         exchange = self.setup.exchange
@@ -284,6 +310,9 @@ class EpochIterator:
             ghost = [self._ghost_entry()]
             self.pending.append((ghost, self._step_info(ghost, None, 0, 0)))
             self.step += 1
+
+    def _may_run_ghosts(self) -> bool:
+        return self.setup.exchange.world_size > 1 and len(self.setup.dataset) > 0
 
     def _ghost_entry(self) -> Entry:
         """A copy of one of this rank's samples; a rank whose shard is empty borrows one."""

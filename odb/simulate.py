@@ -42,7 +42,8 @@ class SimulatedStep:
 @dataclass(frozen=True)
 class Simulation:
     """``steps[r]`` is rank r's sequence of steps; ``rounds`` the report exchanges it took,
-    ``transfer_rounds`` those that also handed groups between ranks (a second exchange)."""
+    ``transfer_rounds`` those that also handed groups between ranks (two more exchanges:
+    the indices, then the recipients' verdicts, which simulated ranks need not send)."""
 
     steps: list[list[SimulatedStep]]
     rounds: int
@@ -51,7 +52,7 @@ class Simulation:
 
     @property
     def collectives(self) -> int:
-        return self.rounds + self.transfer_rounds
+        return self.rounds + 2 * self.transfer_rounds
 
 
 def simulate(

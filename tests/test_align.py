@@ -116,21 +116,20 @@ def test_once_all_ranks_are_exhausted_the_surplus_moves_to_ranks_with_fewer_grou
     )
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
     assert decision.steps == 2  # ceil(5 groups / 3 ranks)
-    assert sorted(decision.own_picks(0)) == [0, 1] and decision.given(0) == [2, 3]
+    assert sorted(decision.own_picks(0)) == [0, 1] and sorted(decision.given(0)) == [2, 3]
     moved = {(t.recipient, t.donor, t.position, t.samples) for t in decision.transfers}
-    assert moved == {(1, 0, 2, 3), (2, 0, 3, 4)}
-    assert (decision.choice[2] == -1).sum() == 1  # 5 groups over 6 slots: one ghost
+    assert moved == {(2, 0, 2, 3), (1, 0, 3, 4)}  # the rank missing most steps is served first
+    assert (decision.choice == -1).sum() == 1  # 5 groups over 6 slots: one ghost
     assert decision.global_samples.sum() == 1 + 2 + 3 + 4 + 1
     # the second exchange carries the donor's dataset indices to the recipients
-    rows = [
-        encode_given(decision, r, groups)
-        for r, groups in enumerate([[[7, 8, 9], [3, 1, 4, 6]], [], []])
-    ]
+    members = {2: [7, 8, 9], 3: [3, 1, 4, 6]}
+    given = [[members[p] for p in decision.given(r)] for r in range(3)]
+    rows = [encode_given(decision, r, groups) for r, groups in enumerate(given)]
     assert {len(row) for row in rows} == {7}
     gathered = np.stack(rows)
     step = {t.recipient: t.step for t in decision.transfers}
-    assert decode_received(decision, gathered, 1) == {step[1]: [7, 8, 9]}
-    assert decode_received(decision, gathered, 2) == {step[2]: [3, 1, 4, 6]}
+    assert decode_received(decision, gathered, 1) == {step[1]: [3, 1, 4, 6]}
+    assert decode_received(decision, gathered, 2) == {step[2]: [7, 8, 9]}
     assert decode_received(decision, gathered, 0) == {}
 
 
@@ -212,7 +211,7 @@ def test_shared_tail_ends_unequal_shards_together():
     assert len(shared.steps[0]) == -(-(20 + 3) // 2)
     handed = [step for step in shared.steps[1] if step.reason == "shared"]
     assert handed and all(set(step.indices) < set(range(40)) for step in handed)
-    assert shared.transfer_rounds == 1 and shared.collectives == shared.rounds + 1
+    assert shared.transfer_rounds == 1 and shared.collectives == shared.rounds + 2
 
 
 def test_global_label_tokens_sum_the_ranks_batches():
@@ -238,3 +237,15 @@ def test_a_rank_with_more_groups_offers_those_closest_in_cost_and_all_that_must_
     for j in range(decision.steps):
         pair = {int(decision.costs[0, j]), int(decision.costs[1, j])}
         assert pair in ({100, 90}, {50, 10})
+
+
+def test_remaining_ghosts_go_to_different_ranks():
+    # two exhausted ranks with 4 groups each, three finished ones: 8 groups, 5 ranks, 2 steps
+    table = _table(
+        _row(EXHAUSTED, costs=[9, 8, 7, 6]),
+        _row(EXHAUSTED, costs=[9, 8, 7, 6]),
+        *[_row(FINISHED | EXHAUSTED)] * 3,
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 2
+    assert sorted((decision.choice == -1).sum(axis=1).tolist()) == [0, 0, 0, 1, 1]

@@ -285,3 +285,43 @@ def test_resume_inside_the_shared_end_of_the_data(tmp_path):
     for rank in range(2):
         assert "error" not in rest[rank], rest[rank].get("traceback")
         assert head[rank]["epochs"][0] + rest[rank]["epochs"][0] == full[rank]["epochs"][0]
+
+
+def test_a_rank_that_cannot_read_a_handed_over_group_stops_every_rank_at_once(tmp_path):
+    lengths, shards = _skewed(400, seed=11)
+    config = {
+        "lengths": lengths,
+        "per_rank_indices": shards,
+        "num_workers": 2,
+        "window": 64,
+        "reread_fault": "raise",
+        "align_timeout": 120,
+    }
+    start = time.time()
+    results = launch(tmp_path, config, 2)
+    assert results[1]["error"].startswith("OSError: cannot read sample")
+    assert results[0]["error"].startswith("AlignmentError: rank(s) [1] could not read")
+    assert max(r["error_time"] for r in results) - start < 60  # not the 120 s timeout
+
+
+def test_global_label_tokens_count_what_the_recipient_read(tmp_path):
+    lengths, shards = _skewed(400, seed=11)
+    config = {
+        "lengths": lengths,
+        "per_rank_indices": shards,
+        "num_workers": 2,
+        "window": 64,
+        "reread_fault": "labels",
+    }
+    results = launch(tmp_path, config, 2)
+    steps = list(zip(*(r["epochs"][0] for r in results), strict=True))
+    shared = [step for step in steps if any(s["reason"] == "shared" for s in step)]
+    assert shared
+    for step in steps:
+        real = [s for s in step if not s["ghost"]]
+        assert {s["global_label_tokens"] for s in step} == {
+            sum(s["local_label_tokens"] for s in real)
+        }
+    for step in shared:  # the re-read samples carry one label token fewer each
+        s = next(s for s in step if s["reason"] == "shared")
+        assert s["local_label_tokens"] == sum(label_tokens(lengths[i]) - 1 for i in s["indices"])

@@ -9,6 +9,8 @@ Scenarios:
 - ``resume``: iterate; at ``save_at`` write the state and stop (or, with ``load``, restore it
   first and iterate to the end).
 - ``die``: rank ``victim`` exits abruptly after ``after`` batches; the others keep iterating.
+
+``reread_fault`` makes samples read outside the workers (handed-over groups) fail or differ.
 """
 
 from __future__ import annotations
@@ -46,10 +48,30 @@ class FailingDataset(LengthDataset):
         return sample
 
 
+class RereadDataset(LengthDataset):
+    """Reads differently outside the DataLoader workers (where odb reads handed-over samples
+    again): ``"raise"`` fails there, ``"labels"`` masks one more label token (as a random
+    augmentation might change a sample between reads)."""
+
+    def __init__(self, lengths, fault):
+        super().__init__(lengths)
+        self.fault = fault
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        if torch.utils.data.get_worker_info() is None:
+            if self.fault == "raise":
+                raise OSError(f"cannot read sample {index} here")
+            sample["labels"][-1] = -100
+        return sample
+
+
 def make_loader(config, rank):
     lengths = config["lengths"]
     if config.get("bad_index") is not None:
         dataset = FailingDataset(lengths, config["bad_index"])
+    elif config.get("reread_fault"):
+        dataset = RereadDataset(lengths, config["reread_fault"])
     else:
         dataset = LengthDataset(lengths)
     options = dict(
