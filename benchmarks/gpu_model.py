@@ -25,9 +25,13 @@ synchronisation cost. A DDP step lasts as long as its slowest rank.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from odb.adapters.qwen_vl import ModelFlops, model_flops
 
 __all__ = [
     "H100",
@@ -50,7 +54,8 @@ class ModelSpec:
     ``head_dim`` e, gated MLP ``intermediate`` f, ``vocab`` V. Vision tower: ``vision_hidden``
     c, ``vision_depth`` D, MLP ``vision_intermediate`` g (not gated), ``patch`` p,
     ``temporal_patch`` t, ``merge`` m, output ``hidden``; one merger plus one per
-    ``deepstack`` layer, each ``m*m*c -> m*m*c -> d``.
+    ``deepstack`` layer. The counting itself is :func:`odb.adapters.qwen_vl.model_flops` on
+    :meth:`config`, the same that prices batches for training.
     """
 
     name: str
@@ -70,40 +75,51 @@ class ModelSpec:
     temporal_patch: int = 2
     merge: int = 2
     position_embeddings: int = 2304
+    vision_heads: int = 16
 
-    @property
-    def lm_layer_params(self) -> int:
-        d, e = self.hidden, self.head_dim
-        return d * e * (2 * self.heads + 2 * self.kv_heads) + 3 * d * self.intermediate
+    def config(self) -> Any:
+        """The model's transformers ``Qwen3VLConfig``."""
+        import transformers
 
-    @property
-    def lm_params_per_token(self) -> int:
-        """Language-model matrix weights each token goes through: every layer and the head."""
-        return self.layers * self.lm_layer_params + self.hidden * self.vocab
+        text = {
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate,
+            "vocab_size": self.vocab,
+        }
+        vision = {
+            "hidden_size": self.vision_hidden,
+            "depth": self.vision_depth,
+            "num_heads": self.vision_heads,
+            "intermediate_size": self.vision_intermediate,
+            "out_hidden_size": self.hidden,
+            "deepstack_visual_indexes": list(range(self.deepstack)),
+            "patch_size": self.patch,
+            "temporal_patch_size": self.temporal_patch,
+            "spatial_merge_size": self.merge,
+            "num_position_embeddings": self.position_embeddings,
+        }
+        return transformers.Qwen3VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=self.tied_embeddings
+        )
 
-    @property
-    def vision_parts(self) -> tuple[int, int, int]:
-        """Weights of the vision blocks, of the patch embedding and of one merger."""
-        c, wide = self.vision_hidden, self.merge**2 * self.vision_hidden
-        blocks = self.vision_depth * (4 * c * c + 2 * c * self.vision_intermediate)
-        embed = 3 * self.temporal_patch * self.patch**2 * c
-        merger = wide * wide + wide * self.hidden
-        return blocks, embed, merger
+    @functools.cached_property
+    def flops(self) -> ModelFlops:
+        """Forward FLOPs per token, attention pair, patch and image patch pair."""
+        return model_flops(self.config())
 
-    @property
-    def vision_params_per_patch(self) -> int:
-        """Vision matrix weights per patch; a merger's weights serve ``m*m`` patches at once."""
-        blocks, embed, merger = self.vision_parts
-        return blocks + embed + (1 + self.deepstack) * merger // self.merge**2
-
-    @property
+    @functools.cached_property
     def params(self) -> int:
-        """All matrix and embedding weights (norms and biases, under 0.1%, left out)."""
-        blocks, embed, merger = self.vision_parts
-        vision = blocks + embed + (1 + self.deepstack) * merger
-        vision += self.position_embeddings * self.vision_hidden
-        embeddings = self.hidden * self.vocab * (1 if self.tied_embeddings else 2)
-        return self.layers * self.lm_layer_params + embeddings + vision
+        """All weights, counted on the model built on the meta device (no memory used)."""
+        import torch
+        import transformers
+
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(self.config())
+        return sum(p.numel() for p in model.parameters())
 
 
 # Qwen/Qwen3-VL-2B-Instruct and Qwen/Qwen3-VL-8B-Instruct config.json on the Hugging Face hub
@@ -202,20 +218,20 @@ class StepCostModel:
 
     @property
     def token_flops(self) -> float:
-        return 6.0 * self.model.lm_params_per_token
+        return 3.0 * self.model.flops.token
 
     @property
     def pair_flops(self) -> float:
-        m = self.model
-        return 12.0 * m.layers * m.heads * m.head_dim
+        return 3.0 * self.model.flops.attention
 
     @property
     def patch_flops(self) -> float:
-        return 6.0 * self.model.vision_params_per_patch
+        return 3.0 * self.model.flops.patch
 
     @property
     def image_pair_flops(self) -> float:
-        return 12.0 * self.model.vision_hidden * self.model.vision_depth
+        flops = self.model.flops
+        return 3.0 * flops.vision_attention_pair * flops.vision_full_layers
 
     @property
     def overhead(self) -> float:
