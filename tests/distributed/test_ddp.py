@@ -287,16 +287,15 @@ def test_resume_inside_the_shared_end_of_the_data(tmp_path):
         assert head[rank]["epochs"][0] + rest[rank]["epochs"][0] == full[rank]["epochs"][0]
 
 
-def test_a_rank_that_cannot_read_a_handed_over_group_stops_every_rank_at_once(tmp_path):
+def _reread_config(fault: str) -> tuple[list[int], dict]:
+    """Unequal shards, so groups are handed over, of a dataset that reads differently there."""
     lengths, shards = _skewed(400, seed=11)
-    config = {
-        "lengths": lengths,
-        "per_rank_indices": shards,
-        "num_workers": 2,
-        "window": 64,
-        "reread_fault": "raise",
-        "align_timeout": 120,
-    }
+    config = {"lengths": lengths, "per_rank_indices": shards, "num_workers": 2, "window": 64}
+    return lengths, {**config, "reread_fault": fault, "align_timeout": 120}
+
+
+def test_a_rank_that_cannot_read_a_handed_over_group_stops_every_rank_at_once(tmp_path):
+    _, config = _reread_config("raise")
     start = time.time()
     results = launch(tmp_path, config, 2)
     assert results[1]["error"].startswith("OSError: cannot read sample")
@@ -305,14 +304,7 @@ def test_a_rank_that_cannot_read_a_handed_over_group_stops_every_rank_at_once(tm
 
 
 def test_global_label_tokens_count_what_the_recipient_read(tmp_path):
-    lengths, shards = _skewed(400, seed=11)
-    config = {
-        "lengths": lengths,
-        "per_rank_indices": shards,
-        "num_workers": 2,
-        "window": 64,
-        "reread_fault": "labels",
-    }
+    lengths, config = _reread_config("labels")
     results = launch(tmp_path, config, 2)
     steps = list(zip(*(r["epochs"][0] for r in results), strict=True))
     shared = [step for step in steps if any(s["reason"] == "shared" for s in step)]
