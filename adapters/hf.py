@@ -391,7 +391,9 @@ def _log(self: Trainer, logs: dict, start_time: float | None = None) -> None:
             "odb_fill": round(stats.fill, 4),
             "odb_real_tokens_per_second": round((stats.real_tokens - last[1]) / elapsed, 1),
             "odb_samples_per_second": round((stats.samples - last[2]) / elapsed, 3),
+            "odb_samples_per_step": round(stats.samples / max(stats.steps, 1), 2),
             "odb_ghost_steps": stats.ghost_steps,
+            "odb_shared_groups": stats.shared_groups,
             "odb_stale_groups": stats.stale_groups,
             "odb_over_budget": stats.over_budget_solo + stats.over_budget_truncated,
         }

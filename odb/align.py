@@ -258,7 +258,8 @@ def read_verdict(table: np.ndarray) -> np.ndarray:
     if failed.size:
         raise AlignmentError(
             f"rank(s) {failed.tolist()} could not read the samples handed over to them; see "
-            f"their logs for the error (the other ranks stop here instead of waiting)"
+            f"their logs for the error (the other ranks stop here instead of waiting; "
+            f"share_tail=False keeps every sample on its own rank)"
         )
     return table[:, 1:].sum(axis=0)
 

@@ -266,6 +266,12 @@ class EpochIterator:
         verdicts = exchange.exchange(encode_verdict(decision, failure is not None, labels))
         if failure is not None:
             self.done = True
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(
+                    "odb read this sample again in the main process because another rank handed "
+                    "its group over (share_tail=True); if dataset[i] only works inside DataLoader "
+                    "workers, pass share_tail=False"
+                )
             raise failure
         try:
             return shared, read_verdict(verdicts)
