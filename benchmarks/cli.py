@@ -26,7 +26,7 @@ from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
 from .plots import write_multimodal_plots, write_plots, write_training_plots
 from .qwen_vl_offline import ImageSettings, load_processor
 from .report import BenchResults, markdown, write_report
-from .training_suite import TrainingConfig, TrainingResult, run_training
+from .training_suite import LR_RULES, TrainingConfig, TrainingResult, run_training
 
 __all__ = ["build_parser", "main"]
 
@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"records longer than this many tokens are left out (default {train.max_length})",
     )
     training.add_argument(
+        "--train-lr-rule",
+        choices=sorted(LR_RULES),
+        default=train.lr_rule,
+        help="odb's learning rate: the same as standard's, or scaled by (mean samples per step / "
+        "standard's batch size) ** 0.5 or ** 1 (default same)",
+    )
+    training.add_argument(
         "--train-world",
         type=_positive,
         action="append",
@@ -255,6 +262,7 @@ def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> Trai
         samples=args.train_samples or quick.get("train_samples", defaults.samples),
         budget=args.train_budget,
         max_length=args.train_max_length,
+        lr_rule=args.train_lr_rule,
         worlds=tuple(args.train_world or defaults.worlds),
         seed=args.seed,
     )

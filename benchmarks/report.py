@@ -193,6 +193,13 @@ def multimodal_section(result: MultimodalResult) -> str:
     return "\n".join(parts)
 
 
+_LR_RULE_TEXT = {
+    "same": "the same",
+    "sqrt": "scaled by the square root of its mean samples per step over standard's batch size",
+    "linear": "scaled by its mean samples per step over standard's batch size",
+}
+
+
 def training_section(result: TrainingResult) -> str:
     """The measured-training suite's part of the report."""
     config, data = result.config, result.data
@@ -207,21 +214,25 @@ def training_section(result: TrainingResult) -> str:
         f"over the processes, token budget {config.budget} per rank, "
         f"seed {config.seed}. `standard`: torch DataLoader with the largest fixed batch size "
         f"whose padded tokens fit the budget in 99% of batches ({data['standard_batch_size']}). "
-        f"Epoch time runs from building the loader to the last optimizer step (slowest rank); "
+        f"Epoch time runs from the first batch asked of the loader to the last optimizer step "
+        f"(slowest rank); "
         f"peak memory is the training process's peak RSS (`resource.getrusage`, workers "
         f"excluded); computed tokens include padding. Missing / repeated: samples the epoch "
-        f"left out / trained twice (a DistributedSampler repeats some to even its shards).",
+        f"left out / trained twice (a DistributedSampler repeats some to even its shards). "
+        f"Learning rate: AdamW at {config.learning_rate:g} for standard; odb's "
+        f"{_LR_RULE_TEXT[config.lr_rule]}. Final loss: the mean of rank 0's last 10% of steps.",
         "",
-        "| loader | processes | batch | steps | epoch (s) | samples/s | real tokens/s "
-        "| computed tokens | peak RSS (MiB) | vs standard | missing / repeated |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| loader | processes | batch | steps | LR | epoch (s) | samples/s | real tokens/s "
+        "| computed tokens | peak RSS (MiB) | final loss | vs standard | missing / repeated |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in result.runs:
         batch = f"{run.batch_size} samples" if run.batch_size else f"{config.budget} tokens"
         lines.append(
-            f"| {run.loader} | {run.world} | {batch} | {run.steps} | {run.seconds:.1f} "
-            f"| {run.samples_per_second:.2f} | {run.real_tokens_per_second:,.0f} "
-            f"| {run.computed_tokens:,} | {run.peak_rss_mib:.0f} | {_times(result.speedup(run))} "
+            f"| {run.loader} | {run.world} | {batch} | {run.steps} | {run.learning_rate:.2g} "
+            f"| {run.seconds:.1f} | {run.samples_per_second:.2f} "
+            f"| {run.real_tokens_per_second:,.0f} | {run.computed_tokens:,} "
+            f"| {run.peak_rss_mib:.0f} | {run.final_loss:.3f} | {_times(result.speedup(run))} "
             f"| {run.missing} / {run.repeated} |"
         )
     return "\n".join(lines)

@@ -13,7 +13,8 @@ Each run is its own process (``python -m odb.benchmarks.training_suite``, or sev
 ``torch.distributed.run`` with gloo and a DDP-wrapped model), so that its peak memory is its
 own: the peak resident set size of the training process (``resource.getrusage``, the
 DataLoader workers not included). Samples and real tokens per second count the epoch's
-wall time from building the loader to the last optimizer step, on the slowest rank. Each
+wall time from the first batch asked of the loader (its workers start then) to the last
+optimizer step, on the slowest rank. Each
 process gets ``cores / (2 * processes)`` torch threads, leaving the rest to the workers.
 """
 
@@ -42,9 +43,12 @@ from .llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_l
 from .policies import epoch_order, standard_batch_size
 from .qwen_vl_offline import ImageSettings, small_tokenizer, tiny_model, tiny_processor
 
-__all__ = ["LOADERS", "TrainingConfig", "TrainingResult", "TrainingRun", "run_training"]
+__all__ = ["LOADERS", "LR_RULES", "TrainingConfig", "TrainingResult", "TrainingRun", "run_training"]
 
 LOADERS = ("standard", "odb-padded", "odb-packed")
+# How an odb run's learning rate follows its batches: the base rate (Standard's) times the
+# ratio of mean samples per step to Standard's batch size, to this power.
+LR_RULES = {"same": 0.0, "sqrt": 0.5, "linear": 1.0}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class TrainingConfig:
     The default budget is four times the maximum length, a common set-up (a per-device batch
     of 4 at the maximum length), which lets Standard run batches of several samples; with
     ``budget == max_length`` Standard runs batch size 1 and only odb's fewer steps differ.
+    ``lr_rule`` sets odb's learning rate from ``learning_rate`` (Standard's) and its mean
+    samples per step (see ``LR_RULES``); ``"same"`` keeps it equal.
     """
 
     samples: int = 240
@@ -67,11 +73,14 @@ class TrainingConfig:
     loaders: tuple[str, ...] = LOADERS
     num_workers: int = 2
     learning_rate: float = 1e-3
+    lr_rule: str = "same"
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {tuple(LR_RULES)}, got {self.lr_rule!r}")
         if self.budget < self.max_length:
             raise ValueError(
                 f"the token budget ({self.budget}) must hold a record of the maximum length "
@@ -91,6 +100,7 @@ class TrainingRun:
     loader: str
     world: int
     batch_size: int | None
+    learning_rate: float
     steps: int
     seconds: float
     samples_per_second: float
@@ -101,6 +111,12 @@ class TrainingRun:
     repeated: int
     losses: list[float]
     samples_seen: list[int]
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last tenth of the steps (at least one), rank 0."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return float(np.mean(tail)) if tail else float("nan")
 
 
 @dataclass(frozen=True)
@@ -140,8 +156,8 @@ class _IndexedCollate:
         return [i for i, _ in items], self.collate([sample for _, sample in items])
 
 
-def _batches(loader_name: str, dataset: Any, model: Any, settings: dict, world: int):
-    """``(indices, loss weight, batch)`` per step of the named loader."""
+def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, world: int) -> Any:
+    """The named loader over ``dataset``."""
     mode = "packed" if loader_name == "odb-packed" else "padded"
     collate = qwen_vl.collator(model, mode)
     workers, seed = settings["num_workers"], settings["seed"]
@@ -150,17 +166,14 @@ def _batches(loader_name: str, dataset: Any, model: Any, settings: dict, world: 
             sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
         else:
             sampler = epoch_order(len(dataset), seed).tolist()  # odb's shuffled order
-        loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(
             _Indexed(dataset),
             batch_size=settings["batch_size"],
             sampler=sampler,
             collate_fn=_IndexedCollate(collate),
             num_workers=workers,
         )
-        for indices, batch in loader:
-            yield indices, 1.0, batch
-        return
-    loader = odb.DataLoader(
+    return odb.DataLoader(
         dataset,
         settings["budget"],
         mode=mode,
@@ -170,9 +183,28 @@ def _batches(loader_name: str, dataset: Any, model: Any, settings: dict, world: 
         window=settings["window"],
         num_workers=workers,
     )
+
+
+def _batches(loader: Any):
+    """``(indices, loss weight, batch)`` per step of a loader made by :func:`_loader`."""
+    if not isinstance(loader, odb.DataLoader):
+        for indices, batch in loader:
+            yield indices, 1.0, batch
+        return
     for batch in loader:
         info = odb.step_info(batch)
         yield ([] if info.ghost else list(info.sample_indices)), info.loss_weight, batch
+
+
+def _learning_rate(loader: Any, dataset: Any, settings: dict, world: int) -> float:
+    """Standard's rate, scaled for an odb loader by ``lr_rule`` from its mean samples per step
+    (counted exactly from the records' sizes before the epoch)."""
+    base, power = settings["learning_rate"], LR_RULES[settings["lr_rule"]]
+    if not isinstance(loader, odb.DataLoader) or power == 0:
+        return base
+    steps = odb.estimate.count_steps(loader, dataset.estimate_all())
+    per_step = len(dataset) / world / steps
+    return base * (per_step / settings["batch_size"]) ** power
 
 
 def train_once(folder: Path, loader_name: str) -> dict:
@@ -190,10 +222,12 @@ def train_once(folder: Path, loader_name: str) -> dict:
     )
     model = tiny_model(tokenizer, settings["seed"]).train()
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"])
+    loader = _loader(loader_name, dataset, model, settings, world)
+    learning_rate = _learning_rate(loader, dataset, settings, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     steps: list[dict] = []
     start = time.perf_counter()
-    for indices, weight, batch in _batches(loader_name, dataset, model, settings, world):
+    for indices, weight, batch in _batches(loader):
         loss = trained(**batch).loss
         (loss * weight).backward()
         optimizer.step()
@@ -205,7 +239,12 @@ def train_once(folder: Path, loader_name: str) -> dict:
     if world > 1:
         torch.distributed.destroy_process_group()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "steps": steps}
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": peak_kib / 1024,
+        "learning_rate": learning_rate,
+        "steps": steps,
+    }
 
 
 # -- the suite ----------------------------------------------------------------------------------
@@ -261,6 +300,7 @@ def _summarise(
         loader=loader.replace("-", " "),
         world=world,
         batch_size=batch_size if loader == "standard" else None,
+        learning_rate=ranks[0]["learning_rate"],
         steps=len(first),
         seconds=seconds,
         samples_per_second=len(seen) / seconds,

@@ -22,6 +22,8 @@ from odb.loader import DataLoader, wrap
 from odb.loss import scale_loss
 from odb.stats import LoaderStats
 
+from odb import estimate  # isort: skip  (``odb.estimate.count_steps`` after ``import odb``)
+
 __all__ = [
     "Batch",
     "BatchTypeError",
@@ -43,6 +45,7 @@ __all__ = [
     "SampleTypeError",
     "StateError",
     "StepInfo",
+    "estimate",
     "measure_sample",
     "step_info",
     "scale_loss",

@@ -91,6 +91,7 @@ def _rank(steps: list[list[int]], seconds: float = 2.0) -> dict:
     return {
         "seconds": seconds,
         "peak_rss_mib": 100.0,
+        "learning_rate": 1e-3,
         "steps": [{"indices": s, "loss": 1.0, "computed": 10} for s in steps],
     }
 
@@ -110,7 +111,12 @@ def test_summary_counts_missing_and_repeated_samples_and_the_slowest_rank():
 @pytest.mark.slow
 def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
     config = TrainingConfig(
-        samples=10, max_length=1024, budget=2048, max_pixels=28 * 28 * 64, num_workers=1
+        samples=10,
+        max_length=1024,
+        budget=2048,
+        max_pixels=28 * 28 * 64,
+        num_workers=1,
+        lr_rule="sqrt",
     )
     result = run_training(config, tmp_path / "data")
     assert [r.loader for r in result.runs] == ["standard", "odb padded", "odb packed"]
@@ -120,7 +126,12 @@ def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
         assert run.samples_seen[-1] == samples and len(run.losses) == run.steps
         assert all(np.isfinite(run.losses)) and run.peak_rss_mib > 0
     standard = result.runs[0]
-    assert standard.steps == -(-samples // result.data["standard_batch_size"])
+    batch_size = result.data["standard_batch_size"]
+    assert standard.steps == -(-samples // batch_size)
+    assert standard.learning_rate == config.learning_rate
+    for run in result.runs[1:]:  # odb's rate follows the samples per step it really ran
+        per_step = samples / run.steps
+        assert run.learning_rate == pytest.approx(1e-3 * (per_step / batch_size) ** 0.5)
     assert result.speedup(standard) == 1.0
     table = training_section(result)
     assert table.count("\n| ") == 1 + len(result.runs)
@@ -130,6 +141,8 @@ def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
 def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
     with pytest.raises(ValueError, match="maximum length"):
         TrainingConfig(max_length=2048, budget=1024)
+    with pytest.raises(ValueError, match="lr_rule"):
+        TrainingConfig(lr_rule="cubic")
     with pytest.raises(SystemExit):
         main(["--train", "--train-budget", "1024", "--train-max-length", "2048"])
     assert "--train-budget must be at least --train-max-length" in capsys.readouterr().err

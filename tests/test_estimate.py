@@ -60,3 +60,12 @@ def test_count_steps_is_exact_for_known_sizes(mode):
         assert count_steps(loader, sizes, epoch) == sum(1 for _ in loader)
     with pytest.raises(odb.ConfigError, match="900 sizes"):
         count_steps(odb.DataLoader(LengthDataset([5]), 10), sizes)
+
+
+def test_estimate_is_reachable_after_import_odb():
+    import subprocess
+    import sys
+
+    code = "import odb; print(callable(odb.estimate.count_steps))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
