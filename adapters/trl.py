@@ -223,22 +223,16 @@ class RowSizes:
 
 def _solo_rows(sizes: RowSizes, budget: Budget, over_budget: str) -> np.ndarray:
     """Rows that cannot share a forward (over the budget alone); an error unless ``solo``."""
-    over = budget.cost.sample_cost(sizes.lengths, sizes.patches) > budget.limit
-    caps = budget.caps
-    if caps.max_tokens is not None:
-        over |= sizes.lengths > caps.max_tokens
-    if caps.max_images is not None:
-        over |= sizes.images > caps.max_images
-    if caps.max_vision_patches is not None:
-        over |= sizes.patches > caps.max_vision_patches
+    why = [
+        budget.why_over(SampleSize(int(length), 0, int(patches), int(images)))
+        for length, patches, images in zip(sizes.lengths, sizes.patches, sizes.images, strict=True)
+    ]
+    over = np.array([reason is not None for reason in why], dtype=bool)
     if over.any() and over_budget != "solo":
         row = int(np.flatnonzero(over)[0])
-        size = SampleSize(
-            int(sizes.lengths[row]), 0, int(sizes.patches[row]), int(sizes.images[row])
-        )
         raise OverBudgetError(
             row,
-            f"rollout row {row} of this rank (prompt + completion): {budget.why_over(size)}; "
+            f"rollout row {row} of this rank (prompt + completion): {why[row]}; "
             f"raise token_budget to at least the longest prompt plus max_completion_length, "
             f"or pass over_budget='solo' to run such rows alone",
         )

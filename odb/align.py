@@ -298,12 +298,14 @@ def _hand_over_surplus(runs: _Runs, offered: np.ndarray, steps: int) -> _Runs:
     ghosts: each goes to the rank missing the most steps (lowest rank on ties), so the
     ghosts that remain are spread as evenly as they can be. Once every rank is exhausted
     this is the whole of what is left."""
+    missing = [steps - len(owners) for owners, _ in runs]
+    if not any(missing):  # every rank has its steps (the usual round): nothing to hand over
+        return runs
     surplus = [
         (donor, int(p))
         for donor, (_, positions) in enumerate(runs)
         for p in np.setdiff1d(np.arange(offered[donor]), positions)
     ]
-    missing = [steps - len(owners) for owners, _ in runs]
     received: list[list[tuple[int, int]]] = [[] for _ in runs]
     for group in surplus:
         rank = max(range(len(runs)), key=lambda r: (missing[r], -r))

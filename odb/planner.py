@@ -25,12 +25,13 @@ the buffer never stalls. At the end of the data (``final``) everything is ready.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
-from odb.cost import Budget
+from odb.cost import Budget, SampleSize
 
 __all__ = ["Group", "Plan", "Reason", "plan_groups", "shared_group"]
 
@@ -154,13 +155,12 @@ def _with_reason(group: Group, reason: Reason) -> Group:
     )
 
 
-def shared_group(lengths, patches, budget: Budget) -> Group:
+def shared_group(sizes: Sequence[SampleSize], budget: Budget) -> Group:
     """A group another rank planned and handed over, rebuilt from its samples' sizes by the
     rank that runs it."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    members = np.arange(len(lengths))
-    patches = np.asarray(patches, dtype=np.int64)
-    return _make_group(members, lengths, patches, budget, 1.0, Reason.SHARED)
+    lengths = np.array([size.length for size in sizes], dtype=np.int64)
+    patches = np.array([size.vision_patches for size in sizes], dtype=np.int64)
+    return _make_group(np.arange(len(sizes)), lengths, patches, budget, 1.0, Reason.SHARED)
 
 
 def _make_group(members, lengths, patches, budget, quality, reason) -> Group:

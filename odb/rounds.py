@@ -228,10 +228,7 @@ class EpochIterator:
                 entries, group = [self._ghost_entry()], None
             elif j in shared:
                 entries = shared[j]
-                sizes = [entry.size for entry in entries]
-                group = shared_group(
-                    [s.length for s in sizes], [s.vision_patches for s in sizes], settings.budget
-                )
+                group = shared_group([entry.size for entry in entries], settings.budget)
                 stats.shared_groups += 1
             else:
                 entries, group = next(own_groups), offer.groups[pick]

@@ -123,11 +123,7 @@ def simulate(
                     continue
                 if j in shared:
                     entries = [handed[i] for i in shared[j]]
-                    group = shared_group(
-                        [e.size.length for e in entries],
-                        [e.size.vision_patches for e in entries],
-                        settings.budget,
-                    )
+                    group = shared_group([e.size for e in entries], settings.budget)
                 else:
                     entries, group = next(own), offers[rank].groups[pick]
                 steps[rank].append(
