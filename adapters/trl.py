@@ -47,9 +47,11 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
-from odb.align import FAILED, GlooExchange, LocalExchange
+from odb.admit import Admission
+from odb.align import FAILED
 from odb.cost import Budget, Caps, ComputeCost, PaddedCost, SampleSize
-from odb.errors import AlignmentError, ConfigError, OdbError, OverBudgetError
+from odb.errors import AlignmentError, ConfigError, OdbError
+from odb.exchange import GlooExchange, LocalExchange
 from odb.planner import plan_groups
 
 __all__ = [
@@ -223,20 +225,23 @@ class RowSizes:
 
 def _solo_rows(sizes: RowSizes, budget: Budget, over_budget: str) -> np.ndarray:
     """Rows that cannot share a forward (over the budget alone); an error unless ``solo``."""
-    why = [
-        budget.why_over(SampleSize(int(length), 0, int(patches), int(images)))
-        for length, patches, images in zip(sizes.lengths, sizes.patches, sizes.images, strict=True)
-    ]
-    over = np.array([reason is not None for reason in why], dtype=bool)
-    if over.any() and over_budget != "solo":
-        row = int(np.flatnonzero(over)[0])
-        raise OverBudgetError(
-            row,
-            f"rollout row {row} of this rank (prompt + completion): {why[row]}; "
-            f"raise token_budget to at least the longest prompt plus max_completion_length, "
-            f"or pass over_budget='solo' to run such rows alone",
-        )
-    return over
+    admission = Admission(budget, over_budget)
+    hint = "raise token_budget to at least the longest prompt plus max_completion_length"
+    return np.array(
+        [
+            admission.verdict(
+                SampleSize(int(n), 0, int(p), int(i)),
+                row,
+                subject=f"rollout row {row} of this rank (prompt + completion)",
+                hint=hint,
+            )
+            is not None
+            for row, (n, p, i) in enumerate(
+                zip(sizes.lengths, sizes.patches, sizes.images, strict=True)
+            )
+        ],
+        dtype=bool,
+    )
 
 
 def _segments(n: int, segments: Sequence[np.ndarray] | None) -> list[np.ndarray]:
@@ -860,7 +865,7 @@ class _Batcher:
             error = raised
             report = np.zeros(2 + 3 * capacity * len(segments), dtype=np.int64)
             report[0] = FAILED
-        table = self._exchanger().exchange(report)
+        table = self._exchanger().gather(report)
         if error is not None:
             raise error
         failed = np.flatnonzero(table[:, 0] & FAILED)

@@ -181,12 +181,12 @@ def odb_simulation(
     round_size: int | None = None,
     epoch: int = 0,
 ) -> tuple[Simulation, float]:
-    """One epoch of ``world`` ranks through the loader's own round code
+    """One epoch of ``world`` ranks through the loader's own round engine
     (:func:`odb.simulate.simulate`), each rank reading every ``world``-th index of the order
     ``odb.DataLoader`` reads with ``shuffle=True``; and the seconds it took.
 
-    The clock covers the rounds (refill, plan, decide, take), i.e. the planner's share of a
-    real loader, without the user's pipeline or collation.
+    The clock covers the rounds (intake, plan, exchange, decide, take), i.e. the planner's
+    share of a real loader, without the user's pipeline or collation.
     """
     settings = RoundSettings.create(budget, window=window, round_size=round_size)
     order = epoch_order(len(sizes), seed, epoch)
@@ -206,5 +206,7 @@ def odb_batches(
 ) -> PolicyRun:
     """One epoch of one process through odb's rounds (see :func:`odb_simulation`)."""
     simulation, seconds = odb_simulation(sizes, budget, seed, 1, window, round_size, epoch)
-    batches = [np.array(step.indices, dtype=np.int64) for step in simulation.steps[0]]
+    batches = [
+        np.array(s.sample_indices, dtype=np.int64) for s in simulation.steps[0] if not s.ghost
+    ]
     return PolicyRun(odb_name(budget), batches, packed=not budget.cost.padded, plan_seconds=seconds)

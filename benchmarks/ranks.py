@@ -58,7 +58,11 @@ def odb_ranked(
     simulation, _ = odb_simulation(sizes, budget, seed, world, window)
     per_rank = simulation.steps
     steps = [
-        [np.array(per_rank[rank][s].indices, dtype=np.int64) for rank in range(world)]
-        for s in range(len(per_rank[0]))
+        [_samples(per_rank[rank][s]) for rank in range(world)] for s in range(len(per_rank[0]))
     ]
     return RankedRun(odb_name(budget), steps, packed=not budget.cost.padded)
+
+
+def _samples(step) -> np.ndarray:
+    """The epoch's samples a step runs: none for a ghost step (it copies a sample, weight 0)."""
+    return _EMPTY if step.ghost else np.array(step.sample_indices, dtype=np.int64)

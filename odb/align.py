@@ -22,22 +22,25 @@ steps stay equal, every sample is emitted once and passes end is in docs/protoco
 
 from __future__ import annotations
 
-import datetime
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
-import torch
 
-from odb.errors import AlignmentError, ConfigError
+from odb.errors import AlignmentError, ConfigError, OdbError, SampleError, SampleTypeError
 
 __all__ = [
     "FINISHED",
     "EXHAUSTED",
     "FAILED",
+    "NO_GHOST",
+    "UNKNOWN",
+    "cause_of",
     "report_width",
     "encode_report",
+    "failure_report",
     "Transfer",
     "Decision",
     "decide",
@@ -45,16 +48,46 @@ __all__ = [
     "decode_received",
     "encode_verdict",
     "read_verdict",
-    "LocalExchange",
-    "GlooExchange",
+    "PassIdentity",
+    "Agreement",
+    "fingerprint",
+    "encode_handshake",
+    "agree",
 ]
 
 # status bits of a report
 FINISHED = 1  # no data left at all: input exhausted and buffer empty
 EXHAUSTED = 2  # no more input (buffered samples may remain)
-FAILED = 4  # this rank raised while preparing the round
+FAILED = 4  # this rank raised while preparing the round (the header's cause says how)
+NO_GHOST = 8  # exhausted without a single sample to copy for a ghost step (empty dataset)
 
-_HEADER = 3  # status, offered, buffered
+# why a rank failed, sent as a number beside FAILED so every rank can say it
+_CAUSES = (
+    "",
+    "a sample broke the sample contract or the budget",
+    "the dataset, its workers or the sampler raised",
+    "odb refused its settings or state",
+)
+
+
+def cause_of(error: BaseException) -> int:
+    """The cause number a failing rank sends for ``error``."""
+    if isinstance(error, SampleError | SampleTypeError):
+        return 1
+    return 3 if isinstance(error, OdbError) else 2
+
+
+def _failed(status: np.ndarray, causes: np.ndarray, when: str) -> AlignmentError:
+    ranks = np.flatnonzero(status & FAILED)
+    why = sorted({_CAUSES[int(c)] for c in causes[ranks] if 0 < int(c) < len(_CAUSES)})
+    return AlignmentError(
+        f"rank(s) {ranks.tolist()} raised {when}"
+        + (f" ({'; '.join(why)})" if why else "")
+        + "; see their logs for the error (the other ranks stop here instead of waiting)"
+    )
+
+
+_HEADER = 4  # status, offered, buffered, cause
 _COLUMNS = 4  # per offered group: cost, label tokens, samples, must-go-now flag
 
 
@@ -78,12 +111,20 @@ def encode_report(
     if offered > max_steps:
         raise ValueError(f"{offered} groups offered, at most {max_steps} fit in a report")
     row = np.zeros(report_width(max_steps), dtype=np.int64)
-    row[:_HEADER] = (status, offered, buffered)
+    row[:3] = (status, offered, buffered)
     columns = row[_HEADER:].reshape(_COLUMNS, max_steps)
     columns[0, :offered] = np.ceil(np.asarray(costs, dtype=np.float64))
     columns[1, :offered] = label_tokens
     columns[2, :offered] = samples
     columns[3, : len(must)] = must
+    return row
+
+
+def failure_report(error: BaseException, max_steps: int) -> np.ndarray:
+    """The report of a rank that raised while preparing a round: it still takes part in the
+    round's exchange, so its peers learn of the failure at once instead of timing out."""
+    row = encode_report(FAILED, 0, [], [], [], max_steps)
+    row[3] = cause_of(error)
     return row
 
 
@@ -107,7 +148,8 @@ class Decision:
     ``choice[r][j]`` is the position of the group rank r runs at step j in the offer of rank
     ``owner[r][j]`` (r itself, except for transfers), or -1 for a ghost step. ``done``: the
     pass is over: no rank has data left, or (``stopped``) non-join mode ends it because some
-    rank ran out while others still had data.
+    rank ran out while others still had data; every rank then runs ``padding`` ghost steps
+    so the pass ends on a multiple of ``steps_multiple_of``.
     """
 
     steps: int
@@ -119,6 +161,7 @@ class Decision:
     done: bool
     stopped: bool
     transfers: tuple[Transfer, ...] = ()
+    padding: int = 0
 
     def own_picks(self, rank: int) -> list[int]:
         """Positions in ``rank``'s own offer that it runs, in step order."""
@@ -137,6 +180,8 @@ def decide(
     join: bool,
     rng: np.random.Generator,
     share_tail: bool = True,
+    steps_so_far: int = 0,
+    steps_multiple_of: int = 1,
 ) -> Decision:
     """The round's steps from the gathered reports (one row per rank, see ``encode_report``).
 
@@ -146,19 +191,20 @@ def decide(
     round (see :class:`Transfer`) instead of ghost steps, and a round takes no more steps than
     ``ceil(offered groups / world)`` (non-join: ``floor``), so the end of the data is spread
     over all ranks and they finish together.
+
+    Raises :class:`AlignmentError` on every rank alike when a rank failed to prepare the
+    round, or would have to run a ghost step without a sample to copy (``NO_GHOST``).
     """
     world = table.shape[0]
     status, offered = table[:, 0], table[:, 1]
-    failed = np.flatnonzero(status & FAILED)
-    if failed.size:
-        raise AlignmentError(
-            f"rank(s) {failed.tolist()} raised while preparing this round; see their logs "
-            f"for the error (the other ranks stop here instead of waiting)"
-        )
+    if (status & FAILED).any():
+        raise _failed(status, table[:, 3], "while preparing this round")
     columns = table[:, _HEADER:].reshape(world, _COLUMNS, max_steps)
     active = (status & FINISHED) == 0
     if not active.any() or (not join and not active.all()):
-        return _ended(world, stopped=bool(active.any()))
+        padding = -steps_so_far % steps_multiple_of
+        _check_ghosts(status, np.full(world, padding > 0))
+        return _ended(world, stopped=bool(active.any()), padding=padding)
 
     exhausted = (status & EXHAUSTED) != 0
     # a non-join pass has no ghost steps for sharing to replace until every rank is exhausted
@@ -174,7 +220,7 @@ def decide(
         else:  # no ghost steps in non-join mode: the remainder is what it drops
             steps = total // world
             if steps == 0:
-                return _ended(world, stopped=True)
+                return _ended(world, stopped=True, padding=-steps_so_far % steps_multiple_of)
     runs = _matched_runs(columns, offered, active, pace, steps)
     if sharing:
         runs = _hand_over_surplus(runs, offered, steps)
@@ -189,6 +235,7 @@ def decide(
     owner, choice = owner[:, order], choice[:, order]
 
     real = choice >= 0
+    _check_ghosts(status, ~real.all(axis=1))
     picked = columns[owner, :, np.maximum(choice, 0)]  # [world, steps, column]
     costs = np.where(real, picked[..., 0], 0)
     label_tokens = np.where(real, picked[..., 1], 0).sum(axis=0)
@@ -236,37 +283,50 @@ def decode_received(decision: Decision, table: np.ndarray, rank: int) -> dict[in
 
 
 def encode_verdict(
-    decision: Decision, failed: bool, label_tokens: Mapping[int, int] = MappingProxyType({})
+    decision: Decision,
+    rank: int,
+    failure: BaseException | None,
+    label_tokens: Mapping[int, int] = MappingProxyType({}),
 ) -> np.ndarray:
-    """A rank's row of a transfer round's last exchange, after it read the groups it received:
-    whether that failed, and for each step the label tokens it found minus those the donor
-    reported (``label_tokens[step]`` for its received groups; a dataset whose samples vary
-    between reads, e.g. random augmentation, changes them), so every rank can correct the
-    step's global count before training on it."""
-    row = np.zeros(1 + decision.steps, dtype=np.int64)
-    row[0] = FAILED if failed else 0
+    """``rank``'s row of a transfer round's last exchange, after it read the groups it
+    received: whether that failed, and for each step the label tokens it found minus those the
+    donor reported (``label_tokens[step]`` for its received groups; a dataset whose samples
+    vary between reads, e.g. random augmentation, changes them), so every rank can correct the
+    step's global count before training on it. Only transfers addressed to ``rank`` count:
+    other ranks may receive groups at the same steps, and correct them in their own rows."""
+    row = np.zeros(2 + decision.steps, dtype=np.int64)
+    if failure is not None:
+        row[:2] = FAILED, cause_of(failure)
     for t in decision.transfers:
-        if t.step in label_tokens:
-            row[1 + t.step] = label_tokens[t.step] - t.label_tokens
+        if t.recipient == rank and t.step in label_tokens:
+            row[2 + t.step] = label_tokens[t.step] - t.label_tokens
     return row
 
 
 def read_verdict(table: np.ndarray) -> np.ndarray:
     """The per-step corrections of the global label tokens, from the gathered verdicts; raises
     :class:`AlignmentError` on every rank when any rank could not read what it received."""
-    failed = np.flatnonzero(table[:, 0] & FAILED)
-    if failed.size:
+    if (table[:, 0] & FAILED).any():
+        error = _failed(table[:, 0], table[:, 1], "reading the samples handed over to them")
+        raise AlignmentError(f"{error} (share_tail=False keeps every sample on its own rank)")
+    return table[:, 2:].sum(axis=0)
+
+
+def _check_ghosts(status: np.ndarray, runs_ghosts: np.ndarray) -> None:
+    """A rank that must run a ghost step needs a sample to copy; one whose dataset is empty
+    has none, and all ranks stop together rather than leave the others waiting for it."""
+    lacking = np.flatnonzero((status & NO_GHOST).astype(bool) & runs_ghosts)
+    if lacking.size:
         raise AlignmentError(
-            f"rank(s) {failed.tolist()} could not read the samples handed over to them; see "
-            f"their logs for the error (the other ranks stop here instead of waiting; "
-            f"share_tail=False keeps every sample on its own rank)"
+            f"rank(s) {lacking.tolist()} must run ghost steps (loss weight 0) while other ranks "
+            f"still train, but have no sample to copy: their dataset is empty; give every rank "
+            f"a non-empty dataset, or one dataset that odb shards across the ranks"
         )
-    return table[:, 1:].sum(axis=0)
 
 
-def _ended(world: int, stopped: bool) -> Decision:
+def _ended(world: int, stopped: bool, padding: int = 0) -> Decision:
     empty = np.zeros((world, 0), dtype=np.int64)
-    return Decision(0, empty, empty, empty[0], empty[0], empty, True, stopped)
+    return Decision(0, empty, empty, empty[0], empty[0], empty, True, stopped, (), padding)
 
 
 _Runs = list[tuple[np.ndarray, np.ndarray]]  # per rank: (owner ranks, offer positions)
@@ -339,53 +399,106 @@ def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarr
     return np.asarray(chosen, dtype=np.int64)
 
 
-_GLOO_GROUPS: dict[int, object] = {}  # one alignment group per default process group
+UNKNOWN = -1
+"""A fingerprint a rank did not or could not take."""
 
 
-class LocalExchange:
-    """One process: the table is the report itself."""
-
-    rank = 0
-    world_size = 1
-
-    def exchange(self, report: np.ndarray) -> np.ndarray:
-        return report[None, :]
+def fingerprint(data: bytes) -> int:
+    """A 63-bit hash of ``data``, the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class GlooExchange:
-    """Reports travel over a dedicated gloo group, created once per process.
+@dataclass(frozen=True)
+class PassIdentity:
+    """What one rank brings to a pass, sent in the pass's first exchange so that every rank
+    checks what it assumes of the others before any sample moves: the settings that decide
+    the protocol (``config``, a fingerprint), its epoch order before sharding, and its
+    dataset (length, and a fingerprint of a few samples' tokens, or ``UNKNOWN``)."""
 
-    A dedicated group keeps odb's collectives apart from the training's own (NCCL, or DDP's
-    gradient all-reduce running on another thread), and gloo works on CPU tensors whatever
-    backend trains. Every collective has a timeout; a peer that died or stopped answering
-    becomes an :class:`AlignmentError` rather than a hang.
+    config: int
+    order_length: int
+    order_hash: int
+    dataset_length: int
+    dataset_hash: int = UNKNOWN
+
+
+_IDENTITY = 5  # the fields of PassIdentity, after status and cause
+
+
+def encode_handshake(
+    identity: PassIdentity | None, error: BaseException | None = None
+) -> np.ndarray:
+    """A rank's row of the first exchange of a pass (``error``: it could not describe itself,
+    and still takes part so the others fail at once)."""
+    row = np.zeros(2 + _IDENTITY, dtype=np.int64)
+    if error is not None or identity is None:
+        row[:2] = FAILED, cause_of(error) if error is not None else 3
+        return row
+    row[2:] = (
+        identity.config,
+        identity.order_length,
+        identity.order_hash,
+        identity.dataset_length,
+        identity.dataset_hash,
+    )
+    return row
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the ranks settled in a pass's first exchange, identically on every rank.
+
+    ``shard``: odb splits the one epoch order every rank holds into per-rank parts.
+    ``hand_over``: groups may move between ranks as dataset indices at the end of the data,
+    because every rank reads the same dataset; ``note`` says why not when they may not.
     """
 
-    def __init__(self, timeout: float):
-        import torch.distributed as dist
+    shard: bool
+    hand_over: bool
+    note: str = ""
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError("GlooExchange needs an initialised torch.distributed process group")
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.timeout = timeout
-        key = id(dist.group.WORLD)
-        if key not in _GLOO_GROUPS:
-            _GLOO_GROUPS[key] = dist.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=timeout)
-            )
-        self.group = _GLOO_GROUPS[key]
 
-    def exchange(self, report: np.ndarray) -> np.ndarray:
-        import torch.distributed as dist
+def agree(table: np.ndarray, *, shard: bool) -> Agreement:
+    """Check the gathered identities (rows of :func:`encode_handshake`) and settle the pass.
 
-        local = torch.from_numpy(report)
-        table = [torch.empty_like(local) for _ in range(self.world_size)]
-        try:
-            dist.all_gather(table, local, group=self.group)
-        except Exception as error:  # gloo raises RuntimeError subclasses on timeout / lost peer
-            raise AlignmentError(
-                f"rank {self.rank}: an alignment round failed: a peer rank died, raised outside "
-                f"the loader, or did not reach the round within {self.timeout:g} s ({error})"
-            ) from error
-        return torch.stack(table).numpy()
+    Raises :class:`AlignmentError` if a rank failed to describe itself, and
+    :class:`ConfigError` if the ranks' settings differ, or if odb is to ``shard`` orders that
+    are not identical (each rank would train on a part of a part: a sampler that already
+    gives each rank its own indices needs ``shard=False``).
+    """
+    world = table.shape[0]
+    status = table[:, 0]
+    if (status & FAILED).any():
+        raise _failed(status, table[:, 1], "before the pass started")
+    config, order_length, order_hash, dataset_length, dataset_hash = table[:, 2:].T
+    if (config != config[0]).any():
+        raise ConfigError(
+            f"rank(s) {np.flatnonzero(config != config[0]).tolist()} built their odb loader "
+            f"with other settings than rank 0 (budget, mode, caps, window, round_size, "
+            f"max_wait, fill_threshold, over_budget, join, share_tail, shard, "
+            f"steps_multiple_of or seed); every rank must use the same settings"
+        )
+    if (
+        shard
+        and world > 1
+        and ((order_length != order_length[0]).any() or (order_hash != order_hash[0]).any())
+    ):
+        raise ConfigError(
+            f"odb splits one epoch order across the {world} ranks (shard=True, the default "
+            f"under torch.distributed), but the ranks' orders differ (lengths "
+            f"{order_length.tolist()}): a sampler that already gives each rank its own "
+            f"indices would be split again and each rank would train on a part of its part; "
+            f"pass shard=False to use every rank's order as it is"
+        )
+    if world == 1:
+        return Agreement(shard=False, hand_over=False)
+    if (dataset_length != dataset_length[0]).any():
+        note = f"the ranks' datasets have different lengths ({dataset_length.tolist()})"
+    elif (dataset_hash == UNKNOWN).any():
+        note = "the ranks' datasets could not be compared (a sample could not be read here)"
+    elif (dataset_hash != dataset_hash[0]).any():
+        note = "the ranks' datasets hold different samples"
+    else:
+        return Agreement(shard=bool(shard), hand_over=True)
+    return Agreement(shard=bool(shard), hand_over=False, note=note)

@@ -43,6 +43,7 @@ class StepInfo:
     loss_weight: float = 1.0
     rank: int = 0
     world_size: int = 1
+    cost: float = 0.0
 
     @property
     def token_loss_scale(self) -> float:

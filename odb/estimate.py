@@ -4,7 +4,7 @@ odb only knows a sample's length once the user's pipeline has produced it, so th
 batches of an epoch is not known in advance. The estimate measures a seeded probe of the
 dataset (through ``dataset.estimate(index)`` when the dataset offers a cheap length estimate,
 otherwise by processing the probed samples), resamples those sizes to the dataset's size, and
-runs the loader's own planning rounds on them for every rank (odb/simulate.py).
+runs the loader's own round engine on them for every rank (odb/simulate.py).
 
 When every sample's size is known without processing (``LlavaDataset.estimate_all()``),
 :func:`count_steps` gives the exact count instead, for the epoch's real order.
@@ -15,11 +15,9 @@ Neither decides what is trained: batches are always built from measured lengths.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 
-from odb.buffer import Entry
 from odb.cost import SampleSize, measure_sample
 from odb.errors import ConfigError
 from odb.simulate import simulate
@@ -41,27 +39,29 @@ def probe_sizes(dataset, count: int, seed: int) -> list[SampleSize]:
 def estimate_steps(loader, probe: int = 256) -> int:
     """Expected number of batches of one epoch on each rank of ``loader`` (an odb.DataLoader).
 
-    Every rank computes the same value when the dataset is deterministic.
+    Every rank computes the same value when the dataset is deterministic. A probed sample
+    over the budget counts as a batch of its own (under ``over_budget="error"`` the real pass
+    would stop on it).
     """
     dataset = loader.dataset
     n = len(dataset)
     if n == 0:
         return 0
     sizes = probe_sizes(dataset, probe, loader.seed)
-    budget = loader.settings.budget
-    longest = budget.longest_text()
-    sizes = [
-        replace(s, length=min(s.length, longest), vision_patches=0) if budget.why_over(s) else s
-        for s in sizes
-    ]
     simulated = min(n, _SIMULATED_SAMPLES)
     picks = np.random.default_rng([loader.seed, 0x0DB, 1]).integers(0, len(sizes), simulated)
     world = len(loader.shard_orders(0))
     shards = [
         [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
     ]
+    policy = "solo" if loader.over_budget == "error" else loader.over_budget
     result = simulate(
-        shards, loader.settings, join=loader.join, share_tail=loader.share_tail, seed=loader.seed
+        shards,
+        loader.settings,
+        join=loader.join,
+        share_tail=loader.share_tail,
+        seed=loader.seed,
+        over_budget=policy,
     )
     steps = len(result.steps[0]) * n / simulated
     multiple = loader.steps_multiple_of
@@ -71,13 +71,11 @@ def estimate_steps(loader, probe: int = 256) -> int:
 def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
     """The exact number of batches ``loader`` yields in ``epoch`` on each rank, given the size
     of every sample of its dataset (``sizes[i]`` for index ``i``), as long as the dataset's
-    lengths are deterministic. Runs the loader's planning rounds on the epoch's real order and
+    lengths are deterministic. Runs the loader's round engine on the epoch's real order and
     shards, with its over-budget policy; reads no sample."""
     if len(sizes) != len(loader.dataset):
         raise ConfigError(f"{len(sizes)} sizes given for a dataset of {len(loader.dataset)}")
-    shards = [
-        [_admitted(loader, i, sizes[i]) for i in order] for order in loader.shard_orders(epoch)
-    ]
+    shards = [[(int(i), sizes[i]) for i in order] for order in loader.shard_orders(epoch)]
     result = simulate(
         shards,
         loader.settings,
@@ -85,18 +83,7 @@ def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
         share_tail=loader.share_tail,
         seed=loader.seed,
         epoch=epoch,
+        over_budget=loader.over_budget,
+        steps_multiple_of=loader.steps_multiple_of,
     )
-    steps = len(result.steps[0])
-    return -(-steps // loader.steps_multiple_of) * loader.steps_multiple_of
-
-
-def _admitted(loader, index: int, size: SampleSize) -> Entry:
-    """The entry the loader would buffer for a sample of this size (over-budget policy)."""
-    budget = loader.settings.budget
-    if budget.why_over(size) is None:
-        return Entry(int(index), size)
-    if loader.over_budget == "solo":
-        return Entry(int(index), size, solo=True)
-    if loader.over_budget == "truncate" and size.images == 0:
-        return Entry(int(index), replace(size, length=budget.longest_text()))
-    raise ConfigError(f"sample {index} is over the budget and over_budget={loader.over_budget!r}")
+    return len(result.steps[0])

@@ -2,13 +2,13 @@
 
 The loader owns the settings, the index order of each epoch (shuffled, or a sampler's, cut
 into one shard per rank) and the workers; a pass over the data (``iter(loader)``) runs in
-rounds, see odb/rounds.py. Under torch.distributed every rank yields the same number of
+rounds, see odb/engine.py. Under torch.distributed every rank yields the same number of
 batches, see odb/align.py and docs/protocol.md.
 """
 
 from __future__ import annotations
 
-import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -25,20 +25,22 @@ from torch.utils.data import (
     default_convert,
 )
 
-from odb.align import GlooExchange, LocalExchange
+from odb.admit import Admission
+from odb.batch import attach_step_info
 from odb.buffer import RoundSettings
 from odb.collate import PackedCollator, PaddedCollator
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
+from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
+from odb.exchange import Exchange, GlooExchange, LocalExchange
 from odb.fetch import ChunkSampler, IndexedDataset, encode_chunk, keep_chunk
-from odb.rounds import EpochIterator, PassSetup, refetch_order
+from odb.source import IndexSource
 from odb.stats import LoaderStats
 
 __all__ = ["DataLoader", "wrap"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _MODES = ("padded", "packed")
-_OVER_BUDGET = ("error", "solo", "truncate")
 
 
 class DataLoader:
@@ -84,7 +86,13 @@ class DataLoader:
         shard: split the index order across ranks (default: when torch.distributed is
             initialised; a ``DistributedSampler`` given as ``sampler`` is turned into odb's
             own sharding with its seed, shuffle and rank, without its padding duplicates).
+            Every rank must then hold the same epoch order; a sampler that already gives
+            each rank its own indices needs ``shard=False`` (checked at the start of each
+            pass: different orders with sharding on raise ``ConfigError``).
         align_timeout: seconds a rank waits for the others in a round before failing.
+        exchange: how this rank talks to the others (default: a dedicated gloo group under
+            torch.distributed, else none); an :class:`~odb.exchange.InProcessGroup`'s
+            exchange runs several loaders as ranks in one process (tests, simulations).
         steps_multiple_of: end every pass on a multiple of this many steps, with ghost batches
             (loss weight 0) if needed; set it to the gradient-accumulation steps so an epoch
             never ends on a partial accumulation window.
@@ -128,6 +136,7 @@ class DataLoader:
         shard: bool | None = None,
         align_timeout: float = 1800.0,
         steps_multiple_of: int = 1,
+        exchange: Exchange | None = None,
     ):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
             raise ConfigError(
@@ -136,8 +145,6 @@ class DataLoader:
             )
         if mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
-        if over_budget not in _OVER_BUDGET:
-            raise ConfigError(f"over_budget must be one of {_OVER_BUDGET}, got {over_budget!r}")
         if sampler is not None and shuffle:
             raise ConfigError("give either shuffle=True or a sampler, not both")
         self._replicas: tuple[int, int] | None = None  # (rank, world) from a DistributedSampler
@@ -155,6 +162,7 @@ class DataLoader:
             token_budget, cost, Caps(max_samples, max_images, max_vision_patches, max_tokens)
         )
         self.settings = RoundSettings.create(budget, window, round_size, fill_threshold, max_wait)
+        self.admission = Admission(budget, over_budget)
         self.budget = budget
         self.mode = mode
         self.over_budget = over_budget
@@ -189,11 +197,12 @@ class DataLoader:
         self.steps_multiple_of = positive_int("steps_multiple_of", steps_multiple_of)
         self.shard = shard
         self.align_timeout = float(align_timeout)
-        self._exchange: LocalExchange | GlooExchange | None = None
+        self._exchange = exchange
         self._stats = LoaderStats(token_budget=float(token_budget))
         self._epoch = 0
         self._resume: dict | None = None
-        self._iterator: EpochIterator | None = None
+        self._iterator: _EpochIterator | None = None
+        self._fingerprints: dict = {}  # the dataset's, taken once (see IndexSource)
 
     # -- the DataLoader surface ---------------------------------------------------------------
     def __iter__(self) -> Iterator[Mapping]:
@@ -201,28 +210,36 @@ class DataLoader:
         self._resume = None
         self._iterator = None  # shut the previous pass's workers down before starting new ones
         exchange = self._world()
-        setup = PassSetup(
-            self.settings,
-            self.over_budget,
-            self.collate_fn,
-            self.pin_memory,
-            self.num_workers > 0,
-            exchange,
-            self.join,
-            self.share_tail,
-            self.steps_multiple_of,
-            self.seed,
+        source = IndexSource(
             self.dataset,
+            self._epoch_order(self._epoch),
+            self._fetcher,
+            self._chunks,
+            decode=self.num_workers > 0,
+            stats=self._stats,
+            fingerprints=self._fingerprints,
         )
-        prefix = refetch_order(resume) if resume else []
-        order = self._shard_order(self._epoch)
-        skip = resume["consumed"] if resume else 0
-        self._chunks.indices = itertools.chain(prefix, itertools.islice(order, skip, None))
-        source = iter(self._fetcher)
-        self._iterator = EpochIterator(
-            setup, self._stats, source, self._epoch, _length(order), resume
+        engine = RoundEngine(
+            self._pass_config(),
+            exchange,
+            source,
+            epoch=self._epoch,
+            stats=self._stats,
+            resume=resume,
         )
+        self._iterator = _EpochIterator(engine, self.collate_fn, self.pin_memory)
         return self._iterator
+
+    def _pass_config(self) -> PassConfig:
+        return PassConfig(
+            self.settings,
+            self.admission,
+            join=self.join,
+            share_tail=self.share_tail,
+            shard=self.shard is not False,
+            steps_multiple_of=self.steps_multiple_of,
+            seed=self.seed,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next pass uses (as with DistributedSampler)."""
@@ -259,8 +276,8 @@ class DataLoader:
 
     def state_dict(self) -> dict:
         """Where the loader is: plain Python data (indices, counters, RNG state), no tensors."""
-        if self._iterator is not None and self._iterator.epoch == self._epoch:
-            position = self._iterator.state()
+        if self._iterator is not None and self._iterator.engine.epoch == self._epoch:
+            position = self._iterator.engine.state()
         else:
             position = self._resume
         exchange = self._world()
@@ -301,7 +318,7 @@ class DataLoader:
         self._stats = LoaderStats.from_dict(state["stats"])
 
     # -- ranks and index order ------------------------------------------------------------------
-    def _world(self) -> LocalExchange | GlooExchange:
+    def _world(self) -> Exchange:
         """How this loader talks to the other ranks, settled at first use (so a loader may be
         built before torch.distributed is initialised)."""
         if self._exchange is None:
@@ -333,50 +350,55 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return range(len(self.dataset))
 
-    def shard_orders(self, epoch: int) -> list[Iterable[int]]:
+    def shard_orders(self, epoch: int) -> list[np.ndarray]:
         """Every rank's index order for ``epoch`` as this loader splits the epoch (one order,
         this process's own, when it does not shard): what planning simulations replay."""
-        if not self._sharded():
-            return [self._shard_order(epoch)]
-        return [self._shard_order(epoch, rank) for rank in range(self._world().world_size)]
-
-    def _shard_order(self, epoch: int, rank: int | None = None) -> Iterable[int]:
-        """A rank's part of the epoch order (this rank's by default): every world_size-th index
-        from its rank. Shards differ by at most one sample; alignment absorbs any difference."""
-        exchange = self._world()
-        rank = exchange.rank if rank is None else rank
-        order = self._epoch_order(epoch)
-        if not self._sharded():
-            return order
-        if isinstance(order, range | np.ndarray):
-            return order[rank :: exchange.world_size]
-        return _Strided(order, rank, exchange.world_size)
-
-    def _sharded(self) -> bool:
-        """Whether ranks split the epoch order (else each brings its own order)."""
+        order = np.asarray(list(self._epoch_order(epoch)), dtype=np.int64)
         world = self._world().world_size
-        return world > 1 and (self.shard if self.shard is not None else True)
+        if world == 1 or self.shard is False:
+            return [order]
+        return [order[rank::world] for rank in range(world)]
 
 
-class _Strided:
-    """Every ``step``-th item of an iterable from ``start``, with a length when it has one."""
+class _EpochIterator:
+    """One pass (what ``iter(odb.DataLoader)`` returns): the round engine's steps, collated."""
 
-    def __init__(self, items: Iterable[int], start: int, step: int):
-        self.items, self.start, self.step = items, start, step
+    def __init__(self, engine: RoundEngine, collate_fn: Callable, pin_memory: bool):
+        self.engine, self.collate_fn, self.pin_memory = engine, collate_fn, pin_memory
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.items), self.start, None, self.step)
+    def __iter__(self) -> _EpochIterator:
+        return self
 
-    def __len__(self) -> int:
-        return max(0, (len(self.items) - self.start + self.step - 1) // self.step)
+    def __next__(self) -> Mapping:
+        step = self.engine.next_step()
+        if step is None:
+            raise StopIteration
+        entries, info = step
+        stats = self.engine.stats
+        start = time.perf_counter()
+        batch = self.collate_fn([entry.payload for entry in entries])
+        if self.pin_memory:
+            batch = _pin(batch)
+        batch = attach_step_info(batch, info)
+        stats.collate_seconds += time.perf_counter() - start
+        stats.steps += 1
+        stats.ghost_steps += info.ghost
+        if not info.ghost:
+            stats.samples += info.local_samples
+            stats.real_tokens += info.real_tokens
+            stats.padded_tokens += info.padded_tokens
+            stats.label_tokens += info.local_label_tokens
+        return batch
 
 
-def _length(order: Iterable[int]) -> int:
-    """Samples in a shard (for counting what non-join mode drops); 0 when unknown."""
-    try:
-        return len(order)
-    except TypeError:
-        return 0
+def _pin(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, Mapping):
+        return {key: _pin(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_pin(item) for item in value)
+    return value
 
 
 def wrap(

@@ -1,9 +1,11 @@
-"""Many ranks in one process, running the loader's own round code on sizes only.
+"""Many ranks in one process, running the loader's own round engine on sizes only.
 
-Each simulated rank has a :class:`~odb.buffer.SampleBuffer` fed from its list of samples; a
-round stacks the ranks' reports into the table that ``all_gather`` would produce and applies
-:func:`odb.align.decide` exactly as every real rank does. Used by tests (properties of the
-protocol for any number of ranks) and by benchmarks (balance and fill at 8 or 16 ranks).
+Each simulated rank is a :class:`~odb.engine.RoundEngine` reading its list of sample sizes
+(:class:`~odb.source.SizeSource`), one thread per rank, talking over an in-process exchange
+(:class:`~odb.exchange.InProcessGroup`): the same first exchange, reports, decisions,
+hand-overs and verdicts as ranks under torchrun. Used by tests (properties of the protocol
+for any number of ranks), by step estimates, and by benchmarks (balance and fill at 8 or 16
+ranks).
 """
 
 from __future__ import annotations
@@ -11,141 +13,84 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from odb.align import decide, decode_received, encode_given
-from odb.buffer import Entry, RoundSettings, SampleBuffer
+from odb.admit import Admission
+from odb.batch import StepInfo
+from odb.buffer import RoundSettings
 from odb.cost import SampleSize
-from odb.planner import shared_group
+from odb.engine import PassConfig, RoundEngine
+from odb.errors import ConfigError
+from odb.exchange import Exchange, run_ranks
+from odb.source import SizeSource
+from odb.stats import LoaderStats
 
-__all__ = ["SimulatedStep", "Simulation", "simulate"]
-
-
-@dataclass(frozen=True)
-class SimulatedStep:
-    """What one rank ran at one step: the samples' indices (empty for a ghost step)."""
-
-    indices: tuple[int, ...]
-    cost: float
-    real_tokens: int
-    padded_tokens: int
-    label_tokens: int
-    global_label_tokens: int
-    reason: str
-    round: int
-
-    @property
-    def ghost(self) -> bool:
-        return not self.indices
+__all__ = ["Simulation", "simulate"]
 
 
 @dataclass(frozen=True)
 class Simulation:
-    """``steps[r]`` is rank r's sequence of steps; ``rounds`` the report exchanges it took,
-    ``transfer_rounds`` those that also handed groups between ranks (two more exchanges:
-    the indices, then the recipients' verdicts, which simulated ranks need not send)."""
+    """``steps[r]`` is rank r's sequence of steps (ghost steps have no samples), ``stats[r]``
+    its loader statistics (``rounds``: report exchanges; ``exchanges``: every collective,
+    the first exchange and hand-overs included); ``dropped[r]`` what non-join mode left out
+    of rank r's order."""
 
-    steps: list[list[SimulatedStep]]
-    rounds: int
-    dropped: list[int]
-    transfer_rounds: int = 0
+    steps: list[list[StepInfo]]
+    stats: list[LoaderStats]
+
+    @property
+    def rounds(self) -> int:
+        return self.stats[0].rounds
 
     @property
     def collectives(self) -> int:
-        return self.rounds + 2 * self.transfer_rounds
+        return self.stats[0].exchanges
+
+    @property
+    def dropped(self) -> list[int]:
+        return [s.dropped_samples for s in self.stats]
+
+    @property
+    def transfer_rounds(self) -> int:
+        """Rounds in which some rank ran a group another rank had planned."""
+        return len({s.round for steps in self.steps for s in steps if s.reason == "shared"})
 
 
 def simulate(
-    shards: Sequence[Sequence[tuple[int, SampleSize] | Entry]],
+    shards: Sequence[Sequence[tuple[int, SampleSize]]],
     settings: RoundSettings,
     *,
     join: bool = True,
     share_tail: bool = True,
     seed: int = 0,
     epoch: int = 0,
+    over_budget: str = "error",
+    steps_multiple_of: int = 1,
     max_rounds: int | None = None,
 ) -> Simulation:
     """Run one pass for ``len(shards)`` ranks; ``shards[r]`` is rank r's order of (index,
-    size) pairs, or of entries (to mark over-budget samples ``solo`` as the loader does).
+    size) pairs, all indices of one dataset (a rank may read any of them again when a group
+    is handed over). ``max_rounds`` guards tests against a protocol that would not end."""
+    sizes = {int(index): size for shard in shards for index, size in shard}
+    if len(sizes) != sum(len(shard) for shard in shards):
+        raise ConfigError("simulated shards must not share an index")
+    config = PassConfig(
+        settings,
+        Admission(settings.budget, over_budget),
+        join=join,
+        share_tail=share_tail,
+        shard=False,
+        steps_multiple_of=steps_multiple_of,
+        seed=seed,
+    )
 
-    ``max_rounds`` guards tests against a protocol that would not terminate.
-    """
-    world = len(shards)
-    buffers = [SampleBuffer() for _ in range(world)]
-    sources = [iter(shard) for shard in shards]
-    exhausted = [False] * world
-    steps: list[list[SimulatedStep]] = [[] for _ in range(world)]
-    dropped = [0] * world
-    round_ = transfer_rounds = 0
-    while True:
-        if max_rounds is not None and round_ >= max_rounds:
-            raise RuntimeError(f"the simulation did not end within {max_rounds} rounds")
-        offers, reports = [], []
-        for rank in range(world):
-            if not exhausted[rank]:
-                exhausted[rank] = buffers[rank].refill(settings, _puller(sources[rank]))
-            offer, report = buffers[rank].prepare(settings, exhausted=exhausted[rank])
-            offers.append(offer)
-            reports.append(report)
-        rng = np.random.default_rng([seed, epoch, round_])
-        decision = decide(
-            np.stack(reports),
-            max_steps=settings.max_steps,
-            join=join,
-            rng=rng,
-            share_tail=share_tail,
-        )
-        if decision.done:
-            if decision.stopped:
-                dropped = [
-                    len(b) + sum(1 for _ in s) for b, s in zip(buffers, sources, strict=True)
-                ]
-            return Simulation(steps, round_ + 1, dropped, transfer_rounds)
-        committed = [buffers[r].commit(offers[r], decision, r) for r in range(world)]
-        handed = {e.index: e for _, given in committed for group in given for e in group}
-        gathered = None
-        if decision.transfers:
-            rows = [
-                encode_given(decision, r, [[e.index for e in g] for g in committed[r][1]])
-                for r in range(world)
-            ]
-            gathered = np.stack(rows)
-            transfer_rounds += 1
-        for rank in range(world):
-            own = iter(committed[rank][0])
-            shared = decode_received(decision, gathered, rank) if gathered is not None else {}
-            for j, pick in enumerate(decision.choice[rank].tolist()):
-                total_labels = int(decision.global_label_tokens[j])
-                if pick < 0:
-                    steps[rank].append(
-                        SimulatedStep((), 0.0, 0, 0, 0, total_labels, "ghost", round_)
-                    )
-                    continue
-                if j in shared:
-                    entries = [handed[i] for i in shared[j]]
-                    group = shared_group([e.size for e in entries], settings.budget)
-                else:
-                    entries, group = next(own), offers[rank].groups[pick]
-                steps[rank].append(
-                    SimulatedStep(
-                        tuple(e.index for e in entries),
-                        group.cost,
-                        group.real_tokens,
-                        group.padded_tokens,
-                        sum(e.size.label_tokens for e in entries),
-                        total_labels,
-                        group.reason.value,
-                        round_,
-                    )
-                )
-        round_ += 1
+    def rank(exchange: Exchange) -> tuple[list[StepInfo], LoaderStats]:
+        source = SizeSource(shards[exchange.rank], sizes)
+        engine = RoundEngine(config, exchange, source, epoch=epoch)
+        steps = []
+        while (step := engine.next_step()) is not None:
+            steps.append(step[1])
+            if max_rounds is not None and engine.stats.rounds > max_rounds:
+                raise RuntimeError(f"the simulation did not end within {max_rounds} rounds")
+        return steps, engine.stats
 
-
-def _puller(source):
-    def pull() -> Entry | None:
-        item = next(source, None)
-        if item is None or isinstance(item, Entry):
-            return item
-        return Entry(item[0], item[1])
-
-    return pull
+    results = run_ranks(len(shards), rank)
+    return Simulation([steps for steps, _ in results], [stats for _, stats in results])

@@ -24,6 +24,7 @@ class LoaderStats:
     samples: int = 0
     steps: int = 0
     rounds: int = 0
+    exchanges: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
     label_tokens: int = 0

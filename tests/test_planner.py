@@ -167,9 +167,9 @@ def _run_epoch(lengths, settings_, seed=0):
     emitted groups and, per sample, the round it arrived in and the round it left in."""
     shard = [(i, SampleSize(int(n), 1)) for i, n in enumerate(lengths)]
     result = simulate([shard], settings_, seed=seed)
-    groups = [list(step.indices) for step in result.steps[0]]
+    groups = [list(step.sample_indices) for step in result.steps[0]]
     arrived = {i: i // settings_.round_size for i in range(len(lengths))}
-    left = {i: step.round for step in result.steps[0] for i in step.indices}
+    left = {i: step.round for step in result.steps[0] for i in step.sample_indices}
     return groups, arrived, left
 
 

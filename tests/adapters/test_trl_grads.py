@@ -94,7 +94,7 @@ def test_a_bigger_peer_spreads_this_rank_over_more_passes(tokenizer, tmp_path):
     class LongerPeer:
         """Stands in for the all_gather: a peer whose rows are all near the budget."""
 
-        def exchange(self, report):
+        def gather(self, report):
             peer = report.copy()
             width = (len(report) - 2) // 3
             lengths = peer[2 : 2 + width]
@@ -131,7 +131,7 @@ def test_ghost_rows_keep_row_counts_without_changing_gradients(tokenizer, tmp_pa
     zero-weight copies so row counts match, and its gradients stay the stock ones."""
 
     class BiggerPeer:
-        def exchange(self, report):
+        def gather(self, report):
             peer = report.copy()
             width = (len(report) - 2) // 3
             lengths = peer[2 : 2 + width]

@@ -299,8 +299,18 @@ def test_a_rank_that_cannot_read_a_handed_over_group_stops_every_rank_at_once(tm
     start = time.time()
     results = launch(tmp_path, config, 2)
     assert results[1]["error"].startswith("OSError: cannot read sample")
-    assert results[0]["error"].startswith("AlignmentError: rank(s) [1] could not read")
+    assert results[0]["error"].startswith("AlignmentError: rank(s) [1] raised reading the samples")
     assert max(r["error_time"] for r in results) - start < 60  # not the 120 s timeout
+
+
+def test_a_dataset_that_only_reads_in_workers_is_never_handed_over(tmp_path):
+    lengths, config = _reread_config("unreadable")
+    _, shards = _skewed(400, seed=11)
+    results = launch(tmp_path, config, 2)
+    _check_aligned(results, shards, lengths)
+    steps = [s for r in results for s in r["epochs"][0]]
+    assert not any(s["reason"] == "shared" for s in steps)
+    assert any(s["ghost"] for s in steps), "the lighter rank runs ghost steps instead"
 
 
 def test_global_label_tokens_count_what_the_recipient_read(tmp_path):

@@ -50,19 +50,25 @@ class FailingDataset(LengthDataset):
 
 class RereadDataset(LengthDataset):
     """Reads differently outside the DataLoader workers (where odb reads handed-over samples
-    again): ``"raise"`` fails there, ``"labels"`` masks one more label token (as a random
-    augmentation might change a sample between reads)."""
+    again): ``"raise"`` fails there once ``armed`` (after the first batch: the pass's first
+    exchange reads a few samples here to compare the ranks' datasets, and with a dataset that
+    never reads here odb would not hand groups over at all), ``"unreadable"`` always fails
+    there, ``"labels"`` masks one more label token (as a random augmentation might change a
+    sample between reads)."""
 
     def __init__(self, lengths, fault):
         super().__init__(lengths)
         self.fault = fault
+        self.armed = fault == "unreadable"
 
     def __getitem__(self, index):
         sample = super().__getitem__(index)
         if torch.utils.data.get_worker_info() is None:
-            if self.fault == "raise":
-                raise OSError(f"cannot read sample {index} here")
-            sample["labels"][-1] = -100
+            if self.fault in ("raise", "unreadable"):
+                if self.armed:
+                    raise OSError(f"cannot read sample {index} here")
+            else:
+                sample["labels"][-1] = -100
         return sample
 
 
@@ -115,7 +121,12 @@ def run_epochs(config, rank, loader):
     epochs = []
     for epoch in range(config.get("epochs", 1)):
         loader.set_epoch(epoch)
-        epochs.append([info_record(batch) for batch in loader])
+        records = []
+        for batch in loader:
+            records.append(info_record(batch))
+            if isinstance(loader.dataset, RereadDataset) and loader.dataset.fault == "raise":
+                loader.dataset.armed = True
+        epochs.append(records)
     return {"epochs": epochs, "stats": loader.stats().as_dict()}
 
 

@@ -1,0 +1,383 @@
+"""One rank's pass over the data, round by round: the ONE implementation of a round.
+
+The loader drives one engine per process; :mod:`odb.simulate` (and through it the step
+estimates and the benchmarks) drives N engines over an in-process exchange. Both run this
+code, so every simulated run exercises the real report, decision, hand-over and verdict.
+
+A pass::
+
+    first exchange: every rank's identity (settings, epoch order, dataset)  -> agree()
+    each round:
+      pull up to round_size samples from the source; admit each (measure, over-budget policy)
+        -> plan the buffer; offer the groups this rank can emit now
+        -> exchange one report with every rank; decide the round's steps (odb/align.py)
+        -> take the chosen groups out of the buffer
+        -> [groups handed over] exchange their dataset indices; recipients read them again
+           by index; exchange verdicts (read failures, label-token corrections)
+        -> queue one step per decided step: a group, a handed-over group, or a ghost
+
+Any failure while preparing a round is still reported in the round's exchange (a FAILED
+report), so every rank raises in the same round instead of waiting on a dead peer.
+
+Resume state is made of dataset indices, never tensors: the position in this rank's order,
+the buffered indices with their ages, the steps decided but not yet run, the ghost sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from odb.admit import SOLO, TRUNCATE, Admission
+from odb.align import (
+    NO_GHOST,
+    Agreement,
+    PassIdentity,
+    agree,
+    decide,
+    decode_received,
+    encode_given,
+    encode_handshake,
+    encode_verdict,
+    failure_report,
+    fingerprint,
+    read_verdict,
+)
+from odb.batch import StepInfo
+from odb.buffer import Entry, RoundSettings, SampleBuffer
+from odb.errors import StateError
+from odb.exchange import Exchange
+from odb.planner import Group, Reason, shared_group
+from odb.source import Source
+from odb.stats import LoaderStats
+
+__all__ = ["PassConfig", "RoundEngine", "Step", "refetch_order"]
+
+logger = logging.getLogger("odb")
+_TOLD: set[str] = set()  # notes already logged by this process
+
+Step = tuple[list[Entry], StepInfo]
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Everything that decides which steps a pass emits; every rank must hold the same
+    (checked in the first exchange through :meth:`fingerprint`)."""
+
+    settings: RoundSettings
+    admission: Admission
+    join: bool = True
+    share_tail: bool = True
+    shard: bool = False  # odb splits one epoch order into per-rank parts (world > 1)
+    steps_multiple_of: int = 1
+    seed: int = 0
+
+    def fingerprint(self) -> int:
+        return fingerprint(repr(self).encode())
+
+
+def refetch_order(state: Mapping) -> list[int]:
+    """Indices a restored pass reads again first: the pending steps', the buffer's, then the
+    ghost sample's."""
+    pending = [i for step in state["pending"] for i in step["indices"] if not step["ghost"]]
+    buffered = [index for index, _ in state["buffer"]]
+    ghost = [state["ghost"]] if state["ghost"] is not None else []
+    return pending + buffered + ghost
+
+
+class RoundEngine:
+    """One rank's pass: call :meth:`next_step` until it returns None (on every rank alike:
+    rounds are collective)."""
+
+    def __init__(
+        self,
+        config: PassConfig,
+        exchange: Exchange,
+        source: Source,
+        *,
+        epoch: int = 0,
+        stats: LoaderStats | None = None,
+        resume: Mapping | None = None,
+    ):
+        self.config = config
+        self.exchange = exchange
+        self.source = source
+        self.epoch = epoch
+        self.stats = stats if stats is not None else LoaderStats(config.settings.budget.limit)
+        self.buffer = SampleBuffer()
+        self.pending: deque[Step] = deque()
+        self.ghost: Entry | None = None
+        self.agreement: Agreement | None = None
+        self.opened = False
+        self._resume = resume
+        self.consumed = self.round = self.step = 0
+        self.exhausted = self.done = False
+        if resume is not None:
+            if resume["epoch"] != epoch:
+                raise StateError(f"a state of epoch {resume['epoch']} resumes epoch {epoch}")
+            self.consumed, self.round = resume["consumed"], resume["round"]
+            self.step, self.exhausted = resume["step"], resume["exhausted"]
+
+    @property
+    def rank(self) -> int:
+        return self.exchange.rank
+
+    def next_step(self) -> Step | None:
+        """The next step this rank runs, or None once the pass is over."""
+        while not self.pending:
+            if self.done:
+                self.source.close()
+                return None
+            try:
+                self._run_round()
+            except BaseException:
+                self.done = True
+                self.source.close()
+                raise
+        return self.pending.popleft()
+
+    # -- exchanges ------------------------------------------------------------------------------
+    def _gather(self, row: np.ndarray) -> np.ndarray:
+        self.stats.exchanges += 1
+        return self.exchange.gather(row)
+
+    def _report_failure(self, row: np.ndarray) -> None:
+        """Take part in the exchange this rank failed to prepare, so the others fail at once;
+        the peers may be gone already, and the rank's own error is the one to raise."""
+        if self.exchange.world_size > 1:
+            with contextlib.suppress(Exception):
+                self._gather(row)
+
+    def _agree(self) -> Agreement:
+        """The pass's first exchange: settle sharding and hand-over, or fail on every rank."""
+        config, world = self.config, self.exchange.world_size
+        if world == 1:
+            return Agreement(shard=False, hand_over=False)
+        try:
+            identity = PassIdentity(
+                config.fingerprint(), *self.source.describe(compare_dataset=config.share_tail)
+            )
+        except Exception as error:
+            self._report_failure(encode_handshake(None, error))
+            raise
+        agreement = agree(self._gather(encode_handshake(identity)), shard=config.shard)
+        if config.share_tail and not agreement.hand_over and agreement.note not in _TOLD:
+            _TOLD.add(agreement.note)
+            logger.warning(
+                "odb: %s, so groups are not handed over between ranks at the end of the data "
+                "(ranks that run out first run ghost steps instead)",
+                agreement.note,
+            )
+        return agreement
+
+    # -- intake ---------------------------------------------------------------------------------
+    def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
+        entry, verdict = self.config.admission.admit(index, sample)
+        if count:
+            self.stats.over_budget_solo += verdict == SOLO
+            self.stats.over_budget_truncated += verdict == TRUNCATE
+        ghost = self.ghost  # ghost steps copy the cheapest sample that fits the budget
+        if ghost is None or (entry.solo, entry.size.length) < (ghost.solo, ghost.size.length):
+            self.ghost = entry
+        return entry
+
+    def _pull(self) -> Entry | None:
+        pair = self.source.pull()
+        if pair is None:
+            return None
+        self.consumed += 1
+        return self._admit(*pair)
+
+    def _reread(self, index: int) -> Entry:
+        """A sample of a restored pass, read again in its old order."""
+        pair = self.source.pull()
+        if pair is None or int(pair[0]) != index:
+            raise StateError(
+                f"restoring the pass expected sample {index} next, got "
+                f"{None if pair is None else pair[0]}: the epoch order changed since the save"
+            )
+        return self._admit(*pair, count=False)
+
+    def _open(self) -> None:
+        """Start reading this rank's part of the epoch; a restored pass first reads again what
+        its state names (pending steps, buffer, ghost)."""
+        shard = self.agreement.shard if self.agreement else False
+        world = self.exchange.world_size
+        resume = self._resume
+        prefix = refetch_order(resume) if resume else []
+        self.source.open((self.rank, world) if shard else None, self.consumed, prefix)
+        self.opened = True
+        if not resume:
+            return
+        self._resume = None
+        pending = []
+        for step in resume["pending"]:
+            entries = None if step["ghost"] else [self._reread(i) for i in step["indices"]]
+            info = StepInfo(
+                **{**step["info"], "sample_indices": tuple(step["info"]["sample_indices"])}
+            )
+            pending.append((entries, info))
+        for index, age in resume["buffer"]:
+            self.buffer.add(self._reread(index), age=age)
+        if resume["ghost"] is not None:
+            self.ghost = self._reread(resume["ghost"])
+        for entries, info in pending:
+            self.pending.append((entries if entries is not None else [self.ghost], info))
+        if resume["done"]:
+            self.done = True
+
+    # -- one round ------------------------------------------------------------------------------
+    def _run_round(self) -> None:
+        config, stats, settings = self.config, self.stats, self.config.settings
+        start, waited = time.perf_counter(), stats.wait_seconds
+        if self.agreement is None:
+            self.agreement = self._agree()
+        try:
+            if not self.opened:
+                self._open()
+                if self.pending or self.done:
+                    return
+            if not self.exhausted:
+                self.exhausted = self.buffer.refill(settings, self._pull)
+            offer, report = self.buffer.prepare(settings, exhausted=self.exhausted)
+            if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
+                borrowed = self.source.borrow(self.rank)  # a rank whose part was empty
+                if borrowed is None:
+                    report[0] |= NO_GHOST
+                else:
+                    self._admit(*borrowed, count=False)
+        except Exception as error:
+            self._report_failure(failure_report(error, settings.max_steps))
+            raise
+        table = self._gather(report)
+        stats.rounds += 1
+        decision = decide(
+            table,
+            max_steps=settings.max_steps,
+            join=config.join,
+            rng=np.random.default_rng([config.seed, self.epoch, self.round]),
+            share_tail=config.share_tail and self.agreement.hand_over,
+            steps_so_far=self.step,
+            steps_multiple_of=config.steps_multiple_of,
+        )
+        if decision.done:
+            self.done = True
+            if decision.stopped:
+                stats.dropped_samples += len(self.buffer) + self.source.size - self.consumed
+            for _ in range(decision.padding):
+                self._queue([self.ghost], None, 0, 0)
+            return
+        own, given = self.buffer.commit(offer, decision, self.rank)
+        shared, label_fix = {}, np.zeros(decision.steps, dtype=np.int64)
+        if decision.transfers:
+            shared, label_fix = self._hand_over(decision, given)
+        own_groups = iter(own)
+        for j, pick in enumerate(decision.choice[self.rank].tolist()):
+            if pick < 0:
+                entries, group = [self.ghost], None
+            elif j in shared:
+                entries = shared[j]
+                group = shared_group([entry.size for entry in entries], settings.budget)
+                stats.shared_groups += 1
+            else:
+                entries, group = next(own_groups), offer.groups[pick]
+                stats.stale_groups += group.reason is Reason.STALE
+                stats.pressure_groups += group.reason is Reason.PRESSURE
+            global_labels = int(decision.global_label_tokens[j] + label_fix[j])
+            self._queue(entries, group, int(decision.global_samples[j]), global_labels)
+        self.round += 1
+        stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
+
+    def _hand_over(self, decision, given) -> tuple[dict[int, list[Entry]], np.ndarray]:
+        """A transfer round's two further exchanges: the donors' dataset indices, then, once
+        each recipient has read its groups again by index (in this process: a few groups per
+        pass, at its end), whether that worked and how their label tokens differ from what the
+        donors reported. Every rank raises together if any read failed, before any of the
+        round's steps runs, so no rank is left waiting in a training collective."""
+        rank = self.rank
+        given_indices = [[entry.index for entry in group] for group in given]
+        gathered = self._gather(encode_given(decision, rank, given_indices))
+        shared, failure = {}, None
+        try:
+            for step, indices in decode_received(decision, gathered, rank).items():
+                shared[step] = [self._admit(i, self.source.read(i), count=False) for i in indices]
+        except Exception as error:
+            failure = error
+        labels = {step: sum(e.size.label_tokens for e in group) for step, group in shared.items()}
+        verdicts = self._gather(encode_verdict(decision, rank, failure, labels))
+        if failure is not None:
+            if hasattr(failure, "add_note"):  # Python 3.11+
+                failure.add_note(
+                    "odb read this sample again in the main process because another rank handed "
+                    "its group over (share_tail=True); if dataset[i] only works inside DataLoader "
+                    "workers, pass share_tail=False"
+                )
+            raise failure
+        return shared, read_verdict(verdicts)
+
+    def _queue(
+        self, entries: list[Entry], group: Group | None, global_samples: int, global_labels: int
+    ) -> None:
+        """Queue one step; ``group`` None makes it a ghost step (computes like one sample,
+        weighs nothing)."""
+        sizes = [entry.size for entry in entries]
+        real = sum(size.length for size in sizes)
+        ghost = group is None
+        self.pending.append(
+            (
+                entries,
+                StepInfo(
+                    sample_indices=tuple(entry.index for entry in entries),
+                    local_samples=len(entries),
+                    global_samples=global_samples,
+                    local_label_tokens=sum(size.label_tokens for size in sizes),
+                    global_label_tokens=global_labels,
+                    real_tokens=real,
+                    padded_tokens=real if ghost else group.padded_tokens,
+                    step=self.step,
+                    round=self.round,
+                    epoch=self.epoch,
+                    reason="ghost" if ghost else group.reason.value,
+                    ghost=ghost,
+                    loss_weight=0.0 if ghost else 1.0,
+                    rank=self.rank,
+                    world_size=self.exchange.world_size,
+                    cost=0.0 if ghost else float(group.cost),
+                ),
+            )
+        )
+        self.step += 1
+
+    # -- resume ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Where this pass is, as plain data (indices, never tensors)."""
+        if self._resume is not None:  # restored but not started: still the saved position
+            return dict(self._resume)
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "round": self.round,
+            "step": self.step,
+            "exhausted": self.exhausted,
+            "done": self.done,
+            "buffer": [
+                [entry.index, age]
+                for entry, age in zip(self.buffer.entries, self.buffer.ages(), strict=True)
+            ],
+            "ghost": None if self.ghost is None else self.ghost.index,
+            "pending": [
+                {
+                    "indices": [entry.index for entry in entries],
+                    "ghost": info.ghost,
+                    "info": asdict(info),
+                }
+                for entries, info in self.pending
+            ],
+        }

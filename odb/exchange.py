@@ -1,0 +1,168 @@
+"""How one rank talks to the others: an all_gather of equal-width int64 rows.
+
+The round engine (odb/engine.py) only ever calls :meth:`Exchange.gather`; which transport
+carries the rows is this module's business, so the loader, the simulator and the tests run
+the very same protocol code:
+
+- :class:`LocalExchange`: one process; the table is the row itself.
+- :class:`GlooExchange`: torch.distributed, on a dedicated gloo group (works whatever backend
+  trains), with a timeout.
+- :class:`InProcessGroup`: N ranks as N threads of one process (simulations, property tests,
+  several real loaders in one test), rows meeting at a barrier.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from odb.errors import AlignmentError, ConfigError
+
+__all__ = ["Exchange", "LocalExchange", "GlooExchange", "InProcessGroup", "run_ranks"]
+
+
+class Exchange(Protocol):
+    """What a rank needs to take part in the alignment protocol."""
+
+    rank: int
+    world_size: int
+
+    def gather(self, row: np.ndarray) -> np.ndarray:
+        """Every rank's ``row`` (int64, the same width on every rank), stacked by rank."""
+        ...
+
+
+class LocalExchange:
+    """One process: the table is the row itself."""
+
+    rank = 0
+    world_size = 1
+
+    def gather(self, row: np.ndarray) -> np.ndarray:
+        return row[None, :]
+
+
+_GLOO_GROUPS: dict[int, object] = {}  # one alignment group per default process group
+
+
+def _round_failed(rank: int, timeout: float, error: BaseException) -> AlignmentError:
+    return AlignmentError(
+        f"rank {rank}: an alignment round failed: a peer rank died, raised outside the loader, "
+        f"or did not reach the round within {timeout:g} s ({error})"
+    )
+
+
+class GlooExchange:
+    """Rows travel over a dedicated gloo group, created once per process.
+
+    A dedicated group keeps odb's collectives apart from the training's own (NCCL, or DDP's
+    gradient all-reduce running on another thread), and gloo works on CPU tensors whatever
+    backend trains. Every collective has a timeout; a peer that died or stopped answering
+    becomes an :class:`AlignmentError` rather than a hang.
+    """
+
+    def __init__(self, timeout: float):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("GlooExchange needs an initialised torch.distributed process group")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.timeout = timeout
+        key = id(dist.group.WORLD)
+        if key not in _GLOO_GROUPS:
+            _GLOO_GROUPS[key] = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=timeout)
+            )
+        self.group = _GLOO_GROUPS[key]
+
+    def gather(self, row: np.ndarray) -> np.ndarray:
+        import torch.distributed as dist
+
+        local = torch.from_numpy(np.ascontiguousarray(row, dtype=np.int64))
+        table = [torch.empty_like(local) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(table, local, group=self.group)
+        except Exception as error:  # gloo raises RuntimeError subclasses on timeout / lost peer
+            raise _round_failed(self.rank, self.timeout, error) from error
+        return torch.stack(table).numpy()
+
+
+class InProcessGroup:
+    """``world`` ranks in one process, one thread each: ``group.exchange(r)`` is rank r's
+    :class:`Exchange`. Rows meet at a barrier; a rank that dies outside the protocol is
+    announced with :meth:`abort`, and then every waiting rank fails as a gloo peer would."""
+
+    def __init__(self, world: int, timeout: float = 120.0):
+        if world < 1:
+            raise ConfigError(f"an in-process group needs at least one rank, got {world}")
+        self.world = world
+        self.timeout = timeout
+        self._rows: list[np.ndarray | None] = [None] * world
+        self._barrier = threading.Barrier(world, timeout=timeout)
+
+    def exchange(self, rank: int) -> _InProcessExchange:
+        return _InProcessExchange(self, rank)
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+    def _gather(self, rank: int, row: np.ndarray) -> np.ndarray:
+        self._rows[rank] = np.asarray(row, dtype=np.int64).copy()
+        try:
+            self._barrier.wait()  # every row is in
+            widths = {len(r) for r in self._rows}  # type: ignore[arg-type]
+            if len(widths) != 1:
+                raise AlignmentError(f"ranks sent rows of different widths {sorted(widths)}")
+            table = np.stack(self._rows)  # type: ignore[arg-type]
+            self._barrier.wait()  # every rank has read the table before any row is replaced
+        except threading.BrokenBarrierError as error:
+            raise _round_failed(rank, self.timeout, error) from error
+        return table
+
+
+class _InProcessExchange:
+    def __init__(self, group: InProcessGroup, rank: int):
+        self.group, self.rank, self.world_size = group, rank, group.world
+
+    def gather(self, row: np.ndarray) -> np.ndarray:
+        return self.group._gather(self.rank, row)
+
+
+def run_ranks(world: int, work: Callable[[Exchange], Any], *, timeout: float = 120.0) -> list[Any]:
+    """Run ``work(exchange)`` for ``world`` ranks of one :class:`InProcessGroup`, one thread
+    each (the calling thread alone for one rank), and return every rank's result.
+
+    If any rank raises, the group is aborted so no rank waits for it, and the first error is
+    raised once every thread has stopped: the error of the rank that failed first in its own
+    right, rather than a peer's :class:`AlignmentError` about it.
+    """
+    if world == 1:
+        return [work(LocalExchange())]
+    group = InProcessGroup(world, timeout)
+    results: list[Any] = [None] * world
+    errors: list[BaseException | None] = [None] * world
+
+    def one(rank: int) -> None:
+        try:
+            results[rank] = work(group.exchange(rank))
+        except BaseException as error:
+            errors[rank] = error
+            if not isinstance(error, AlignmentError):
+                group.abort()
+
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    raised = [e for e in errors if e is not None]
+    if raised:
+        root = [e for e in raised if not isinstance(e, AlignmentError)]
+        raise (root or raised)[0]
+    return results

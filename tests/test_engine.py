@@ -1,0 +1,322 @@
+"""The round engine for any number of ranks, through the in-process exchange: N engines over
+sample sizes (``odb.simulate``), and N real ``odb.DataLoader``s as threads of this process.
+
+Every property is checked on every step of every rank; what a step must hold does not come
+from the engine but from the sizes the test made (label tokens, samples, coverage).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synthetic import LengthDataset, label_tokens, lognormal_lengths
+
+import odb
+from odb.buffer import RoundSettings
+from odb.cost import Budget, PackedCost, PaddedCost, SampleSize
+from odb.errors import AlignmentError, ConfigError, SampleError
+from odb.exchange import run_ranks
+from odb.simulate import simulate
+
+
+def _size(index: int, length: int) -> SampleSize:
+    """Label tokens that differ from sample to sample, so a count taken from the wrong
+    sample or the wrong rank shows."""
+    return SampleSize(length, max(0, length - 1 - index % 7))
+
+
+def _shards(counts, lengths) -> list[list[tuple[int, SampleSize]]]:
+    shards, index = [], 0
+    for count in counts:
+        shards.append(
+            [(i, _size(i, lengths[i % len(lengths)])) for i in range(index, index + count)]
+        )
+        index += count
+    return shards
+
+
+def check_steps(steps, shards, *, join=True, multiple=1, share_tail=True, dropped=None):
+    """Every guarantee of docs/protocol.md on every step: equal step counts (a multiple of
+    ``multiple``); per step, global label tokens and samples equal to the sums of the ranks'
+    non-ghost local counts, and local counts equal to those of the step's samples; ghosts
+    weigh 0; in join mode every sample once, else once at most with the rest dropped;
+    without ``share_tail`` every rank runs only its own samples."""
+    sizes = {i: size for shard in shards for i, size in shard}
+    counts = {len(rank_steps) for rank_steps in steps}
+    assert len(counts) == 1, f"unequal steps {[len(s) for s in steps]}"
+    assert counts.pop() % multiple == 0
+    for j, step in enumerate(zip(*steps, strict=True)):
+        real = [s for s in step if not s.ghost]
+        labels = sum(s.local_label_tokens for s in real)
+        samples = sum(s.local_samples for s in real)
+        for s in step:
+            assert s.step == j
+            assert (s.global_label_tokens, s.global_samples) == (labels, samples), (j, step)
+            assert s.loss_weight == (0.0 if s.ghost else 1.0)
+        for s in real:
+            assert s.local_label_tokens == sum(sizes[i].label_tokens for i in s.sample_indices)
+            assert s.local_samples == len(s.sample_indices)
+    emitted = [
+        i for rank_steps in steps for s in rank_steps if not s.ghost for i in s.sample_indices
+    ]
+    assert len(emitted) == len(set(emitted)), "a sample emitted twice"
+    if join:
+        assert sorted(emitted) == sorted(sizes), "join mode: every sample of every rank once"
+    elif dropped is not None:
+        assert len(emitted) + sum(dropped) == len(sizes)
+    if not share_tail:
+        for rank, rank_steps in enumerate(steps):
+            own = {i for i, _ in shards[rank]}
+            assert all(set(s.sample_indices) <= own for s in rank_steps if not s.ghost)
+
+
+@st.composite
+def shard_counts(draw) -> list[int]:
+    """1-16 ranks, empty ones included; sometimes one rank holds ~100x what the others do."""
+    world = draw(st.integers(1, 16))
+    counts = draw(st.lists(st.integers(0, 12), min_size=world, max_size=world))
+    if draw(st.booleans()):
+        counts[draw(st.integers(0, world - 1))] = draw(st.integers(0, 1200))
+    return counts
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    counts=shard_counts(),
+    lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
+    packed=st.booleans(),
+    window=st.integers(4, 64),
+    join=st.booleans(),
+    share_tail=st.booleans(),
+    multiple=st.integers(1, 3),
+)
+def test_every_step_of_every_rank_is_aligned_and_exact(
+    counts, lengths, packed, window, join, share_tail, multiple
+):
+    budget = Budget(4096, PackedCost() if packed else PaddedCost())
+    shards = _shards(counts, lengths)
+    # termination (docs/protocol.md): at most max_r N_r rounds with steps, sum_r N_r without
+    bound = max(counts) + sum(counts) + 1
+    result = simulate(
+        shards,
+        RoundSettings.create(budget, window=window),
+        join=join,
+        share_tail=share_tail,
+        steps_multiple_of=multiple,
+        seed=7,
+        max_rounds=bound,
+    )
+    check_steps(
+        result.steps,
+        shards,
+        join=join,
+        multiple=multiple,
+        share_tail=share_tail,
+        dropped=result.dropped,
+    )
+    if not join:  # no ghost steps but the padding to a multiple, at the very end
+        for steps in result.steps:
+            ghosts = [k for k, s in enumerate(steps) if s.ghost]
+            assert all(k >= len(steps) - (multiple - 1) for k in ghosts)
+    for rank_steps, shard in zip(result.steps, shards, strict=True):
+        own = {i for i, _ in shard}
+        ghosts = [s.round for s in rank_steps if s.ghost]
+        if join and ghosts:  # ghosts only from the round its own samples run out
+            assert not any(
+                s.round > ghosts[0] and set(s.sample_indices) & own
+                for s in rank_steps
+                if not s.ghost
+            )
+
+
+def test_several_ranks_receive_handed_over_groups_in_one_step_and_counts_stay_exact():
+    """The layout that broke turn 1's exact loss: one dataset, 100 / 100 / 700 samples per
+    rank; at the end, two ranks receive groups in the same steps."""
+    lengths = np.minimum(lognormal_lengths(900, 200, 1.0, seed=0), 2048).tolist()
+    shards = _shards([100, 100, 700], lengths)
+    result = simulate(shards, RoundSettings.create(Budget(2048), window=128))
+    check_steps(result.steps, shards)
+    together = [
+        j
+        for j, step in enumerate(zip(*result.steps, strict=True))
+        if sum(s.reason == "shared" for s in step) >= 2
+    ]
+    assert together, "the layout must hand groups to two ranks in one step"
+
+
+def test_the_end_of_unequal_shards_is_shared_so_the_ranks_finish_together():
+    # rank 0's samples are 8x longer: with equal sample counts it has 8x the groups to run
+    shards = [
+        [(i, SampleSize(2000, 2)) for i in range(40)],
+        [(40 + i, SampleSize(250, 2)) for i in range(40)],
+    ]
+    settings_ = RoundSettings.create(Budget(4096), window=64)
+    apart = simulate(shards, settings_, share_tail=False)
+    shared = simulate(shards, settings_)
+    assert sum(step.ghost for step in apart.steps[1]) >= 15  # 20 groups against 3
+    assert sum(step.ghost for steps in shared.steps for step in steps) <= 1
+    assert len(shared.steps[0]) == -(-(20 + 3) // 2)
+    handed = [step for step in shared.steps[1] if step.reason == "shared"]
+    assert handed and all(set(step.sample_indices) < set(range(40)) for step in handed)
+    # the first exchange, one report per round, and two more in the round that hands over
+    assert shared.transfer_rounds == 1 and shared.collectives == 1 + shared.rounds + 2
+
+
+# -- real loaders as threads --------------------------------------------------------------------
+
+
+def run_loaders(datasets, options, *, epochs=1, per_rank=None):
+    """Each rank's (step infos, error) from one odb.DataLoader per rank in one process;
+    ``datasets[r]`` is rank r's dataset, ``per_rank[r]`` its sampler (then ``shard`` as
+    ``options`` say). Checks that every batch holds exactly the samples its step info names."""
+
+    def work(exchange):
+        rank = exchange.rank
+        dataset = datasets[rank]
+        extra = {"sampler": per_rank[rank]} if per_rank is not None else {}
+        loader = odb.DataLoader(dataset, exchange=exchange, **options, **extra)
+        infos = []
+        try:
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                for batch in loader:
+                    info = odb.step_info(batch)
+                    _check_batch(batch, info, dataset, options.get("mode", "padded"))
+                    infos.append(info)
+        except Exception as error:
+            return infos, error
+        return infos, None
+
+    return run_ranks(len(datasets), work, timeout=60)
+
+
+def _check_batch(batch, info, dataset, mode):
+    ids = batch["input_ids"]
+    lengths = [dataset.lengths[i] for i in info.sample_indices]
+    if mode == "packed":
+        expected = torch.cat(
+            [torch.full((n,), i) for i, n in zip(info.sample_indices, lengths, strict=True)]
+        )
+        assert torch.equal(ids[0], expected)
+    else:
+        assert ids.shape[0] == len(lengths)
+        for row, (i, n) in enumerate(zip(info.sample_indices, lengths, strict=True)):
+            assert (ids[row, :n] == i).all()
+    assert info.real_tokens == sum(lengths)
+    assert info.local_label_tokens == sum(label_tokens(n) for n in lengths)
+
+
+def _size_shards(dataset, orders):
+    return [
+        [(i, SampleSize(dataset.lengths[i], label_tokens(dataset.lengths[i]))) for i in order]
+        for order in orders
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    world=st.integers(1, 4),
+    n=st.integers(0, 80),
+    seed=st.integers(0, 1000),
+    mode=st.sampled_from(["padded", "packed"]),
+    own_samplers=st.booleans(),
+    share_tail=st.booleans(),
+    multiple=st.integers(1, 2),
+)
+def test_loaders_in_threads_emit_exact_aligned_batches(
+    world, n, seed, mode, own_samplers, share_tail, multiple
+):
+    lengths = np.minimum(lognormal_lengths(n, 120, 1.0, seed=seed), 512).tolist() if n else []
+    dataset = LengthDataset(lengths)
+    options = dict(
+        token_budget=512,
+        mode=mode,
+        window=16,
+        seed=seed,
+        share_tail=share_tail,
+        steps_multiple_of=multiple,
+    )
+    per_rank = None
+    if own_samplers:  # uneven, disjoint parts given by the user
+        cuts = sorted(np.random.default_rng(seed).integers(0, n + 1, world - 1).tolist())
+        per_rank = [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        options["shard"] = False
+    results = run_loaders([dataset] * world, options, per_rank=per_rank)
+    for _, error in results:
+        assert error is None, error
+    steps = [infos for infos, _ in results]
+    orders = per_rank or [list(range(n))[r::world] for r in range(world)]
+    check_steps(steps, _size_shards(dataset, orders), multiple=multiple, share_tail=share_tail)
+
+
+def _errors(results):
+    return [error for _, error in results]
+
+
+def test_a_sampler_per_rank_with_default_sharding_is_refused_on_every_rank():
+    dataset = LengthDataset([10] * 90)
+    per_rank = [list(range(0, 10)), list(range(10, 50)), list(range(50, 90))]
+    results = run_loaders([dataset] * 3, dict(token_budget=128), per_rank=per_rank)
+    for error in _errors(results):
+        assert isinstance(error, ConfigError) and "shard=False" in str(error)
+    assert not any(infos for infos, _ in results), "refused before any batch"
+
+
+def test_ranks_with_their_own_datasets_never_hand_groups_over():
+    datasets = [
+        LengthDataset(lognormal_lengths(n, 100, 1.0, seed=r)) for r, n in enumerate([30, 60, 200])
+    ]
+    options = dict(token_budget=1024, window=16, shard=False)
+    results = run_loaders(datasets, options)
+    steps = [infos for infos, error in results if error is None]
+    assert len(steps) == 3
+    assert not any(s.reason == "shared" for rank in steps for s in rank)
+    assert len({len(rank) for rank in steps}) == 1
+    for rank, infos in enumerate(steps):
+        mine = [i for s in infos if not s.ghost for i in s.sample_indices]
+        assert sorted(mine) == list(range(len(datasets[rank])))
+    for step in zip(*steps, strict=True):
+        real = [s for s in step if not s.ghost]
+        assert {s.global_label_tokens for s in step} == {sum(s.local_label_tokens for s in real)}
+
+
+def test_a_rank_with_an_empty_dataset_stops_every_rank_in_the_same_round():
+    datasets = [LengthDataset([20] * 40), LengthDataset([]), LengthDataset([30] * 40)]
+    results = run_loaders(datasets, dict(token_budget=256, window=16, shard=False))
+    for error in _errors(results):
+        assert isinstance(error, AlignmentError), error
+        assert "rank(s) [1]" in str(error) and "empty" in str(error)
+
+
+def test_ranks_whose_datasets_are_all_empty_finish_at_once():
+    results = run_loaders([LengthDataset([])] * 3, dict(token_budget=256, shard=False))
+    assert [(infos, error) for infos, error in results] == [([], None)] * 3
+
+
+def test_ranks_built_with_other_settings_are_refused():
+    dataset = LengthDataset([10] * 30)
+
+    def work(exchange):
+        loader = odb.DataLoader(dataset, 128, window=16 + exchange.rank, exchange=exchange)
+        with pytest.raises(ConfigError, match="other settings than rank 0"):
+            next(iter(loader))
+
+    run_ranks(2, work, timeout=30)
+
+
+def test_a_failing_sample_stops_the_other_ranks_with_its_cause():
+    class Broken(LengthDataset):
+        def __getitem__(self, index):
+            sample = super().__getitem__(index)
+            if index == 25:
+                sample["labels"] = sample["labels"][:-1]
+            return sample
+
+    results = run_loaders([Broken([10] * 40)] * 2, dict(token_budget=128, window=8))
+    errors = _errors(results)
+    assert isinstance(errors[1], SampleError) and "sample 25" in str(errors[1])
+    assert isinstance(errors[0], AlignmentError)
+    assert str(errors[0]).startswith("rank(s) [1] raised while preparing this round (a sample")
