@@ -55,15 +55,7 @@ def estimate_steps(loader, probe: int = 256) -> int:
         [(int(i), sizes[picks[i]]) for i in range(rank, simulated, world)] for rank in range(world)
     ]
     policy = "solo" if loader.over_budget == "error" else loader.over_budget
-    result = simulate(
-        shards,
-        loader.settings,
-        join=loader.join,
-        share_tail=loader.share_tail,
-        seed=loader.seed,
-        over_budget=policy,
-    )
-    steps = len(result.steps[0]) * n / simulated
+    steps = _replay(loader, shards, over_budget=policy, steps_multiple_of=1) * n / simulated
     multiple = loader.steps_multiple_of
     return max(1, math.ceil(steps / multiple)) * multiple
 
@@ -76,6 +68,17 @@ def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
     if len(sizes) != len(loader.dataset):
         raise ConfigError(f"{len(sizes)} sizes given for a dataset of {len(loader.dataset)}")
     shards = [[(int(i), sizes[i]) for i in order] for order in loader.shard_orders(epoch)]
+    return _replay(loader, shards, epoch=epoch)
+
+
+def _replay(loader, shards, *, epoch: int = 0, **overrides) -> int:
+    """Steps per rank of one pass of ``loader``'s round engine over ``shards`` of sizes, with
+    the loader's settings (``overrides`` replace ``over_budget`` or ``steps_multiple_of``)."""
+    options = {
+        "over_budget": loader.over_budget,
+        "steps_multiple_of": loader.steps_multiple_of,
+        **overrides,
+    }
     result = simulate(
         shards,
         loader.settings,
@@ -83,7 +86,6 @@ def count_steps(loader, sizes: list[SampleSize], epoch: int = 0) -> int:
         share_tail=loader.share_tail,
         seed=loader.seed,
         epoch=epoch,
-        over_budget=loader.over_budget,
-        steps_multiple_of=loader.steps_multiple_of,
+        **options,
     )
     return len(result.steps[0])
