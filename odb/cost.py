@@ -174,6 +174,17 @@ class ComputeCost:
         lengths = np.asarray(lengths, dtype=np.float64)
         return self.group_cost(1, lengths, lengths, lengths * lengths, patches)
 
+    def one_sample_cost(self, length: int, patches: int) -> float:
+        """:meth:`sample_cost` of one sample, in plain Python (checked for every sample the
+        loader admits, where numpy's per-call overhead would dominate)."""
+        tokens = float(length)
+        cost = tokens
+        if self.attention_weight:
+            cost = cost + self.attention_weight * (tokens * length)
+        if self.vision_weight:
+            cost = cost + self.vision_weight * float(patches)
+        return cost
+
     def longest_within(self, limit: float, patches: int = 0) -> int:
         """The longest sample (with ``patches``) whose cost alone stays within ``limit``."""
         rest = limit - self.vision_weight * patches
@@ -249,7 +260,7 @@ class Budget:
 
     def why_over(self, size: SampleSize) -> str | None:
         """Why one sample alone cannot form a batch, or None if it can."""
-        cost = float(self.cost.sample_cost(size.length, size.vision_patches))
+        cost = self.cost.one_sample_cost(size.length, size.vision_patches)
         if cost > self.limit:
             return f"length {size.length} (cost {cost:g}) exceeds the token budget {self.limit:g}"
         caps = self.caps

@@ -127,3 +127,14 @@ def test_why_over_names_the_limit_that_was_broken():
     assert "exceeds the token budget 100" in budget.why_over(SampleSize(101, 10))
     assert "max_images=2" in budget.why_over(SampleSize(10, 1, 20, 3))
     assert "max_vision_patches=50" in budget.why_over(SampleSize(10, 1, 60, 1))
+
+
+def test_one_sample_cost_equals_the_vectorised_cost():
+    for cost in (
+        PaddedCost(),
+        PackedCost(),
+        ComputeCost(True, 1 / 768, 0.4),
+        ComputeCost(False, 3e-4, 2.5),
+    ):
+        for length, patches in ((1, 0), (777, 0), (4096, 1296), (32768, 20000)):
+            assert cost.one_sample_cost(length, patches) == float(cost.sample_cost(length, patches))
