@@ -320,3 +320,34 @@ def test_a_failing_sample_stops_the_other_ranks_with_its_cause():
     assert isinstance(errors[1], SampleError) and "sample 25" in str(errors[1])
     assert isinstance(errors[0], AlignmentError)
     assert str(errors[0]).startswith("rank(s) [1] raised while preparing this round (a sample")
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_a_restored_pass_continues_every_rank_with_the_same_steps(mode):
+    """Save every rank's state at each step of a pass whose end is shared out between three
+    ranks of unequal shards, restore it on fresh loaders, and get the rest of the pass: what the
+    uninterrupted pass ran, step for step (handed-over groups and ghosts included)."""
+    lengths = np.minimum(lognormal_lengths(150, 120, 1.0, seed=3), 512).tolist()
+    dataset = LengthDataset(lengths)
+    per_rank = [list(range(0, 15)), list(range(15, 40)), list(range(40, 150))]
+    options = dict(token_budget=512, mode=mode, window=16, shard=False, steps_multiple_of=2)
+
+    def work(exchange):
+        def loader():
+            sampler = per_rank[exchange.rank]
+            return odb.DataLoader(dataset, sampler=sampler, exchange=exchange, **options)
+
+        full = [odb.step_info(b) for b in loader()]
+        for cut in range(len(full) + 1):
+            head = loader()
+            batches = iter(head)
+            taken = [odb.step_info(next(batches)) for _ in range(cut)]
+            state = head.state_dict()
+            rest = loader()
+            rest.load_state_dict(state)
+            assert taken + [odb.step_info(b) for b in rest] == full, (exchange.rank, cut)
+        return full
+
+    steps = run_ranks(3, work, timeout=120)
+    assert any(s.reason == "shared" for rank in steps for s in rank)
+    assert any(s.ghost for rank in steps for s in rank)
