@@ -187,6 +187,7 @@ def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, sp
     for r in results:
         assert "error" not in r, r.get("traceback")
     assert results[0]["steps"] == results[1]["steps"]
+    assert results[0]["miscounted"] == []
     if split == "uneven":
         assert results[0]["ghosts"] > 0
     else:
