@@ -181,11 +181,14 @@ def run_grads(config, rank, loader, result):
 
     Rank 0 records each step whose global counts differ from those of the samples the ranks
     ran (``miscounted``) rather than raising there, which would leave the others waiting in
-    the step's collectives."""
-    model = tiny_model(vocab=512)
-    reference = tiny_model(vocab=512)  # same init; rank 0 uses it for the single-process gradient
+    the step's collectives. The reference runs each rank's samples as one padded batch (the
+    token-loss sum is the same as sample by sample, at a fraction of the forward passes)."""
+    dataset = loader.dataset
+    vocab = max(512, len(dataset))  # LengthDataset's tokens are the sample's index
+    model = tiny_model(vocab=vocab)
+    reference = tiny_model(vocab=vocab)  # same init; rank 0 uses it for the one-process gradient
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    dataset, collate = loader.dataset, loader.collate_fn
+    pad = odb.PaddedCollator()
     worst, ghosts, shared = 0.0, 0, 0
     records, miscounted = [], []
     result.update(epochs=[records], miscounted=miscounted, steps=0)
@@ -202,8 +205,8 @@ def run_grads(config, rank, loader, result):
         if rank == 0:
             reference.zero_grad()
             total = sum(len(ix) for ix in everyone)
-            samples = [dataset[i] for ix in everyone for i in ix]
-            tokens = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
+            groups = [[dataset[i] for i in ix] for ix in everyone if ix]
+            tokens = sum(int((s["labels"][1:] != -100).sum()) for g in groups for s in g)
             if (tokens, total) != (info.global_label_tokens, info.global_samples):
                 miscounted.append(
                     {
@@ -212,7 +215,7 @@ def run_grads(config, rank, loader, result):
                         "samples": [total, info.global_samples],
                     }
                 )
-            loss_sum = sum(token_loss_sum(reference, collate([s])) for s in samples)
+            loss_sum = sum(token_loss_sum(reference, pad(group)) for group in groups)
             (loss_sum / tokens).backward()
             for mine, ref in zip(model.parameters(), reference.parameters(), strict=True):
                 worst = max(worst, float((mine.grad - ref.grad).abs().max()))
