@@ -39,9 +39,9 @@ def launch(tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180) ->
     return results
 
 
-def capped_lengths(n: int, seed: int = 0, budget: int = BUDGET) -> list[int]:
-    """Lognormal sample lengths (mean 200, CV 1), none longer than the budget."""
-    return np.minimum(lognormal_lengths(n, 200, 1.0, seed=seed), budget).tolist()
+def capped_lengths(n: int, seed: int = 0, budget: int = BUDGET, mean: float = 200) -> list[int]:
+    """Lognormal sample lengths (CV 1), none longer than the budget."""
+    return np.minimum(lognormal_lengths(n, mean, 1.0, seed=seed), budget).tolist()
 
 
 def check_aligned(results, shards, lengths, *, join=True, budget=BUDGET, own_datasets=False):
