@@ -41,16 +41,13 @@ def _handed_to_two_ranks(
     return lengths, shards, config
 
 
-@pytest.mark.parametrize(("mode", "seed"), [("padded", 0), ("packed", 8)])
-def test_every_step_counts_the_groups_handed_to_several_ranks(tmp_path, mode, seed):
-    lengths, shards, config = _handed_to_two_ranks(mode, seed)
-    results = launch(tmp_path, config, RANKS)
-    assert _shared_steps(results), "no step in which two ranks run handed-over groups"
-    check_aligned(results, shards, lengths, budget=config["budget"])
-
-
-def test_every_step_counts_the_groups_handed_to_several_ranks_with_workers(tmp_path):
-    lengths, shards, config = _handed_to_two_ranks("padded", 0, num_workers=2)
+@pytest.mark.parametrize(
+    ("mode", "seed", "num_workers"), [("padded", 0, 0), ("packed", 8, 0), ("padded", 0, 2)]
+)
+def test_every_step_counts_the_groups_handed_to_several_ranks(tmp_path, mode, seed, num_workers):
+    """Every rank's global label-token and sample counts are the sums of what the ranks run,
+    also in the steps where two ranks run groups handed over to them."""
+    lengths, shards, config = _handed_to_two_ranks(mode, seed, num_workers=num_workers)
     results = launch(tmp_path, config, RANKS)
     assert _shared_steps(results), "no step in which two ranks run handed-over groups"
     check_aligned(results, shards, lengths, budget=config["budget"])
@@ -79,8 +76,9 @@ def test_gradients_stay_exact_when_several_ranks_run_handed_over_groups(tmp_path
 def test_per_rank_samplers_that_already_shard_need_shard_false(tmp_path):
     """Samplers that differ between ranks already split the data: sharding them again would
     silently train on a third of it, so the default (``shard`` not given) refuses them and
-    names the fix; identical samplers are still sharded."""
-    lengths = capped_lengths(900, seed=9)
+    names the fix; identical samplers are still sharded. (With ``shard=False`` this layout
+    trains on every sample once: test_ddp.py::test_three_ranks_with_100_400_400_samples.)"""
+    lengths = capped_lengths(900)
     shards = [list(range(0, 100)), list(range(100, 500)), list(range(500, 900))]
     config = {"lengths": lengths, "per_rank_indices": shards, "shard": None}
     results = launch(tmp_path, config, RANKS)
@@ -93,8 +91,6 @@ def test_per_rank_samplers_that_already_shard_need_shard_false(tmp_path):
     report = "\n".join(f"rank {r}: {e}" for r, e in enumerate(errors))
     assert all(e.startswith("ConfigError") and "shard=False" in e for e in errors), report
     assert not any(batches), "refused before any batch"
-
-    check_aligned(launch(tmp_path, {**config, "shard": False}, RANKS), shards, lengths)
 
     order = np.random.default_rng(9).permutation(900).tolist()
     same = launch(tmp_path, {**config, "per_rank_indices": [order] * RANKS}, RANKS)
@@ -125,7 +121,7 @@ def test_ranks_with_datasets_of_their_own_keep_their_samples(tmp_path, sizes):
 
 
 def test_ranks_whose_datasets_are_all_empty_yield_nothing(tmp_path):
-    config = {"per_rank_lengths": [[], [], []], "shard": False, "align_timeout": 60}
+    config = {"per_rank_lengths": [[], [], []], "shard": False}
     for r in launch(tmp_path, config, RANKS):
         assert "error" not in r, r.get("traceback")
         assert r["epochs"] == [[]]
