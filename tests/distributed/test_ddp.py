@@ -4,93 +4,25 @@ docs/protocol.md checked on processes that really talk to each other."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import label_tokens, lognormal_lengths
-from tiny import free_port, torchrun
+from ranks import WORKER, capped_lengths, check_aligned, launch, worker_env
+from synthetic import label_tokens
+from tiny import free_port
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).with_name("worker.py")
-BUDGET = 1024
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def launch(tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180) -> list[dict]:
-    """Run ``nproc`` ranks under torchrun; return each rank's JSON record."""
-    config = {**config, "out": str(tmp_path)}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    command = torchrun(nproc, str(WORKER), str(path))
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
-    records = [tmp_path / f"rank{r}.json" for r in range(nproc)]
-    missing = [str(p) for p in records if not p.exists()]
-    assert not missing, f"ranks wrote nothing ({missing}):\n{done.stdout}\n{done.stderr}"
-    results = [json.loads(p.read_text()) for p in records]
-    for p in records:
-        p.unlink()
-    return results
-
-
-def _lengths(n, seed=0):
-    return np.minimum(lognormal_lengths(n, 200, 1.0, seed=seed), BUDGET).tolist()
-
-
-def _check_aligned(results, shards, lengths, *, join=True):
-    """Equal steps; per step equal global counts that sum the ranks' batches; budget held;
-    in join mode every sample of every rank once; a rank runs ghosts only once nothing of its
-    own shard is left (it may still run groups handed over at the end)."""
-    for r in results:
-        assert "error" not in r, r.get("traceback")
-    for epoch in range(len(results[0]["epochs"])):
-        per_rank = [r["epochs"][epoch] for r in results]
-        assert len({len(steps) for steps in per_rank}) == 1, [len(s) for s in per_rank]
-        for j, step in enumerate(zip(*per_rank, strict=True)):
-            real = [s for s in step if not s["ghost"]]
-            assert {s["global_label_tokens"] for s in step} == {
-                sum(s["local_label_tokens"] for s in real)
-            }
-            assert {s["global_samples"] for s in step} == {sum(s["local_samples"] for s in real)}
-            assert all(s["step"] == j for s in step)
-            assert all(s["tokens_in_batch"] <= BUDGET for s in step)
-            for s in real:
-                expected = sum(label_tokens(lengths[i]) for i in s["indices"])
-                assert s["local_label_tokens"] == expected
-            assert all(s["loss_weight"] == (0.0 if s["ghost"] else 1.0) for s in step)
-        emitted = [i for steps in per_rank for s in steps if not s["ghost"] for i in s["indices"]]
-        assert len(emitted) == len(set(emitted)), "nothing emitted twice"
-        if join and shards is not None:
-            assert sorted(emitted) == sorted(i for shard in shards for i in shard)
-        for rank, steps in enumerate(per_rank):
-            if shards is None:
-                break
-            mine = set(shards[rank])
-            own = [not s["ghost"] and s["reason"] != "shared" for s in steps]
-            for s, is_own in zip(steps, own, strict=True):
-                if not s["ghost"]:  # its own samples, or a whole group from another rank
-                    assert (set(s["indices"]) <= mine) if is_own else not (set(s["indices"]) & mine)
-            ghosts = [s["ghost"] for s in steps]
-            if True in ghosts:  # only in the round its own samples run out, or later
-                first = steps[ghosts.index(True)]["round"]
-                assert not any(o for o, s in zip(own, steps, strict=True) if s["round"] > first)
-    return [[r["epochs"][e] for e in range(len(r["epochs"]))] for r in results]
-
 
 def test_three_ranks_with_100_400_400_samples(tmp_path):
-    lengths = _lengths(900)
+    lengths = capped_lengths(900)
     shards = [list(range(0, 100)), list(range(100, 500)), list(range(500, 900))]
     config = {"lengths": lengths, "per_rank_indices": shards, "epochs": 2}
     results = launch(tmp_path, config, 3)
-    _check_aligned(results, shards, lengths)
+    check_aligned(results, shards, lengths)
     steps = [r["epochs"][0] for r in results]
     assert sum(s["ghost"] for s in steps[0]) > 0, "rank 0 ran out first and ran ghost steps"
     assert results[0]["stats"]["ghost_steps"] == sum(
@@ -99,16 +31,16 @@ def test_three_ranks_with_100_400_400_samples(tmp_path):
 
 
 def test_a_rank_with_an_empty_shard_runs_ghost_steps_until_the_end_is_shared(tmp_path):
-    lengths = _lengths(300, seed=1)
+    lengths = capped_lengths(300, seed=1)
     shards = [list(range(300)), []]
     config = {"lengths": lengths, "per_rank_indices": shards, "share_tail": False}
     results = launch(tmp_path, config, 2)
-    _check_aligned(results, shards, lengths)
+    check_aligned(results, shards, lengths)
     steps = results[1]["epochs"][0]
     assert steps and all(s["ghost"] for s in steps)
     assert all(s["indices"] == [1] for s in steps)  # it borrows dataset[rank]
     results = launch(tmp_path, {**config, "share_tail": True}, 2)
-    _check_aligned(results, shards, lengths)
+    check_aligned(results, shards, lengths)
     steps = results[1]["epochs"][0]
     assert any(s["reason"] == "shared" for s in steps) and steps[0]["ghost"]
     assert results[1]["stats"]["shared_groups"] == sum(s["reason"] == "shared" for s in steps)
@@ -116,7 +48,7 @@ def test_a_rank_with_an_empty_shard_runs_ghost_steps_until_the_end_is_shared(tmp
 
 def _skewed(n, seed):
     """Equal sample counts, unequal work: rank 0 gets 70% of the longer half of the lengths."""
-    lengths = _lengths(n, seed=seed)
+    lengths = capped_lengths(n, seed=seed)
     order = np.argsort(lengths)[::-1].tolist()
     half, heavy = n // 2, int(0.7 * n // 2)
     shards = [
@@ -130,9 +62,9 @@ def test_the_end_of_unequal_shards_is_shared_so_all_ranks_finish_together(tmp_pa
     lengths, shards = _skewed(400, seed=11)
     config = {"lengths": lengths, "per_rank_indices": shards, "num_workers": 2, "window": 64}
     apart = launch(tmp_path, {**config, "share_tail": False}, 2)
-    _check_aligned(apart, shards, lengths)
+    check_aligned(apart, shards, lengths)
     together = launch(tmp_path, config, 2)
-    _check_aligned(together, shards, lengths)
+    check_aligned(together, shards, lengths)
     ghost_steps = [
         sum(s["ghost"] for r in run for s in r["epochs"][0]) for run in (apart, together)
     ]
@@ -143,9 +75,9 @@ def test_the_end_of_unequal_shards_is_shared_so_all_ranks_finish_together(tmp_pa
 
 
 def test_odb_shards_the_shuffled_order_by_rank(tmp_path):
-    lengths = _lengths(500, seed=2)
+    lengths = capped_lengths(500, seed=2)
     results = launch(tmp_path, {"lengths": lengths, "epochs": 2}, 2)
-    epochs = _check_aligned(results, None, lengths)
+    epochs = check_aligned(results, None, lengths)
     for epoch in range(2):
         seen = [
             [i for s in epochs[rank][epoch] if not s["ghost"] for i in s["indices"]]
@@ -157,11 +89,11 @@ def test_odb_shards_the_shuffled_order_by_rank(tmp_path):
 
 
 def test_non_join_stops_all_ranks_together_and_counts_the_rest(tmp_path):
-    lengths = _lengths(900, seed=3)
+    lengths = capped_lengths(900, seed=3)
     shards = [list(range(0, 100)), list(range(100, 500)), list(range(500, 900))]
     config = {"lengths": lengths, "per_rank_indices": shards, "join": False}
     results = launch(tmp_path, config, 3)
-    _check_aligned(results, shards, lengths, join=False)
+    check_aligned(results, shards, lengths, join=False)
     for rank, result in enumerate(results):
         steps = result["epochs"][0]
         assert not any(s["ghost"] for s in steps)
@@ -173,7 +105,7 @@ def test_non_join_stops_all_ranks_together_and_counts_the_rest(tmp_path):
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_workers_under_every_start_method(tmp_path, start_method):
-    lengths = _lengths(400, seed=4)
+    lengths = capped_lengths(400, seed=4)
     shards = [list(range(0, 150)), list(range(150, 400))]
     config = {
         "lengths": lengths,
@@ -182,11 +114,11 @@ def test_workers_under_every_start_method(tmp_path, start_method):
         "start_method": start_method,
         "mode": "packed",
     }
-    _check_aligned(launch(tmp_path, config, 2), shards, lengths)
+    check_aligned(launch(tmp_path, config, 2), shards, lengths)
 
 
 def test_a_rank_that_raises_stops_the_others_with_a_clear_error(tmp_path):
-    lengths = _lengths(400, seed=5)
+    lengths = capped_lengths(400, seed=5)
     shards = [list(range(0, 200)), list(range(200, 400))]
     config = {"lengths": lengths, "per_rank_indices": shards, "bad_index": 300}
     results = launch(tmp_path, config, 2)
@@ -196,7 +128,7 @@ def test_a_rank_that_raises_stops_the_others_with_a_clear_error(tmp_path):
 
 def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
     """Plain processes (torchrun would kill the survivors itself): rank 1 exits abruptly."""
-    lengths = _lengths(600, seed=6)
+    lengths = capped_lengths(600, seed=6)
     config = {
         "lengths": lengths,
         "scenario": "die",
@@ -213,7 +145,7 @@ def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
     start = time.time()
     for rank in range(2):
         env = {
-            **_env(),
+            **worker_env(),
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",
@@ -241,7 +173,7 @@ def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
 )
 def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, split):
     if split == "uneven":  # rank 0 runs out first: ghost steps
-        lengths, shards = _lengths(120, seed=7), [list(range(0, 40)), list(range(40, 120))]
+        lengths, shards = capped_lengths(120, seed=7), [list(range(0, 40)), list(range(40, 120))]
     else:  # equal counts, unequal work: groups handed over at the end
         lengths, shards = _skewed(120, seed=7)
     config = {
@@ -255,6 +187,7 @@ def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, sp
     for r in results:
         assert "error" not in r, r.get("traceback")
     assert results[0]["steps"] == results[1]["steps"]
+    assert results[0]["miscounted"] == []
     if split == "uneven":
         assert results[0]["ghosts"] > 0
     else:
@@ -263,7 +196,7 @@ def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, sp
 
 
 def test_resume_after_a_restart_continues_with_the_same_batches(tmp_path):
-    lengths = _lengths(500, seed=8)
+    lengths = capped_lengths(500, seed=8)
     base = {"lengths": lengths, "num_workers": 2, "window": 32}
     full = launch(tmp_path, {**base, "scenario": "epoch"}, 2)
     head = launch(tmp_path, {**base, "scenario": "resume", "save_at": 23}, 2)
@@ -307,7 +240,7 @@ def test_a_dataset_that_only_reads_in_workers_is_never_handed_over(tmp_path):
     lengths, config = _reread_config("unreadable")
     _, shards = _skewed(400, seed=11)
     results = launch(tmp_path, config, 2)
-    _check_aligned(results, shards, lengths)
+    check_aligned(results, shards, lengths)
     steps = [s for r in results for s in r["epochs"][0]]
     assert not any(s["reason"] == "shared" for s in steps)
     assert any(s["ghost"] for s in steps), "the lighter rank runs ghost steps instead"

@@ -5,12 +5,19 @@ environment variables). Reads a JSON config (argv[1]); writes what this rank saw
 Scenarios:
 - ``epoch``: iterate the loader for ``epochs`` epochs; record every batch's step info.
 - ``grads``: DDP-train a tiny causal LM; at each step compare the DDP gradient with one computed
-  on rank 0 from all ranks' samples of that step (the exact global token mean).
+  on rank 0 from all ranks' samples of that step (the exact global token mean), and the step's
+  global counts with those samples'; record every batch's step info.
 - ``resume``: iterate; at ``save_at`` write the state and stop (or, with ``load``, restore it
   first and iterate to the end).
 - ``die``: rank ``victim`` exits abruptly after ``after`` batches; the others keep iterating.
 
-``reread_fault`` makes samples read outside the workers (handed-over groups) fail or differ.
+The dataset is a ``LengthDataset`` of ``lengths`` that every rank reads, or with
+``per_rank_lengths`` one of each rank's own list (as when each rank loads its own file).
+``per_rank_indices`` gives each rank its own sampler; ``shard`` is passed when given (``null``
+leaves odb's default), else it is False with ``per_rank_indices``. ``reread_fault`` makes
+samples read outside the workers (handed-over groups) fail or differ.
+
+Whatever a rank yielded before an error stays in its record, with the error.
 """
 
 from __future__ import annotations
@@ -72,14 +79,18 @@ class RereadDataset(LengthDataset):
         return sample
 
 
-def make_loader(config, rank):
+def make_dataset(config, rank):
+    if config.get("per_rank_lengths") is not None:
+        return LengthDataset(config["per_rank_lengths"][rank])
     lengths = config["lengths"]
     if config.get("bad_index") is not None:
-        dataset = FailingDataset(lengths, config["bad_index"])
-    elif config.get("reread_fault"):
-        dataset = RereadDataset(lengths, config["reread_fault"])
-    else:
-        dataset = LengthDataset(lengths)
+        return FailingDataset(lengths, config["bad_index"])
+    if config.get("reread_fault"):
+        return RereadDataset(lengths, config["reread_fault"])
+    return LengthDataset(lengths)
+
+
+def make_loader(config, rank):
     options = dict(
         mode=config.get("mode", "padded"),
         num_workers=config.get("num_workers", 0),
@@ -91,12 +102,15 @@ def make_loader(config, rank):
     )
     if config.get("start_method"):
         options["multiprocessing_context"] = config["start_method"]
-    if config.get("per_rank_indices") is not None:
-        options["sampler"] = config["per_rank_indices"][rank]
-        options["shard"] = False
+    per_rank = config.get("per_rank_indices")
+    if per_rank is not None:
+        options["sampler"] = per_rank[rank]
     else:
         options["shuffle"] = config.get("shuffle", True)
-    return odb.DataLoader(dataset, config.get("budget", 1024), **options)
+    shard = config.get("shard", False if per_rank is not None else None)
+    if shard is not None:
+        options["shard"] = shard
+    return odb.DataLoader(make_dataset(config, rank), config.get("budget", 1024), **options)
 
 
 def info_record(batch):
@@ -117,41 +131,45 @@ def info_record(batch):
     }
 
 
-def run_epochs(config, rank, loader):
-    epochs = []
+# A scenario fills ``result`` as it goes, so that what it saw before an error is reported too.
+
+
+def run_epochs(config, rank, loader, result):
+    result["epochs"] = []
     for epoch in range(config.get("epochs", 1)):
         loader.set_epoch(epoch)
         records = []
+        result["epochs"].append(records)
         for batch in loader:
             records.append(info_record(batch))
             if isinstance(loader.dataset, RereadDataset) and loader.dataset.fault == "raise":
                 loader.dataset.armed = True
-        epochs.append(records)
-    return {"epochs": epochs, "stats": loader.stats().as_dict()}
+    result["stats"] = loader.stats().as_dict()
 
 
-def run_die(config, rank, loader):
+def run_die(config, rank, loader, result):
     records = []
+    result["epochs"] = [records]
     for count, batch in enumerate(loader):
         if rank == config["victim"] and count == config["after"]:
             os._exit(17)  # no cleanup, no goodbye: the peers must notice by themselves
         records.append(info_record(batch))
-    return {"epochs": [records]}
 
 
-def run_resume(config, rank, loader):
+def run_resume(config, rank, loader, result):
     out = Path(config["out"])
+    records = []
+    result["epochs"] = [records]
     if config.get("load"):
         state = json.loads((out / f"state{rank}.json").read_text())
         loader.load_state_dict(state)
-        return {"epochs": [[info_record(batch) for batch in loader]]}
-    records = []
+        records.extend(info_record(batch) for batch in loader)
+        return
     for batch in loader:
         records.append(info_record(batch))
         if len(records) == config["save_at"]:
             (out / f"state{rank}.json").write_text(json.dumps(loader.state_dict()))
             break
-    return {"epochs": [records]}
 
 
 def token_loss_sum(model, batch):
@@ -167,15 +185,25 @@ def token_loss_sum(model, batch):
     )
 
 
-def run_grads(config, rank, loader):
-    """DDP gradients with odb's loss scale equal one process's exact global token mean."""
-    model = tiny_model(vocab=512)
-    reference = tiny_model(vocab=512)  # same init; rank 0 uses it for the single-process gradient
+def run_grads(config, rank, loader, result):
+    """DDP gradients with odb's loss scale equal one process's exact global token mean.
+
+    Rank 0 records each step whose global counts differ from those of the samples the ranks
+    ran (``miscounted``) rather than raising there, which would leave the others waiting in
+    the step's collectives. The reference runs each rank's samples as one padded batch (the
+    token-loss sum is the same as sample by sample, at a fraction of the forward passes)."""
+    dataset = loader.dataset
+    vocab = max(512, len(dataset))  # LengthDataset's tokens are the sample's index
+    model = tiny_model(vocab=vocab)
+    reference = tiny_model(vocab=vocab)  # same init; rank 0 uses it for the one-process gradient
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    dataset, collate = loader.dataset, loader.collate_fn
-    worst, steps, ghosts, shared = 0.0, 0, 0, 0
+    pad = odb.PaddedCollator()
+    worst, ghosts, shared = 0.0, 0, 0
+    records, miscounted = [], []
+    result.update(epochs=[records], miscounted=miscounted, steps=0)
     for batch in loader:
         info = odb.step_info(batch)
+        records.append(info_record(batch))
         ddp.zero_grad()
         loss = odb.scale_loss(token_loss_sum(ddp, batch), batch, reduction="token")
         loss.backward()
@@ -186,16 +214,25 @@ def run_grads(config, rank, loader):
         if rank == 0:
             reference.zero_grad()
             total = sum(len(ix) for ix in everyone)
-            samples = [dataset[i] for ix in everyone for i in ix]
-            tokens = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
-            assert tokens == info.global_label_tokens, (tokens, info.global_label_tokens)
-            assert total == info.global_samples
-            loss_sum = sum(token_loss_sum(reference, collate([s])) for s in samples)
-            (loss_sum / tokens).backward()
+            groups = [[dataset[i] for i in ix] for ix in everyone if ix]
+            tokens = sum(int((s["labels"][1:] != -100).sum()) for g in groups for s in g)
+            if (tokens, total) != (info.global_label_tokens, info.global_samples):
+                miscounted.append(
+                    {
+                        "step": info.step,
+                        "label_tokens": [tokens, info.global_label_tokens],
+                        "samples": [total, info.global_samples],
+                    }
+                )
+            loss_sum = sum(token_loss_sum(reference, pad(group)) for group in groups)
+            # The tiny model's RMSNorm runs in float32, whose rounding in the backward pass
+            # depends on the loss scale: back-propagate the ranks' scale (world / tokens), then
+            # divide by the world as DDP does, so only float64 rounding separates the two.
+            world = dist.get_world_size()
+            (loss_sum * world / tokens).backward()
             for mine, ref in zip(model.parameters(), reference.parameters(), strict=True):
-                worst = max(worst, float((mine.grad - ref.grad).abs().max()))
-        steps += 1
-    return {"steps": steps, "worst_grad_error": worst, "ghosts": ghosts, "shared": shared}
+                worst = max(worst, float((mine.grad - ref.grad / world).abs().max()))
+        result.update(steps=len(records), worst_grad_error=worst, ghosts=ghosts, shared=shared)
 
 
 def main():
@@ -210,9 +247,10 @@ def main():
         loader = make_loader(config, rank)
         scenario = config.get("scenario", "epoch")
         runner = {"epoch": run_epochs, "die": run_die, "resume": run_resume, "grads": run_grads}
-        result.update(runner[scenario](config, rank, loader))
+        runner[scenario](config, rank, loader, result)
     except Exception as error:  # reported to the test, which decides what was expected
         result["error"] = f"{type(error).__name__}: {error}"
+        result["odb_error"] = isinstance(error, odb.OdbError)
         result["traceback"] = traceback.format_exc()
         result["error_time"] = time.time()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
