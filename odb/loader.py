@@ -30,7 +30,7 @@ from odb.buffer import RoundSettings
 from odb.collate import PackedCollator, PaddedCollator
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
 from odb.errors import ConfigError, StateError, positive_int
-from odb.fetch import ChunkSampler, IndexedDataset, encode_chunk, keep_chunk
+from odb.fetch import ChunkSampler, IndexedDataset, WorkerInit, encode_chunk, keep_chunk
 from odb.rounds import EpochIterator, PassSetup, refetch_order
 from odb.stats import LoaderStats
 
@@ -177,7 +177,7 @@ class DataLoader:
             num_workers=num_workers,
             collate_fn=encode_chunk if num_workers else keep_chunk,
             timeout=timeout,
-            worker_init_fn=worker_init_fn,
+            worker_init_fn=WorkerInit(worker_init_fn),
             multiprocessing_context=multiprocessing_context,
             generator=generator,
             # Worker-only settings mean nothing without workers (wrap may carry them over).

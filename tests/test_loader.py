@@ -1,5 +1,7 @@
 """odb.DataLoader and odb.wrap end to end, in one process."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,18 @@ def test_sample_errors_name_the_index_from_workers_too():
     loader = odb.DataLoader(Bad([8] * 10), 100, num_workers=2)
     with pytest.raises(SampleError, match="sample 5: 'labels' has length 7"):
         list(loader)
+
+
+def _mark_worker(folder, worker_id):
+    (folder / f"worker{worker_id}").touch()
+
+
+def test_the_users_worker_init_fn_runs_in_every_worker(tmp_path):
+    loader = odb.DataLoader(
+        LengthDataset([8] * 40), 100, num_workers=2, worker_init_fn=partial(_mark_worker, tmp_path)
+    )
+    assert sum(odb.step_info(batch).local_samples for batch in loader) == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["worker0", "worker1"]
 
 
 @pytest.mark.parametrize(
