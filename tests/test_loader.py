@@ -251,8 +251,12 @@ def test_the_users_worker_init_fn_runs_in_every_worker(tmp_path):
         ({"over_budget": "drop"}, "over_budget must be one of"),
         ({"shuffle": True, "sampler": [0]}, "either shuffle=True or a sampler"),
         ({"cost": odb.PackedCost()}, "prices packed batches but mode='padded'"),
-        ({"fetch_size": 0}, "fetch_size"),
-        ({"window": 0}, "window"),
+        ({"fetch_size": 0}, "fetch_size must be a positive integer, got 0"),
+        ({"window": 0}, "window must be a positive integer, got 0"),
+        ({"round_size": 0}, "round_size must be a positive integer, got 0"),
+        ({"round_size": -4}, "round_size must be a positive integer, got -4"),
+        ({"max_wait": 0}, "max_wait must be a positive integer, got 0"),
+        ({"max_wait": -1}, "max_wait must be a positive integer, got -1"),
     ],
 )
 def test_bad_options_are_refused(kwargs, match):
