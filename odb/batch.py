@@ -24,8 +24,17 @@ class StepInfo:
     ``global_*`` fields sum over all ranks for this step (equal to ``local_*`` in one process).
     ``real_tokens`` are the samples' own tokens; ``padded_tokens`` what the batch computes
     (``n * max_len`` padded, the row length packed). A ``ghost`` batch has ``loss_weight`` 0.
-    ``reason`` says why the planner emitted the group (``fill``, ``flush``, ``stale``,
-    ``pressure``, ``solo``).
+    ``reason`` says why the group was emitted:
+
+    - ``fill``: good enough (padded: maximal and efficient; packed: full enough);
+    - ``flush``: the end of the data;
+    - ``stale``: it holds a sample that waited ``max_wait`` rounds;
+    - ``pressure``: released to make room for the next round's samples;
+    - ``solo``: one over-budget sample, under ``over_budget="solo"``;
+    - ``held``: not good enough yet, but this rank's buffer was full (``window`` samples), so
+      it offered every group it planned;
+    - ``shared``: planned by another rank, run here to even out the end of the data;
+    - ``ghost``: a step of weight 0 on a rank with nothing left to run.
     """
 
     sample_indices: tuple[int, ...]

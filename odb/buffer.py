@@ -47,10 +47,14 @@ class RoundSettings:
         times the rounds a full window takes to arrive, ``fill_threshold`` 0.98 padded and 0.97
         packed."""
         window = positive_int("window", window)
-        round_size = positive_int("round_size", round_size or max(1, window // 8))
+        if round_size is None:
+            round_size = max(1, window // 8)
+        round_size = positive_int("round_size", round_size)
         if round_size > window:
             raise ConfigError(f"round_size ({round_size}) must be <= window ({window})")
-        max_wait = positive_int("max_wait", max_wait or 4 * -(-window // round_size))
+        if max_wait is None:
+            max_wait = 4 * -(-window // round_size)
+        max_wait = positive_int("max_wait", max_wait)
         if fill_threshold is None:
             fill_threshold = _DEFAULT_FILL[budget.cost.padded]
         if not 0 <= fill_threshold <= 1:

@@ -80,6 +80,29 @@ def _sequence_length(value: Any, key: str, index: int) -> int:
     )
 
 
+def _check_integers(value: Any, key: str, index: int) -> None:
+    """Refuse token ids or labels that are not integers, which otherwise fail only inside the
+    model, far from the sample that caused them (or are silently truncated by a cast)."""
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        bad = dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
+        kind = str(dtype).removeprefix("torch.")
+    elif isinstance(value, np.ndarray):
+        bad = not np.issubdtype(value.dtype, np.integer)
+        kind = str(value.dtype)
+    else:
+        types = set(map(type, value))
+        odd = {t for t in types if t is bool or not issubclass(t, int | np.integer)}
+        bad = bool(odd)
+        kind = ", ".join(sorted(t.__name__ for t in odd))
+    if bad:
+        raise SampleError(
+            index,
+            f"{key!r} holds {kind} values, but token ids and labels must be integers; convert "
+            f"them in __getitem__ (for example torch.tensor({key}, dtype=torch.long))",
+        )
+
+
 def _count_label_tokens(labels: Any) -> int:
     if isinstance(labels, torch.Tensor):
         return int((labels[1:] != IGNORE_INDEX).sum())
@@ -118,6 +141,7 @@ def measure_sample(sample: Any, index: int) -> SampleSize:
     length = _sequence_length(sample["input_ids"], "input_ids", index)
     if length == 0:
         raise SampleError(index, "'input_ids' is empty")
+    _check_integers(sample["input_ids"], "input_ids", index)
     for key in ("labels", "attention_mask"):
         if key in sample and sample[key] is not None:
             other = _sequence_length(sample[key], key, index)
@@ -126,6 +150,8 @@ def measure_sample(sample: Any, index: int) -> SampleSize:
                     index, f"{key!r} has length {other} but 'input_ids' has length {length}"
                 )
     labels = sample.get("labels")
+    if labels is not None:
+        _check_integers(labels, "labels", index)
     label_tokens = length - 1 if labels is None else _count_label_tokens(labels)
     patches, images = _vision(sample, index)
     return SampleSize(length, label_tokens, patches, images)

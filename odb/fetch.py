@@ -8,11 +8,18 @@ never touches the samples' contents there. Two things keep the trip from the wor
 - small tensors travel by value (as bytes) instead of through one shared-memory segment per
   tensor, which costs far more than the copy for the few kilobytes of ``input_ids`` a sample
   has. Tensors above ``SHARED_MEMORY_BYTES`` (image patches) still use shared memory.
+
+Sending by value fills the workers' result pipe, which needs :class:`WorkerInit` to end the
+workers when the training process dies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,12 +30,14 @@ __all__ = [
     "SHARED_MEMORY_BYTES",
     "ChunkSampler",
     "IndexedDataset",
+    "WorkerInit",
     "decode_chunk",
     "encode_chunk",
     "keep_chunk",
 ]
 
 SHARED_MEMORY_BYTES = 1 << 20
+_ORPHAN_POLL_SECONDS = 0.5
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -60,6 +69,53 @@ class ChunkSampler:
                 chunk = []
         if chunk:
             yield chunk
+
+
+class WorkerInit:
+    """The inner DataLoader's ``worker_init_fn``: end the worker when the process that
+    iterates the loader dies, and run the user's ``worker_init_fn``.
+
+    A worker whose loader process dies without shutting it down (SIGKILL, ``os._exit``) leaves
+    torch's worker loop within seconds, but then waits forever at exit for its result queue's
+    feeder thread: with chunks sent by value the result pipe is full, and its read end stays
+    open in the sibling workers, so the feeder never finishes writing (torch skips that wait
+    only on a clean shutdown). A daemon thread ends the worker with ``os._exit`` instead.
+    """
+
+    def __init__(self, user_fn: Callable[[int], None] | None = None):
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        # The loader process created the worker: it is the parent under fork and spawn, while
+        # under forkserver the parent is the fork server, which stays up while its workers do.
+        owner = multiprocessing.parent_process()
+        watch = (os.getppid(), owner.pid if owner is not None else os.getppid())
+        threading.Thread(
+            target=_exit_when_orphaned, args=watch, name="odb-orphan-watch", daemon=True
+        ).start()
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+def _exit_when_orphaned(parent: int, owner: int) -> None:
+    while os.getppid() == parent and _running(owner):
+        time.sleep(_ORPHAN_POLL_SECONDS)
+    os._exit(1)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs; one that exited but awaits its parent's wait() does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: the pid was reused, ours is gone
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS): kill() is all there is
+        return True
 
 
 class _TensorBytes:

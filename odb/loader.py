@@ -33,7 +33,7 @@ from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
 from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
 from odb.exchange import Exchange, GlooExchange, LocalExchange
-from odb.fetch import ChunkSampler, IndexedDataset, encode_chunk, keep_chunk
+from odb.fetch import ChunkSampler, IndexedDataset, WorkerInit, encode_chunk, keep_chunk
 from odb.source import IndexSource
 from odb.stats import LoaderStats
 
@@ -185,7 +185,7 @@ class DataLoader:
             num_workers=num_workers,
             collate_fn=encode_chunk if num_workers else keep_chunk,
             timeout=timeout,
-            worker_init_fn=worker_init_fn,
+            worker_init_fn=WorkerInit(worker_init_fn),
             multiprocessing_context=multiprocessing_context,
             generator=generator,
             # Worker-only settings mean nothing without workers (wrap may carry them over).

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from odb.batch import StepInfo, step_info
 from odb.errors import ConfigError
 
@@ -28,6 +30,14 @@ def scale_loss(loss: Any, batch: Any, *, reduction: str = "token", reduced: str 
     This makes each batch its own global mean; for the exact mean over the tokens of k
     gradient-accumulation micro-batches, scale each micro-batch's token-loss sum by
     ``world_size / sum(global_label_tokens of the k batches)`` instead.
+
+    A batch that adds nothing to the mean (no label tokens here, weight 0 as a ghost, or no
+    label tokens on any rank) gives exactly 0, even when ``loss`` is NaN (the mean over no
+    tokens is 0/0), and stays in the graph, so every parameter gets a zero gradient and DDP's
+    all-reduce stays matched. Those gradients are zero when ``loss``'s own backward stays
+    finite: torch's cross-entropy (and so a Hugging Face model's loss) gives ignored positions
+    zero gradients, but a mean computed as ``sum / count`` divides by zero in backward too:
+    pass that loss's sum with ``reduced="sum"`` instead.
     """
     info = batch if isinstance(batch, StepInfo) else step_info(batch)
     if reduction == "token":
@@ -36,8 +46,11 @@ def scale_loss(loss: Any, batch: Any, *, reduction: str = "token", reduced: str 
         local, scale = info.local_samples, info.sample_loss_scale
     else:
         raise ConfigError(f"reduction must be 'token' or 'sample', got {reduction!r}")
-    if reduced == "mean":
-        return loss * (local * scale)
-    if reduced == "sum":
-        return loss * scale
-    raise ConfigError(f"reduced must be 'sum' or 'mean', got {reduced!r}")
+    if reduced not in ("sum", "mean"):
+        raise ConfigError(f"reduced must be 'sum' or 'mean', got {reduced!r}")
+    if local == 0 or scale == 0:
+        if not isinstance(loss, torch.Tensor):
+            return 0.0
+        # NaN * 0 and inf * 0 are NaN: zero them first (torch.where(isnan) would miss inf).
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+    return loss * (local * scale) if reduced == "mean" else loss * scale

@@ -138,3 +138,36 @@ def test_one_sample_cost_equals_the_vectorised_cost():
     ):
         for length, patches in ((1, 0), (777, 0), (4096, 1296), (32768, 20000)):
             assert cost.one_sample_cost(length, patches) == float(cost.sample_cost(length, patches))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [
+        ("input_ids", torch.tensor([1.0, 2.0, 3.0]), "float32"),
+        ("input_ids", [1.0, 2.0, 3.0], "float"),
+        ("input_ids", [1, 2, 3.5], "float"),
+        ("input_ids", np.array([1.0, 2.0, 3.0]), "float64"),
+        ("input_ids", torch.tensor([True, False, True]), "bool"),
+        ("labels", torch.tensor([-100.0, 2.0, 3.0]), "float32"),
+        ("labels", [-100, 2.0, 3], "float"),
+    ],
+)
+def test_measure_refuses_token_ids_that_are_not_integers(key, value, kind):
+    sample = {"input_ids": torch.arange(3), key: value}
+    with pytest.raises(SampleError, match=rf"sample 6: '{key}' holds {kind} values"):
+        measure_sample(sample, 6)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [5, 6, 7],
+        (5, 6, 7),
+        [np.int64(5), np.int32(6), 7],
+        torch.tensor([5, 6, 7], dtype=torch.int32),
+        np.array([5, 6, 7], dtype=np.uint16),
+    ],
+)
+def test_measure_accepts_integer_token_ids_of_any_integer_type(ids):
+    size = measure_sample({"input_ids": ids, "labels": ids}, 0)
+    assert size == SampleSize(length=3, label_tokens=2)

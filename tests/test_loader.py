@@ -1,5 +1,7 @@
 """odb.DataLoader and odb.wrap end to end, in one process."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -228,6 +230,18 @@ def test_sample_errors_name_the_index_from_workers_too():
         list(loader)
 
 
+def _mark_worker(folder, worker_id):
+    (folder / f"worker{worker_id}").touch()
+
+
+def test_the_users_worker_init_fn_runs_in_every_worker(tmp_path):
+    loader = odb.DataLoader(
+        LengthDataset([8] * 40), 100, num_workers=2, worker_init_fn=partial(_mark_worker, tmp_path)
+    )
+    assert sum(odb.step_info(batch).local_samples for batch in loader) == 40
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["worker0", "worker1"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -237,8 +251,12 @@ def test_sample_errors_name_the_index_from_workers_too():
         ({"over_budget": "drop"}, "over_budget must be one of"),
         ({"shuffle": True, "sampler": [0]}, "either shuffle=True or a sampler"),
         ({"cost": odb.PackedCost()}, "prices packed batches but mode='padded'"),
-        ({"fetch_size": 0}, "fetch_size"),
-        ({"window": 0}, "window"),
+        ({"fetch_size": 0}, "fetch_size must be a positive integer, got 0"),
+        ({"window": 0}, "window must be a positive integer, got 0"),
+        ({"round_size": 0}, "round_size must be a positive integer, got 0"),
+        ({"round_size": -4}, "round_size must be a positive integer, got -4"),
+        ({"max_wait": 0}, "max_wait must be a positive integer, got 0"),
+        ({"max_wait": -1}, "max_wait must be a positive integer, got -1"),
     ],
 )
 def test_bad_options_are_refused(kwargs, match):

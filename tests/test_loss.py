@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from tiny import tiny_model
 
 import odb
 from odb import ConfigError, StepInfo
@@ -48,6 +50,44 @@ def test_ghost_steps_weigh_nothing_but_keep_the_graph():
 
 def test_a_step_without_label_tokens_scales_to_zero():
     assert _info(global_label_tokens=0).token_loss_scale == 0.0
+
+
+def _no_label_tokens_loss(model, source: str) -> torch.Tensor:
+    """This rank's loss over a batch whose labels are all -100, as a trainer would compute it."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    if source.startswith("hf"):
+        loss = model(input_ids=ids, labels=labels).loss  # HF's mean over no tokens: NaN
+        return loss * 0 if source == "hf_times_tokens" else loss  # 0 label tokens here
+    logits = model(input_ids=ids).logits[:, :-1].reshape(-1, 128)
+    reduction = "mean" if source == "ce_mean" else "sum"
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction=reduction)
+
+
+@pytest.mark.parametrize("global_label_tokens", [10, 0])  # other ranks have tokens / none has
+@pytest.mark.parametrize(
+    ("source", "reduced"),
+    [("hf", "mean"), ("ce_mean", "mean"), ("ce_sum", "sum"), ("hf_times_tokens", "sum")],
+)
+def test_a_batch_without_label_tokens_adds_zero_loss_and_zero_gradients(
+    source, reduced, global_label_tokens
+):
+    model = tiny_model()
+    loss = _no_label_tokens_loss(model, source)
+    info = _info(local_label_tokens=0, global_label_tokens=global_label_tokens)
+    scaled = odb.scale_loss(loss, info, reduced=reduced)
+    assert scaled.item() == 0.0
+    scaled.backward()
+    for name, parameter in model.named_parameters():
+        # DDP needs a gradient for every parameter, zero and finite here
+        assert parameter.grad is not None, name
+        assert torch.equal(parameter.grad, torch.zeros_like(parameter.grad)), name
+
+
+@pytest.mark.parametrize("reduced", ["mean", "sum"])
+def test_a_nan_loss_over_label_tokens_stays_nan(reduced):
+    # only a batch that carries no weight is zeroed; a diverged loss must still show
+    assert odb.scale_loss(torch.tensor(float("nan")), _info(), reduced=reduced).isnan()
 
 
 def test_bad_reduction_names_are_refused():
