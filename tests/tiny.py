@@ -80,6 +80,31 @@ def torchrun(nproc: int, *script_and_args: str) -> list[str]:
     ]
 
 
+def torchrun_nodes(nodes: int, nproc: int, *script_and_args: str) -> list[list[str]]:
+    """One torchrun agent per "node", all on this machine, meeting through a c10d rendezvous
+    on a free loopback port (as agents on several machines would): ``nodes * nproc`` ranks."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(nodes),
+            "--nproc_per_node",
+            str(nproc),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            endpoint,
+            "--rdzv_id",
+            "odb-test",
+            *script_and_args,
+        ]
+        for _ in range(nodes)
+    ]
+
+
 def leave_distributed() -> None:
     """End a test rank: destroy the process groups, then exit at once.
 

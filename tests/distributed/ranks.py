@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from synthetic import label_tokens, lognormal_lengths
-from tiny import torchrun
+from tiny import torchrun, torchrun_nodes
 
 WORKER = Path(__file__).with_name("worker.py")
 BUDGET = 1024
@@ -21,18 +21,32 @@ def worker_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180) -> list[dict]:
-    """Run ``nproc`` ranks under torchrun; return each rank's JSON record."""
+def launch(
+    tmp_path: Path, config: dict, nproc: int, *, timeout: float = 180, nodes: int = 1
+) -> list[dict]:
+    """Run ``nproc`` ranks under torchrun (``nproc`` per node on ``nodes`` agents that meet
+    by c10d rendezvous, when ``nodes > 1``); return each rank's JSON record."""
     config = {**config, "out": str(tmp_path)}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    command = torchrun(nproc, str(WORKER), str(path))
-    done = subprocess.run(
-        command, env=worker_env(), capture_output=True, text=True, timeout=timeout
-    )
-    records = [tmp_path / f"rank{r}.json" for r in range(nproc)]
+    if nodes == 1:
+        commands = [torchrun(nproc, str(WORKER), str(path))]
+    else:
+        commands = torchrun_nodes(nodes, nproc, str(WORKER), str(path))
+    agents = [
+        subprocess.Popen(
+            command, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command in commands
+    ]
+    try:
+        output = "\n".join(agent.communicate(timeout=timeout)[0] for agent in agents)
+    finally:
+        for agent in agents:
+            agent.kill()
+    records = [tmp_path / f"rank{r}.json" for r in range(nproc * nodes)]
     missing = [str(p) for p in records if not p.exists()]
-    assert not missing, f"ranks wrote nothing ({missing}):\n{done.stdout}\n{done.stderr}"
+    assert not missing, f"ranks wrote nothing ({missing}):\n{output}"
     results = [json.loads(p.read_text()) for p in records]
     for p in records:
         p.unlink()
