@@ -180,7 +180,7 @@ class RoundEngine:
     # -- intake ---------------------------------------------------------------------------------
     def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
         entry, verdict = self.config.admission.admit(index, sample)
-        if count:
+        if verdict is not None and count:
             self.stats.over_budget_solo += verdict == SOLO
             self.stats.over_budget_truncated += verdict == TRUNCATE
         ghost = self.ghost  # ghost steps copy the cheapest sample that fits the budget
