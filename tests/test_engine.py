@@ -351,3 +351,44 @@ def test_a_restored_pass_continues_every_rank_with_the_same_steps(mode):
     steps = run_ranks(3, work, timeout=120)
     assert any(s.reason == "shared" for rank in steps for s in rank)
     assert any(s.ghost for rank in steps for s in rank)
+
+
+class _Unreadable(LengthDataset):
+    """A LengthDataset whose samples cannot be read once ``broken`` (a lost mount, say)."""
+
+    broken = False
+
+    def __getitem__(self, index):
+        if self.broken:
+            raise OSError(f"cannot read sample {index}")
+        return super().__getitem__(index)
+
+
+def test_a_rank_that_cannot_read_its_restored_steps_again_stops_every_rank_before_any_step():
+    """A restored pass first reads again the steps its state had decided but not yet run. If one
+    rank cannot, no rank may run one of them: the others would wait in the training's
+    all-reduce for a rank that raised (or, here, run steps that rank never runs)."""
+
+    def work(exchange):
+        options = dict(token_budget=40, window=16, round_size=16, exchange=exchange)
+        head = odb.DataLoader(_Unreadable([10] * 64), **options)
+        batches = iter(head)
+        next(batches)
+        state = head.state_dict()
+        assert state["position"]["pending"], "the cut must leave decided steps to run"
+        dataset = _Unreadable([10] * 64)
+        rest = odb.DataLoader(dataset, **options)
+        rest.load_state_dict(state)
+        dataset.broken = exchange.rank == 1
+        ran = []
+        try:
+            for batch in rest:
+                ran.append(odb.step_info(batch).step)
+        except Exception as error:
+            return ran, error
+        return ran, None
+
+    results = run_ranks(2, work, timeout=30)
+    assert [ran for ran, _ in results] == [[], []]
+    assert isinstance(results[1][1], OSError)
+    assert isinstance(results[0][1], AlignmentError) and "rank(s) [1]" in str(results[0][1])
