@@ -41,6 +41,7 @@ __all__ = [
     "report_width",
     "encode_report",
     "failure_report",
+    "check_reports",
     "Transfer",
     "Decision",
     "decide",
@@ -126,6 +127,14 @@ def failure_report(error: BaseException, max_steps: int) -> np.ndarray:
     row = encode_report(FAILED, 0, [], [], [], max_steps)
     row[3] = cause_of(error)
     return row
+
+
+def check_reports(table: np.ndarray) -> None:
+    """Raise :class:`AlignmentError` on every rank alike when a gathered report is ``FAILED``
+    (the exchange a restored pass runs before the steps its state had decided)."""
+    status = table[:, 0]
+    if (status & FAILED).any():
+        raise _failed(status, table[:, 3], "while restoring the pass")
 
 
 @dataclass(frozen=True)
