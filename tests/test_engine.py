@@ -392,3 +392,50 @@ def test_a_rank_that_cannot_read_its_restored_steps_again_stops_every_rank_befor
     assert [ran for ran, _ in results] == [[], []]
     assert isinstance(results[1][1], OSError)
     assert isinstance(results[0][1], AlignmentError) and "rank(s) [1]" in str(results[0][1])
+
+
+def test_ranks_at_different_epochs_are_refused_before_any_batch():
+    """Every decision is seeded by the epoch: ranks on different epochs (set_epoch called with
+    other values, no shuffle, so their orders still agree) pair other groups in each step and
+    count wrong global label tokens, silently."""
+    dataset = LengthDataset(np.minimum(lognormal_lengths(200, 120, 1.0, seed=1), 512).tolist())
+
+    def work(exchange):
+        loader = odb.DataLoader(dataset, 512, window=16, exchange=exchange)
+        loader.set_epoch(exchange.rank)
+        infos = []
+        try:
+            infos.extend(odb.step_info(batch) for batch in loader)
+        except ConfigError as error:
+            return infos, error
+        return infos, None
+
+    for infos, error in run_ranks(2, work, timeout=30):
+        assert infos == [] and isinstance(error, ConfigError), (len(infos), error)
+        assert "epoch" in str(error)
+
+
+def test_ranks_restored_from_states_of_different_steps_are_refused_before_any_batch():
+    """Each rank restores its own state; states saved at different steps (files of two
+    checkpoints mixed up) put the ranks in different rounds, whose decisions do not match."""
+    dataset = LengthDataset(np.minimum(lognormal_lengths(200, 120, 1.0, seed=1), 512).tolist())
+
+    def work(exchange):
+        options = dict(token_budget=512, window=16, exchange=exchange)
+        head = odb.DataLoader(dataset, **options)
+        batches = iter(head)
+        states = []
+        for _ in range(6):
+            next(batches)
+            states.append(head.state_dict())
+        rest = odb.DataLoader(dataset, **options)
+        rest.load_state_dict(states[2 + 3 * exchange.rank])  # steps 3 and 6
+        infos = []
+        try:
+            infos.extend(odb.step_info(batch) for batch in rest)
+        except ConfigError as error:
+            return infos, error
+        return infos, None
+
+    for infos, error in run_ranks(2, work, timeout=30):
+        assert infos == [] and isinstance(error, ConfigError), (len(infos), error)
