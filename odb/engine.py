@@ -164,7 +164,11 @@ class RoundEngine:
             return Agreement(shard=False, hand_over=False)
         try:
             identity = PassIdentity(
-                config.fingerprint(), *self.source.describe(compare_dataset=config.share_tail)
+                config.fingerprint(),
+                *self.source.describe(compare_dataset=config.share_tail),
+                epoch=self.epoch,
+                round=self.round,
+                step=self.step,
             )
         except Exception as error:
             self._report_failure(encode_handshake(None, error))
