@@ -7,6 +7,8 @@ from the engine but from the sizes the test made (label tokens, samples, coverag
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -439,3 +441,42 @@ def test_ranks_restored_from_states_of_different_steps_are_refused_before_any_ba
 
     for infos, error in run_ranks(2, work, timeout=30):
         assert infos == [] and isinstance(error, ConfigError), (len(infos), error)
+
+
+# -- the in-process exchange ----------------------------------------------------------------------
+
+
+def test_a_rank_that_returns_while_the_others_still_exchange_fails_them_at_once():
+    """A rank whose work returns early (it stopped iterating) will never join another exchange:
+    the ranks waiting in one fail at once, as gloo peers of a process that exited would, rather
+    than after the whole timeout."""
+
+    def work(exchange):
+        if exchange.rank == 0:
+            return "left"
+        exchange.gather(np.array([1]))
+
+    start = time.perf_counter()
+    with pytest.raises(AlignmentError):
+        run_ranks(3, work, timeout=20)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_rank_that_raises_after_an_exchange_does_not_undo_it_for_the_others():
+    """An exchange every rank took part in is complete: a rank that raises right after it (a
+    recipient that could not read its samples raises after the verdicts) must not make it fail
+    on the other ranks, which then lose the table that says why they must stop."""
+    tables = {}
+
+    def work(exchange):
+        if exchange.rank == 1:
+            time.sleep(0.01)  # the last to arrive: it releases the others
+        tables[exchange.rank] = exchange.gather(np.array([exchange.rank]))
+        if exchange.rank == 1:
+            raise ValueError("rank 1 stops after the exchange")
+
+    for _ in range(20):
+        tables.clear()
+        with pytest.raises(ValueError):
+            run_ranks(3, work, timeout=20)
+        assert sorted(tables) == [0, 1, 2]
