@@ -41,6 +41,7 @@ __all__ = [
     "report_width",
     "encode_report",
     "failure_report",
+    "check_reports",
     "Transfer",
     "Decision",
     "decide",
@@ -126,6 +127,14 @@ def failure_report(error: BaseException, max_steps: int) -> np.ndarray:
     row = encode_report(FAILED, 0, [], [], [], max_steps)
     row[3] = cause_of(error)
     return row
+
+
+def check_reports(table: np.ndarray) -> None:
+    """Raise :class:`AlignmentError` on every rank alike when a gathered report is ``FAILED``
+    (the exchange a restored pass runs before the steps its state had decided)."""
+    status = table[:, 0]
+    if (status & FAILED).any():
+        raise _failed(status, table[:, 3], "while restoring the pass")
 
 
 @dataclass(frozen=True)
@@ -421,9 +430,12 @@ class PassIdentity:
     order_hash: int
     dataset_length: int
     dataset_hash: int = UNKNOWN
+    epoch: int = 0  # where the pass starts: its epoch, and round and step of a restored pass
+    round: int = 0
+    step: int = 0
 
 
-_IDENTITY = 5  # the fields of PassIdentity, after status and cause
+_IDENTITY = 8  # the fields of PassIdentity, after status and cause
 
 
 def encode_handshake(
@@ -441,6 +453,9 @@ def encode_handshake(
         identity.order_hash,
         identity.dataset_length,
         identity.dataset_hash,
+        identity.epoch,
+        identity.round,
+        identity.step,
     )
     return row
 
@@ -471,13 +486,21 @@ def agree(table: np.ndarray, *, shard: bool) -> Agreement:
     status = table[:, 0]
     if (status & FAILED).any():
         raise _failed(status, table[:, 1], "before the pass started")
-    config, order_length, order_hash, dataset_length, dataset_hash = table[:, 2:].T
+    config, order_length, order_hash, dataset_length, dataset_hash = table[:, 2:7].T
     if (config != config[0]).any():
         raise ConfigError(
             f"rank(s) {np.flatnonzero(config != config[0]).tolist()} built their odb loader "
             f"with other settings than rank 0 (budget, mode, caps, window, round_size, "
             f"max_wait, fill_threshold, over_budget, join, share_tail, shard, "
             f"steps_multiple_of or seed); every rank must use the same settings"
+        )
+    position = table[:, 7:10]
+    if (position != position[0]).any():
+        raise ConfigError(
+            f"the ranks start this pass at different points (epoch, round, step: "
+            f"{[tuple(p) for p in position.tolist()]}); every decision of a round is seeded by "
+            f"them, so ranks must call set_epoch with the same epoch and restore states saved "
+            f"at the same step (load_state_dict)"
         )
     if (
         shard

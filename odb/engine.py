@@ -41,10 +41,12 @@ from odb.align import (
     Agreement,
     PassIdentity,
     agree,
+    check_reports,
     decide,
     decode_received,
     encode_given,
     encode_handshake,
+    encode_report,
     encode_verdict,
     failure_report,
     fingerprint,
@@ -162,7 +164,11 @@ class RoundEngine:
             return Agreement(shard=False, hand_over=False)
         try:
             identity = PassIdentity(
-                config.fingerprint(), *self.source.describe(compare_dataset=config.share_tail)
+                config.fingerprint(),
+                *self.source.describe(compare_dataset=config.share_tail),
+                epoch=self.epoch,
+                round=self.round,
+                step=self.step,
             )
         except Exception as error:
             self._report_failure(encode_handshake(None, error))
@@ -233,17 +239,35 @@ class RoundEngine:
         if resume["done"]:
             self.done = True
 
+    def _open_pass(self) -> bool:
+        """Open the pass; True when it is a restored pass whose state holds steps already
+        decided (or its end), which then run before any round.
+
+        Those steps are the same number on every rank (ranks save at the same step), and every
+        rank must have read them again before any of them runs: a rank that could not would
+        leave the others waiting in the training's collectives. So every rank exchanges one
+        report first, the failing rank a ``FAILED`` one, and all raise together. A restored
+        pass with nothing decided reports a failure in its first round's exchange instead."""
+        resume, max_steps = self._resume, self.config.settings.max_steps
+        restored = resume is not None and bool(resume["pending"] or resume["done"])
+        try:
+            self._open()
+        except Exception as error:
+            self._report_failure(failure_report(error, max_steps))
+            raise
+        if restored and self.exchange.world_size > 1:
+            check_reports(self._gather(encode_report(0, 0, [], [], [], max_steps)))
+        return restored
+
     # -- one round ------------------------------------------------------------------------------
     def _run_round(self) -> None:
         config, stats, settings = self.config, self.stats, self.config.settings
         start, waited = time.perf_counter(), stats.wait_seconds
         if self.agreement is None:
             self.agreement = self._agree()
+        if not self.opened and self._open_pass():
+            return
         try:
-            if not self.opened:
-                self._open()
-                if self.pending or self.done:
-                    return
             if not self.exhausted:
                 self.exhausted = self.buffer.refill(settings, self._pull)
             offer, report = self.buffer.prepare(settings, exhausted=self.exhausted)

@@ -95,35 +95,84 @@ class GlooExchange:
 
 class InProcessGroup:
     """``world`` ranks in one process, one thread each: ``group.exchange(r)`` is rank r's
-    :class:`Exchange`. Rows meet at a barrier; a rank that dies outside the protocol is
-    announced with :meth:`abort`, and then every waiting rank fails as a gloo peer would."""
+    :class:`Exchange`. A gather completes when every rank's row is in; a rank that stops
+    taking part (its work returned or raised) is announced with :meth:`leave` (or
+    :meth:`abort`), and then every rank waiting in, or later entering, a gather that cannot
+    complete fails as a gloo peer would. A gather that completed stays complete for every
+    rank, whatever happens after it."""
 
     def __init__(self, world: int, timeout: float = 120.0):
         if world < 1:
             raise ConfigError(f"an in-process group needs at least one rank, got {world}")
         self.world = world
         self.timeout = timeout
+        self._cond = threading.Condition()
         self._rows: list[np.ndarray | None] = [None] * world
-        self._barrier = threading.Barrier(world, timeout=timeout)
+        self._arrived = 0
+        self._generation = 0  # gathers completed
+        self._result: np.ndarray | AlignmentError | None = None  # the last completed gather's
+        self._gone: set[int] = set()
+        self._aborted = False
 
     def exchange(self, rank: int) -> _InProcessExchange:
         return _InProcessExchange(self, rank)
 
     def abort(self) -> None:
-        self._barrier.abort()
+        """Fail every gather that has not completed, now and later."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def leave(self, rank: int) -> None:
+        """Rank ``rank`` takes part in no further gather."""
+        with self._cond:
+            self._gone.add(rank)
+            self._cond.notify_all()
+
+    def _broken(self) -> str | None:
+        if self._aborted:
+            return "the group was aborted"
+        if self._gone:
+            return f"rank(s) {sorted(self._gone)} stopped taking part"
+        return None
 
     def _gather(self, rank: int, row: np.ndarray) -> np.ndarray:
-        self._rows[rank] = np.asarray(row, dtype=np.int64).copy()
-        try:
-            self._barrier.wait()  # every row is in
-            widths = {len(r) for r in self._rows}  # type: ignore[arg-type]
-            if len(widths) != 1:
-                raise AlignmentError(f"ranks sent rows of different widths {sorted(widths)}")
-            table = np.stack(self._rows)  # type: ignore[arg-type]
-            self._barrier.wait()  # every rank has read the table before any row is replaced
-        except threading.BrokenBarrierError as error:
-            raise _round_failed(rank, self.timeout, error) from error
-        return table
+        row = np.asarray(row, dtype=np.int64).copy()
+        with self._cond:
+            generation = self._generation
+            why = self._broken()
+            if why is None:
+                self._rows[rank] = row
+                self._arrived += 1
+                if self._arrived == self.world:  # every row is in: complete this gather
+                    widths = {len(r) for r in self._rows}  # type: ignore[arg-type]
+                    self._result = (
+                        AlignmentError(f"ranks sent rows of different widths {sorted(widths)}")
+                        if len(widths) != 1
+                        else np.stack(self._rows)  # type: ignore[arg-type]
+                    )
+                    self._rows = [None] * self.world
+                    self._arrived = 0
+                    self._generation += 1
+                    self._cond.notify_all()
+                else:
+                    self._cond.wait_for(
+                        lambda: self._generation != generation or self._broken() is not None,
+                        self.timeout,
+                    )
+            # A completed gather's result stays until every rank has read it: the next one
+            # needs every rank's row, and each rank sends it only after reading this one.
+            if self._generation != generation:
+                result = self._result
+                if isinstance(result, AlignmentError):
+                    raise result
+                return result  # type: ignore[return-value]
+            why = self._broken()
+            if why is None:  # timed out: this gather can no longer complete for anyone
+                why = f"not every rank reached the exchange within {self.timeout:g} s"
+                self._aborted = True
+                self._cond.notify_all()
+        raise _round_failed(rank, self.timeout, RuntimeError(why))
 
 
 class _InProcessExchange:
@@ -138,9 +187,10 @@ def run_ranks(world: int, work: Callable[[Exchange], Any], *, timeout: float = 1
     """Run ``work(exchange)`` for ``world`` ranks of one :class:`InProcessGroup`, one thread
     each (the calling thread alone for one rank), and return every rank's result.
 
-    If any rank raises, the group is aborted so no rank waits for it, and the first error is
-    raised once every thread has stopped: the error of the rank that failed first in its own
-    right, rather than a peer's :class:`AlignmentError` about it.
+    A rank whose work returns or raises leaves the group, so no rank waits for it in a
+    gather it will never join, and the first error is raised once every thread has stopped:
+    the error of the rank that failed first in its own right, rather than a peer's
+    :class:`AlignmentError` about it.
     """
     if world == 1:
         return [work(LocalExchange())]
@@ -153,8 +203,8 @@ def run_ranks(world: int, work: Callable[[Exchange], Any], *, timeout: float = 1
             results[rank] = work(group.exchange(rank))
         except BaseException as error:
             errors[rank] = error
-            if not isinstance(error, AlignmentError):
-                group.abort()
+        finally:  # no further gather can complete: ranks waiting in one fail at once
+            group.leave(rank)
 
     threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in range(world)]
     for thread in threads:

@@ -7,6 +7,8 @@ from the engine but from the sizes the test made (label tokens, samples, coverag
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -351,3 +353,130 @@ def test_a_restored_pass_continues_every_rank_with_the_same_steps(mode):
     steps = run_ranks(3, work, timeout=120)
     assert any(s.reason == "shared" for rank in steps for s in rank)
     assert any(s.ghost for rank in steps for s in rank)
+
+
+class _Unreadable(LengthDataset):
+    """A LengthDataset whose samples cannot be read once ``broken`` (a lost mount, say)."""
+
+    broken = False
+
+    def __getitem__(self, index):
+        if self.broken:
+            raise OSError(f"cannot read sample {index}")
+        return super().__getitem__(index)
+
+
+def test_a_rank_that_cannot_read_its_restored_steps_again_stops_every_rank_before_any_step():
+    """A restored pass first reads again the steps its state had decided but not yet run. If one
+    rank cannot, no rank may run one of them: the others would wait in the training's
+    all-reduce for a rank that raised (or, here, run steps that rank never runs)."""
+
+    def work(exchange):
+        options = dict(token_budget=40, window=16, round_size=16, exchange=exchange)
+        head = odb.DataLoader(_Unreadable([10] * 64), **options)
+        batches = iter(head)
+        next(batches)
+        state = head.state_dict()
+        assert state["position"]["pending"], "the cut must leave decided steps to run"
+        dataset = _Unreadable([10] * 64)
+        rest = odb.DataLoader(dataset, **options)
+        rest.load_state_dict(state)
+        dataset.broken = exchange.rank == 1
+        ran = []
+        try:
+            for batch in rest:
+                ran.append(odb.step_info(batch).step)
+        except Exception as error:
+            return ran, error
+        return ran, None
+
+    results = run_ranks(2, work, timeout=30)
+    assert [ran for ran, _ in results] == [[], []]
+    assert isinstance(results[1][1], OSError)
+    assert isinstance(results[0][1], AlignmentError) and "rank(s) [1]" in str(results[0][1])
+
+
+def test_ranks_at_different_epochs_are_refused_before_any_batch():
+    """Every decision is seeded by the epoch: ranks on different epochs (set_epoch called with
+    other values, no shuffle, so their orders still agree) pair other groups in each step and
+    count wrong global label tokens, silently."""
+    dataset = LengthDataset(np.minimum(lognormal_lengths(200, 120, 1.0, seed=1), 512).tolist())
+
+    def work(exchange):
+        loader = odb.DataLoader(dataset, 512, window=16, exchange=exchange)
+        loader.set_epoch(exchange.rank)
+        infos = []
+        try:
+            infos.extend(odb.step_info(batch) for batch in loader)
+        except ConfigError as error:
+            return infos, error
+        return infos, None
+
+    for infos, error in run_ranks(2, work, timeout=30):
+        assert infos == [] and isinstance(error, ConfigError), (len(infos), error)
+        assert "epoch" in str(error)
+
+
+def test_ranks_restored_from_states_of_different_steps_are_refused_before_any_batch():
+    """Each rank restores its own state; states saved at different steps (files of two
+    checkpoints mixed up) put the ranks in different rounds, whose decisions do not match."""
+    dataset = LengthDataset(np.minimum(lognormal_lengths(200, 120, 1.0, seed=1), 512).tolist())
+
+    def work(exchange):
+        options = dict(token_budget=512, window=16, exchange=exchange)
+        head = odb.DataLoader(dataset, **options)
+        batches = iter(head)
+        states = []
+        for _ in range(6):
+            next(batches)
+            states.append(head.state_dict())
+        rest = odb.DataLoader(dataset, **options)
+        rest.load_state_dict(states[2 + 3 * exchange.rank])  # steps 3 and 6
+        infos = []
+        try:
+            infos.extend(odb.step_info(batch) for batch in rest)
+        except ConfigError as error:
+            return infos, error
+        return infos, None
+
+    for infos, error in run_ranks(2, work, timeout=30):
+        assert infos == [] and isinstance(error, ConfigError), (len(infos), error)
+
+
+# -- the in-process exchange ----------------------------------------------------------------------
+
+
+def test_a_rank_that_returns_while_the_others_still_exchange_fails_them_at_once():
+    """A rank whose work returns early (it stopped iterating) will never join another exchange:
+    the ranks waiting in one fail at once, as gloo peers of a process that exited would, rather
+    than after the whole timeout."""
+
+    def work(exchange):
+        if exchange.rank == 0:
+            return "left"
+        exchange.gather(np.array([1]))
+
+    start = time.perf_counter()
+    with pytest.raises(AlignmentError):
+        run_ranks(3, work, timeout=20)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_rank_that_raises_after_an_exchange_does_not_undo_it_for_the_others():
+    """An exchange every rank took part in is complete: a rank that raises right after it (a
+    recipient that could not read its samples raises after the verdicts) must not make it fail
+    on the other ranks, which then lose the table that says why they must stop."""
+    tables = {}
+
+    def work(exchange):
+        if exchange.rank == 1:
+            time.sleep(0.01)  # the last to arrive: it releases the others
+        tables[exchange.rank] = exchange.gather(np.array([exchange.rank]))
+        if exchange.rank == 1:
+            raise ValueError("rank 1 stops after the exchange")
+
+    for _ in range(20):
+        tables.clear()
+        with pytest.raises(ValueError):
+            run_ranks(3, work, timeout=20)
+        assert sorted(tables) == [0, 1, 2]
