@@ -274,6 +274,7 @@ class Budget:
             raise ConfigError(f"token_budget must be a number, got {self.limit!r}")
         if not (math.isfinite(self.limit) and self.limit > 0):
             raise ConfigError(f"token_budget must be > 0, got {self.limit!r}")
+        object.__setattr__(self, "limit", float(self.limit))  # 16384 and 16384.0 are one budget
         if not isinstance(self.cost, ComputeCost):
             raise ConfigError(f"cost must be a ComputeCost, got {type(self.cost).__name__}")
 
