@@ -37,6 +37,8 @@ __all__ = [
     "FAILED",
     "NO_GHOST",
     "UNKNOWN",
+    "PROTOCOL_VERSION",
+    "check_versions",
     "cause_of",
     "report_width",
     "encode_report",
@@ -410,6 +412,21 @@ def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarr
 
 UNKNOWN = -1
 """A fingerprint a rank did not or could not take."""
+
+PROTOCOL_VERSION = 2
+"""The layout of every row below; ranks first exchange it alone, in a row whose width never
+changes, so that ranks running different odb versions fail instead of gathering rows of
+different widths (which gloo does not survive)."""
+
+
+def check_versions(table: np.ndarray) -> None:
+    """Raise :class:`ConfigError` on every rank when the ranks' protocol versions differ."""
+    versions = table[:, 0]
+    if (versions != versions[0]).any():
+        raise ConfigError(
+            f"the ranks run different odb versions (protocol versions by rank: "
+            f"{versions.tolist()}); install the same odb on every node"
+        )
 
 
 def fingerprint(data: bytes) -> int:

@@ -38,10 +38,12 @@ import numpy as np
 from odb.admit import SOLO, TRUNCATE, Admission
 from odb.align import (
     NO_GHOST,
+    PROTOCOL_VERSION,
     Agreement,
     PassIdentity,
     agree,
     check_reports,
+    check_versions,
     decide,
     decode_received,
     encode_given,
@@ -162,6 +164,7 @@ class RoundEngine:
         config, world = self.config, self.exchange.world_size
         if world == 1:
             return Agreement(shard=False, hand_over=False)
+        check_versions(self._gather(np.array([PROTOCOL_VERSION], dtype=np.int64)))
         try:
             identity = PassIdentity(
                 config.fingerprint(),

@@ -8,13 +8,15 @@ from odb.align import (
     EXHAUSTED,
     FAILED,
     FINISHED,
+    PROTOCOL_VERSION,
+    check_versions,
     decide,
     decode_received,
     encode_given,
     encode_report,
     report_width,
 )
-from odb.errors import AlignmentError
+from odb.errors import AlignmentError, ConfigError
 
 MAX_STEPS = 4
 
@@ -165,3 +167,9 @@ def test_remaining_ghosts_go_to_different_ranks():
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
     assert decision.steps == 2
     assert sorted((decision.choice == -1).sum(axis=1).tolist()) == [0, 0, 0, 1, 1]
+
+
+def test_ranks_of_different_odb_versions_are_refused():
+    check_versions(np.array([[PROTOCOL_VERSION], [PROTOCOL_VERSION]]))
+    with pytest.raises(ConfigError, match="different odb versions"):
+        check_versions(np.array([[PROTOCOL_VERSION], [PROTOCOL_VERSION + 1]]))

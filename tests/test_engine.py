@@ -163,8 +163,9 @@ def test_the_end_of_unequal_shards_is_shared_so_the_ranks_finish_together():
     assert len(shared.steps[0]) == -(-(20 + 3) // 2)
     handed = [step for step in shared.steps[1] if step.reason == "shared"]
     assert handed and all(set(step.sample_indices) < set(range(40)) for step in handed)
-    # the first exchange, one report per round, and two more in the round that hands over
-    assert shared.transfer_rounds == 1 and shared.collectives == 1 + shared.rounds + 2
+    # the versions and the identities, one report per round, two more in the round that
+    # hands over
+    assert shared.transfer_rounds == 1 and shared.collectives == 2 + shared.rounds + 2
 
 
 # -- real loaders as threads --------------------------------------------------------------------
