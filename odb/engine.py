@@ -56,7 +56,7 @@ from odb.align import (
 )
 from odb.batch import StepInfo
 from odb.buffer import Entry, RoundSettings, SampleBuffer
-from odb.errors import StateError
+from odb.errors import OverBudgetError, StateError
 from odb.exchange import Exchange
 from odb.planner import Group, Reason, shared_group
 from odb.source import Source
@@ -204,6 +204,21 @@ class RoundEngine:
         self.consumed += 1
         return self._admit(*pair)
 
+    def _borrow_ghost(self, attempts: int = 8) -> None:
+        """The sample the ghost steps of a rank with an empty part copy, from the dataset: the
+        first of a few that fits the budget (under ``over_budget="error"`` a sample the user's
+        sampler left out may be too long)."""
+        for attempt in range(attempts):
+            borrowed = self.source.borrow(self.rank, attempt)
+            if borrowed is None:
+                return
+            try:
+                self._admit(*borrowed, count=False)
+                return
+            except OverBudgetError:
+                if attempt == attempts - 1:
+                    raise
+
     def _reread(self, index: int) -> Entry:
         """A sample of a restored pass, read again in its old order."""
         pair = self.source.pull()
@@ -275,11 +290,9 @@ class RoundEngine:
                 self.exhausted = self.buffer.refill(settings, self._pull)
             offer, report = self.buffer.prepare(settings, exhausted=self.exhausted)
             if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
-                borrowed = self.source.borrow(self.rank)  # a rank whose part was empty
-                if borrowed is None:
+                self._borrow_ghost()  # a rank whose part was empty
+                if self.ghost is None:
                     report[0] |= NO_GHOST
-                else:
-                    self._admit(*borrowed, count=False)
         except Exception as error:
             self._report_failure(failure_report(error, settings.max_steps))
             raise

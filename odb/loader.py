@@ -196,6 +196,12 @@ class DataLoader:
         self.share_tail = bool(share_tail)
         self.steps_multiple_of = positive_int("steps_multiple_of", steps_multiple_of)
         self.shard = shard
+        if isinstance(align_timeout, bool) or not (
+            isinstance(align_timeout, int | float) and align_timeout > 0
+        ):
+            raise ConfigError(
+                f"align_timeout must be a number of seconds > 0, got {align_timeout!r}"
+            )
         self.align_timeout = float(align_timeout)
         self._exchange = exchange
         self._stats = LoaderStats(token_budget=float(token_budget))

@@ -61,9 +61,10 @@ class Source(ABC):
         """Samples in this rank's order once opened (0 when unknown)."""
 
     @abstractmethod
-    def borrow(self, rank: int) -> tuple[int, Any] | None:
-        """A sample of the dataset for the ghost steps of a rank whose own order is empty,
-        or None when the dataset is empty."""
+    def borrow(self, rank: int, attempt: int = 0) -> tuple[int, Any] | None:
+        """A sample of the dataset for the ghost steps of a rank whose own order is empty
+        (another one for each ``attempt``, when one does not fit the budget), or None when the
+        dataset is empty."""
 
     @abstractmethod
     def close(self) -> None:
@@ -165,9 +166,9 @@ class IndexSource(Source):
     def read(self, index: int) -> Any:
         return self.dataset[index]
 
-    def borrow(self, rank: int) -> tuple[int, Any] | None:
+    def borrow(self, rank: int, attempt: int = 0) -> tuple[int, Any] | None:
         n = len(self.dataset)
-        return (rank % n, self.dataset[rank % n]) if n else None
+        return ((rank + attempt) % n, self.dataset[(rank + attempt) % n]) if n else None
 
     @property
     def size(self) -> int:
@@ -202,10 +203,10 @@ class SizeSource(Source):
     def read(self, index: int) -> SampleSize:
         return self._sizes[index]
 
-    def borrow(self, rank: int) -> tuple[int, SampleSize] | None:
+    def borrow(self, rank: int, attempt: int = 0) -> tuple[int, SampleSize] | None:
         if not self._sizes:
             return None
-        index = sorted(self._sizes)[rank % len(self._sizes)]
+        index = sorted(self._sizes)[(rank + attempt) % len(self._sizes)]
         return index, self._sizes[index]
 
     @property

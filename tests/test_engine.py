@@ -481,3 +481,15 @@ def test_a_rank_that_raises_after_an_exchange_does_not_undo_it_for_the_others():
         with pytest.raises(ValueError):
             run_ranks(3, work, timeout=20)
         assert sorted(tables) == [0, 1, 2]
+
+
+def test_a_rank_with_an_empty_part_borrows_a_ghost_sample_that_fits_the_budget():
+    """Under over_budget="error" the users' samplers leave the over-budget sample 1 out; rank
+    1, whose part is empty, must not borrow it for its ghost steps."""
+    dataset = LengthDataset([40, 900, 50, 60, 70, 80])
+    per_rank = [[0, 2, 3, 4, 5], []]
+    options = dict(token_budget=128, shard=False, share_tail=False)
+    results = run_loaders([dataset] * 2, options, per_rank=per_rank)
+    assert [error for _, error in results] == [None, None]
+    ghosts = [s for s in results[1][0] if s.ghost]
+    assert ghosts and all(s.sample_indices != (1,) for s in ghosts)

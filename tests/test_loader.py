@@ -306,3 +306,9 @@ def test_a_distributed_sampler_for_another_world_is_refused():
     loader = odb.DataLoader(dataset, 64, sampler=sampler)
     with pytest.raises(ConfigError, match="rank 1 of 2, but this process is rank 0 of 1"):
         iter(loader)
+
+
+@pytest.mark.parametrize("timeout", [0, -5, True, "60"])
+def test_align_timeout_must_be_a_positive_number(timeout):
+    with pytest.raises(ConfigError, match="align_timeout must be a number of seconds > 0"):
+        odb.DataLoader(LengthDataset([10]), 100, align_timeout=timeout)
