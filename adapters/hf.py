@@ -158,7 +158,7 @@ def _set_initial_training_values(self: Trainer, args, dataloader):
     run: _Run = self._odb
     loader = run.loader
     accumulation = args.gradient_accumulation_steps
-    samples = len(loader.dataset)
+    samples = loader.epoch_samples()  # all ranks' (per-rank samplers need not cover the data)
     estimate = estimate_steps(loader)  # batches per epoch, a multiple of `accumulation`
     per_epoch = max(1, estimate // accumulation)
     upper = math.ceil(samples / accumulation) + 2  # every batch holds at least one sample

@@ -356,6 +356,17 @@ class DataLoader:
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return range(len(self.dataset))
 
+    def epoch_samples(self, epoch: int | None = None) -> int:
+        """The samples one epoch emits over all ranks (join mode): the epoch order's length
+        when odb shards it (or in one process), else the sum of every rank's own order,
+        gathered from the ranks. Then it is a collective: call it on every rank."""
+        order = self._epoch_order(self._epoch if epoch is None else epoch)
+        own = len(order) if hasattr(order, "__len__") else sum(1 for _ in order)
+        exchange = self._world()
+        if exchange.world_size == 1 or self.shard is not False:
+            return own
+        return int(exchange.gather(np.array([own], dtype=np.int64)).sum())
+
     def shard_orders(self, epoch: int) -> list[np.ndarray]:
         """Every rank's index order for ``epoch`` as this loader splits the epoch (one order,
         this process's own, when it does not shard): what planning simulations replay."""

@@ -493,3 +493,18 @@ def test_a_rank_with_an_empty_part_borrows_a_ghost_sample_that_fits_the_budget()
     assert [error for _, error in results] == [None, None]
     ghosts = [s for s in results[1][0] if s.ghost]
     assert ghosts and all(s.sample_indices != (1,) for s in ghosts)
+
+
+def test_epoch_samples_counts_every_ranks_order():
+    dataset = LengthDataset([10] * 40)
+    per_rank = [list(range(0, 10)), list(range(10, 30)), list(range(35, 40))]
+
+    def own_samplers(exchange):
+        sampler = per_rank[exchange.rank]
+        return odb.DataLoader(dataset, 64, sampler=sampler, shard=False, exchange=exchange)
+
+    def sharded(exchange):
+        return odb.DataLoader(dataset, 64, shuffle=True, exchange=exchange)
+
+    assert run_ranks(3, lambda ex: own_samplers(ex).epoch_samples()) == [35, 35, 35]
+    assert run_ranks(3, lambda ex: sharded(ex).epoch_samples()) == [40, 40, 40]
