@@ -131,12 +131,13 @@ def failure_report(error: BaseException, max_steps: int) -> np.ndarray:
     return row
 
 
-def check_reports(table: np.ndarray) -> None:
+def check_reports(table: np.ndarray, when: str = "while restoring the pass") -> None:
     """Raise :class:`AlignmentError` on every rank alike when a gathered report is ``FAILED``
-    (the exchange a restored pass runs before the steps its state had decided)."""
+    (``when`` says in which exchange: a round's, or the one a restored pass runs before the
+    steps its state had decided)."""
     status = table[:, 0]
     if (status & FAILED).any():
-        raise _failed(status, table[:, 3], "while restoring the pass")
+        raise _failed(status, table[:, 3], when)
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,7 @@ def decide(
     """
     world = table.shape[0]
     status, offered = table[:, 0], table[:, 1]
-    if (status & FAILED).any():
-        raise _failed(status, table[:, 3], "while preparing this round")
+    check_reports(table, "while preparing this round")
     columns = table[:, _HEADER:].reshape(world, _COLUMNS, max_steps)
     active = (status & FINISHED) == 0
     if not active.any() or (not join and not active.all()):

@@ -232,11 +232,10 @@ class RoundEngine:
     def _open(self) -> None:
         """Start reading this rank's part of the epoch; a restored pass first reads again what
         its state names (pending steps, buffer, ghost)."""
-        shard = self.agreement.shard if self.agreement else False
-        world = self.exchange.world_size
-        resume = self._resume
+        world, resume = self.exchange.world_size, self._resume
         prefix = refetch_order(resume) if resume else []
-        self.source.open((self.rank, world) if shard else None, self.consumed, prefix)
+        shard = (self.rank, world) if self.agreement.shard else None
+        self.source.open(shard, self.consumed, prefix)
         self.opened = True
         if not resume:
             return

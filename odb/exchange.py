@@ -96,10 +96,9 @@ class GlooExchange:
 class InProcessGroup:
     """``world`` ranks in one process, one thread each: ``group.exchange(r)`` is rank r's
     :class:`Exchange`. A gather completes when every rank's row is in; a rank that stops
-    taking part (its work returned or raised) is announced with :meth:`leave` (or
-    :meth:`abort`), and then every rank waiting in, or later entering, a gather that cannot
-    complete fails as a gloo peer would. A gather that completed stays complete for every
-    rank, whatever happens after it."""
+    taking part (its work returned or raised) is announced with :meth:`leave`, and then every
+    rank waiting in, or later entering, a gather that cannot complete fails as a gloo peer
+    would. A gather that completed stays complete for every rank, whatever happens after it."""
 
     def __init__(self, world: int, timeout: float = 120.0):
         if world < 1:
@@ -112,16 +111,10 @@ class InProcessGroup:
         self._generation = 0  # gathers completed
         self._result: np.ndarray | AlignmentError | None = None  # the last completed gather's
         self._gone: set[int] = set()
-        self._aborted = False
+        self._timed_out = False
 
     def exchange(self, rank: int) -> _InProcessExchange:
         return _InProcessExchange(self, rank)
-
-    def abort(self) -> None:
-        """Fail every gather that has not completed, now and later."""
-        with self._cond:
-            self._aborted = True
-            self._cond.notify_all()
 
     def leave(self, rank: int) -> None:
         """Rank ``rank`` takes part in no further gather."""
@@ -130,8 +123,8 @@ class InProcessGroup:
             self._cond.notify_all()
 
     def _broken(self) -> str | None:
-        if self._aborted:
-            return "the group was aborted"
+        if self._timed_out:
+            return "an earlier gather timed out"
         if self._gone:
             return f"rank(s) {sorted(self._gone)} stopped taking part"
         return None
@@ -170,7 +163,7 @@ class InProcessGroup:
             why = self._broken()
             if why is None:  # timed out: this gather can no longer complete for anyone
                 why = f"not every rank reached the exchange within {self.timeout:g} s"
-                self._aborted = True
+                self._timed_out = True
                 self._cond.notify_all()
         raise _round_failed(rank, self.timeout, RuntimeError(why))
 

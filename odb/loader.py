@@ -34,7 +34,7 @@ from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
 from odb.exchange import Exchange, GlooExchange, LocalExchange
 from odb.fetch import ChunkSampler, IndexedDataset, WorkerInit, encode_chunk, keep_chunk
-from odb.source import IndexSource
+from odb.source import IndexSource, index_array, rank_part
 from odb.stats import LoaderStats
 
 __all__ = ["DataLoader", "wrap"]
@@ -360,8 +360,7 @@ class DataLoader:
         """The samples one epoch emits over all ranks (join mode): the epoch order's length
         when odb shards it (or in one process), else the sum of every rank's own order,
         gathered from the ranks. Then it is a collective: call it on every rank."""
-        order = self._epoch_order(self._epoch if epoch is None else epoch)
-        own = len(order) if hasattr(order, "__len__") else sum(1 for _ in order)
+        own = len(index_array(self._epoch_order(self._epoch if epoch is None else epoch)))
         exchange = self._world()
         if exchange.world_size == 1 or self.shard is not False:
             return own
@@ -370,11 +369,11 @@ class DataLoader:
     def shard_orders(self, epoch: int) -> list[np.ndarray]:
         """Every rank's index order for ``epoch`` as this loader splits the epoch (one order,
         this process's own, when it does not shard): what planning simulations replay."""
-        order = np.asarray(list(self._epoch_order(epoch)), dtype=np.int64)
+        order = index_array(self._epoch_order(epoch))
         world = self._world().world_size
         if world == 1 or self.shard is False:
             return [order]
-        return [order[rank::world] for rank in range(world)]
+        return [rank_part(order, rank, world) for rank in range(world)]
 
 
 class _EpochIterator:

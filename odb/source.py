@@ -29,7 +29,7 @@ from odb.errors import StateError
 from odb.fetch import ChunkSampler, decode_chunk
 from odb.stats import LoaderStats
 
-__all__ = ["Source", "IndexSource", "SizeSource", "order_fingerprint"]
+__all__ = ["Source", "IndexSource", "SizeSource", "index_array", "order_fingerprint", "rank_part"]
 
 _PROBES = 3  # samples whose tokens fingerprint a dataset
 
@@ -75,7 +75,13 @@ def order_fingerprint(order: np.ndarray) -> int:
     return fingerprint(np.ascontiguousarray(order, dtype=np.int64).tobytes())
 
 
-def _materialise(order: Iterable[int]) -> np.ndarray:
+def rank_part(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s part of an epoch order odb shards: every ``world``-th index from its
+    rank (parts differ by at most one sample; alignment absorbs the difference)."""
+    return order[rank::world]
+
+
+def index_array(order: Iterable[int]) -> np.ndarray:
     """An epoch order as an index array, iterating a sampler once (a random sampler gives a
     new order at each iteration: the one that is checked must be the one that is read)."""
     if isinstance(order, np.ndarray):
@@ -114,7 +120,7 @@ class IndexSource(Source):
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
-            self._order = _materialise(self._order_source)
+            self._order = index_array(self._order_source)
         return self._order
 
     def describe(self, *, compare_dataset: bool) -> tuple[int, int, int, int]:
@@ -143,10 +149,9 @@ class IndexSource(Source):
     def open(self, shard: tuple[int, int] | None, skip: int, prefix: Sequence[int]) -> None:
         order = self._epoch_order()
         if shard is not None:
-            rank, world = shard
-            order = order[rank::world]
+            order = rank_part(order, *shard)
         self._size = len(order)
-        self._chunks.indices = itertools.chain(prefix, order[skip:].tolist())
+        self._chunks.indices = itertools.chain(prefix, order[skip:])  # lazily: no list of n
         self._stream = iter(self._fetcher)
 
     def pull(self) -> tuple[int, Any] | None:
