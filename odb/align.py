@@ -533,7 +533,9 @@ def agree(table: np.ndarray, *, shard: bool) -> Agreement:
         )
     if world == 1:
         return Agreement(shard=False, hand_over=False)
-    if (dataset_length != dataset_length[0]).any():
+    if (dataset_length == UNKNOWN).any():
+        note = "the data is streamed (a stream cannot read a sample again by index)"
+    elif (dataset_length != dataset_length[0]).any():
         note = f"the ranks' datasets have different lengths ({dataset_length.tolist()})"
     elif (dataset_hash == UNKNOWN).any():
         note = "the ranks' datasets could not be compared (a sample could not be read here)"

@@ -20,12 +20,15 @@ Any failure while preparing a round is still reported in the round's exchange (a
 report), so every rank raises in the same round instead of waiting on a dead peer.
 
 Resume state is made of dataset indices, never tensors: the position in this rank's order,
-the buffered indices with their ages, the steps decided but not yet run, the ghost sample.
+the buffered indices with their ages, the steps decided but not yet run, the ghost sample;
+for a stream (odb/stream.py), where each worker's stream is before the oldest of them.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import logging
 import time
 from collections import deque
@@ -34,14 +37,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from odb.admit import SOLO, TRUNCATE, Admission
 from odb.align import (
+    FAILED,
     NO_GHOST,
     PROTOCOL_VERSION,
     Agreement,
     PassIdentity,
     agree,
+    cause_of,
     check_reports,
     check_versions,
     decide,
@@ -56,7 +62,7 @@ from odb.align import (
 )
 from odb.batch import StepInfo
 from odb.buffer import Entry, RoundSettings, SampleBuffer
-from odb.errors import OverBudgetError, StateError
+from odb.errors import AlignmentError, OverBudgetError, StateError
 from odb.exchange import Exchange
 from odb.planner import Group, Reason, shared_group
 from odb.source import Source
@@ -89,7 +95,7 @@ class PassConfig:
 
 def refetch_order(state: Mapping) -> list[int]:
     """Indices a restored pass reads again first: the pending steps', the buffer's, then the
-    ghost sample's."""
+    ghost sample's (unless another rank lent it)."""
     pending = [i for step in state["pending"] for i in step["indices"] if not step["ghost"]]
     buffered = [index for index, _ in state["buffer"]]
     ghost = [state["ghost"]] if state["ghost"] is not None else []
@@ -118,6 +124,7 @@ class RoundEngine:
         self.buffer = SampleBuffer()
         self.pending: deque[Step] = deque()
         self.ghost: Entry | None = None
+        self.lent_ghost: str | None = None  # a ghost sample another rank sent, serialized
         self.agreement: Agreement | None = None
         self.opened = False
         self._resume = resume
@@ -193,9 +200,31 @@ class RoundEngine:
             self.stats.over_budget_solo += verdict == SOLO
             self.stats.over_budget_truncated += verdict == TRUNCATE
         ghost = self.ghost  # ghost steps copy the cheapest sample that fits the budget
-        if ghost is None or (entry.solo, entry.size.length) < (ghost.solo, ghost.size.length):
+        if (
+            ghost is None
+            or (entry.solo, entry.size.length) < (ghost.solo, ghost.size.length)
+            or self._ghost_too_old(entry)
+        ):
             self.ghost = entry
         return entry
+
+    def _ghost_too_old(self, entry: Entry) -> bool:
+        """A stream reads a restored pass's samples again from the oldest one kept, so its
+        ghost is the cheapest of recent samples (within a window), not of the whole pass."""
+        ghost = self.ghost
+        return (
+            not self.source.rereadable
+            and ghost.index >= 0
+            and entry.index - ghost.index > self.config.settings.window
+        )
+
+    def _oldest_needed(self) -> int:
+        """The lowest index this pass may still have to read again (a stream keeps its
+        position from there on)."""
+        ghost = self.ghost.index if self.ghost is not None and self.lent_ghost is None else None
+        indices = [e.index for e in self.buffer.entries]
+        indices += [e.index for entries, info in self.pending if not info.ghost for e in entries]
+        return min([*indices, *([ghost] if ghost is not None else []), self.consumed])
 
     def _pull(self) -> Entry | None:
         pair = self.source.pull()
@@ -235,6 +264,8 @@ class RoundEngine:
         world, resume = self.exchange.world_size, self._resume
         prefix = refetch_order(resume) if resume else []
         shard = (self.rank, world) if self.agreement.shard else None
+        if resume:
+            self.source.restore(resume.get("source"))
         self.source.open(shard, self.consumed, prefix)
         self.opened = True
         if not resume:
@@ -251,6 +282,8 @@ class RoundEngine:
             self.buffer.add(self._reread(index), age=age)
         if resume["ghost"] is not None:
             self.ghost = self._reread(resume["ghost"])
+        elif resume.get("lent_ghost") is not None:
+            self._take_lent_ghost(resume["lent_ghost"])
         for entries, info in pending:
             self.pending.append((entries if entries is not None else [self.ghost], info))
         if resume["done"]:
@@ -295,7 +328,7 @@ class RoundEngine:
         except Exception as error:
             self._report_failure(failure_report(error, settings.max_steps))
             raise
-        table = self._gather(report)
+        table = self._lend_ghost(self._gather(report))
         stats.rounds += 1
         decision = decide(
             table,
@@ -332,7 +365,55 @@ class RoundEngine:
             global_labels = int(decision.global_label_tokens[j] + label_fix[j])
             self._queue(entries, group, int(decision.global_samples[j]), global_labels)
         self.round += 1
+        if not self.source.rereadable:
+            self.source.mark(self._oldest_needed())
         stats.plan_seconds += time.perf_counter() - start - (stats.wait_seconds - waited)
+
+    def _lend_ghost(self, table: np.ndarray) -> np.ndarray:
+        """Give ranks with no sample of their own to copy for ghost steps (an empty stream,
+        an empty dataset that nothing could be borrowed from) a copy of the lowest other rank's
+        ghost sample; returns the reports with their ``NO_GHOST`` bits cleared.
+
+        Three exchanges, in the one round of a pass where a rank first reports ``NO_GHOST``:
+        the sample's size in bytes, the bytes, and whether every receiver could take it
+        (all ranks raise together if not)."""
+        status = table[:, 0]
+        lacking = (status & NO_GHOST) != 0
+        if not lacking.any() or lacking.all() or (status & FAILED).any():
+            return table
+        donor = int(np.flatnonzero(~lacking)[0])
+        data, failure = b"", None
+        if self.rank == donor:
+            try:
+                if self.ghost is None:
+                    raise AlignmentError("the rank chosen to lend its ghost sample has none")
+                data = _serialize(self.ghost.payload)
+            except Exception as error:
+                failure = error
+        sizes = self._gather(_status_row(failure, len(data)))
+        check_reports(sizes, "while lending a ghost sample to ranks without data")
+        width = -(-int(sizes[donor, 1]) // 8)
+        row = np.zeros(width, dtype=np.int64)
+        row.view(np.uint8)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        received = self._gather(row)[donor].view(np.uint8)[: int(sizes[donor, 1])].tobytes()
+        if lacking[self.rank]:
+            try:
+                self._take_lent_ghost(base64.b64encode(received).decode("ascii"))
+            except Exception as error:
+                failure = error
+        check_reports(
+            self._gather(_status_row(failure, 0)), "while taking a ghost sample lent to them"
+        )
+        if failure is not None:
+            raise failure
+        table = table.copy()
+        table[:, 0] &= ~NO_GHOST
+        return table
+
+    def _take_lent_ghost(self, encoded: str) -> None:
+        sample = torch.load(io.BytesIO(base64.b64decode(encoded)), weights_only=True)
+        self.ghost = self._admit(-1, sample, count=False)
+        self.lent_ghost = encoded
 
     def _hand_over(self, decision, given) -> tuple[dict[int, list[Entry]], np.ndarray]:
         """A transfer round's two further exchanges: the donors' dataset indices, then, once
@@ -410,7 +491,9 @@ class RoundEngine:
                 [entry.index, age]
                 for entry, age in zip(self.buffer.entries, self.buffer.ages(), strict=True)
             ],
-            "ghost": None if self.ghost is None else self.ghost.index,
+            "ghost": None if self.ghost is None or self.lent_ghost else self.ghost.index,
+            "lent_ghost": self.lent_ghost,
+            "source": self.source.state(self._oldest_needed()),
             "pending": [
                 {
                     "indices": [entry.index for entry in entries],
@@ -420,3 +503,18 @@ class RoundEngine:
                 for entries, info in self.pending
             ],
         }
+
+
+def _serialize(sample: Any) -> bytes:
+    """A sample as bytes that ``torch.load(weights_only=True)`` reads back (tensors, numbers,
+    strings, lists and dicts of them)."""
+    buffer = io.BytesIO()
+    torch.save(sample, buffer)
+    return buffer.getvalue()
+
+
+def _status_row(failure: BaseException | None, value: int) -> np.ndarray:
+    """A four-column row ``check_reports`` reads: ``FAILED`` and its cause, or ``value``."""
+    if failure is not None:
+        return np.array([FAILED, 0, 0, cause_of(failure)], dtype=np.int64)
+    return np.array([0, value, 0, 0], dtype=np.int64)

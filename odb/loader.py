@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DistributedSampler,
-    IterableDataset,
     RandomSampler,
     SequentialSampler,
     default_collate,
@@ -36,6 +35,7 @@ from odb.exchange import Exchange, GlooExchange, LocalExchange
 from odb.fetch import ChunkSampler, IndexedDataset, WorkerInit, encode_chunk, keep_chunk
 from odb.source import IndexSource, index_array, rank_part
 from odb.stats import LoaderStats
+from odb.stream import StreamSource, is_stream, stream_length
 
 __all__ = ["DataLoader", "wrap"]
 
@@ -52,6 +52,11 @@ class DataLoader:
     collates in the iterating process. Each batch is a mapping for ``model(**batch)`` carrying
     a :class:`~odb.StepInfo` (read it with :func:`odb.step_info`).
 
+    ``dataset`` may also be a stream, a torch ``IterableDataset`` or a Hugging Face
+    ``datasets.IterableDataset`` yielding such samples, read in its own order (see
+    odb/stream.py and docs/usage.md: how it is split across ranks and workers, what resumes
+    exactly).
+
     Args:
         token_budget: the most a batch may cost under ``cost`` (tokens, padding included in
             padded mode).
@@ -60,7 +65,7 @@ class DataLoader:
         collate_fn: applied to each group's list of samples; defaults to odb's padded or
             packed collator for text models.
         shuffle, seed: a seeded permutation per epoch (``set_epoch``); ``sampler`` instead
-            gives the index order explicitly.
+            gives the index order explicitly (neither applies to a stream).
         window: the most samples planned together; larger windows batch more tightly.
         round_size: samples pulled per planning round (default ``window // 8``).
         over_budget: a sample that alone exceeds the budget or a cap: ``"error"`` raises,
@@ -90,6 +95,8 @@ class DataLoader:
             each rank its own indices needs ``shard=False`` (checked at the start of each
             pass: different orders with sharding on raise ``ConfigError``).
         align_timeout: seconds a rank waits for the others in a round before failing.
+        num_samples: a stream's samples over all ranks, when known and the stream does not
+            state it (``len()``); only step estimates and epoch accounting use it.
         exchange: how this rank talks to the others (default: a dedicated gloo group under
             torch.distributed, else none); an :class:`~odb.exchange.InProcessGroup`'s
             exchange runs several loaders as ranks in one process (tests, simulations).
@@ -136,13 +143,27 @@ class DataLoader:
         shard: bool | None = None,
         align_timeout: float = 1800.0,
         steps_multiple_of: int = 1,
+        num_samples: int | None = None,
         exchange: Exchange | None = None,
     ):
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        self.streaming = is_stream(dataset)
+        if not self.streaming and not hasattr(dataset, "__getitem__"):
             raise ConfigError(
-                "odb needs a map-style dataset (with __getitem__ and __len__) so that batches "
-                "can be resumed by index; got " + type(dataset).__name__
+                "odb needs a map-style dataset (with __getitem__ and __len__) or a stream (a "
+                "torch or Hugging Face IterableDataset); got " + type(dataset).__name__
             )
+        if self.streaming and (shuffle or sampler is not None):
+            raise ConfigError(
+                "a stream is read in its own order: shuffle it before it reaches odb (a "
+                "Hugging Face stream: shuffle the dataset before to_iterable_dataset, or the "
+                "stream's shards), not with shuffle= or a sampler"
+            )
+        if self.streaming and persistent_workers:
+            raise ConfigError(
+                "persistent_workers is not available for streams: each pass tells the workers "
+                "where their part of the stream starts"
+            )
+        self.num_samples = None if num_samples is None else positive_int("num_samples", num_samples)
         if mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
         if sampler is not None and shuffle:
@@ -179,19 +200,24 @@ class DataLoader:
             # workers to start on samples it needs (torch's default keeps 2 chunks a worker).
             chunks_per_round = -(-self.settings.round_size // self._chunks.fetch_size)
             prefetch_factor = max(2, -(-chunks_per_round // num_workers))
-        self._fetcher = torch.utils.data.DataLoader(
-            IndexedDataset(dataset),
-            batch_sampler=self._chunks,
+        self._worker_options = dict(
             num_workers=num_workers,
-            collate_fn=encode_chunk if num_workers else keep_chunk,
             timeout=timeout,
             worker_init_fn=WorkerInit(worker_init_fn),
             multiprocessing_context=multiprocessing_context,
             generator=generator,
             # Worker-only settings mean nothing without workers (wrap may carry them over).
             prefetch_factor=prefetch_factor if num_workers else None,
-            persistent_workers=persistent_workers and num_workers > 0,
         )
+        self._fetcher = None
+        if not self.streaming:
+            self._fetcher = torch.utils.data.DataLoader(
+                IndexedDataset(dataset),
+                batch_sampler=self._chunks,
+                collate_fn=encode_chunk if num_workers else keep_chunk,
+                persistent_workers=persistent_workers and num_workers > 0,
+                **self._worker_options,
+            )
         self.join = bool(join)
         self.share_tail = bool(share_tail)
         self.steps_multiple_of = positive_int("steps_multiple_of", steps_multiple_of)
@@ -216,7 +242,28 @@ class DataLoader:
         self._resume = None
         self._iterator = None  # shut the previous pass's workers down before starting new ones
         exchange = self._world()
-        source = IndexSource(
+        engine = RoundEngine(
+            self._pass_config(),
+            exchange,
+            self._source(),
+            epoch=self._epoch,
+            stats=self._stats,
+            resume=resume,
+        )
+        self._iterator = _EpochIterator(engine, self.collate_fn, self.pin_memory)
+        return self._iterator
+
+    def _source(self) -> IndexSource | StreamSource:
+        """Where this pass's samples come from: the dataset in the epoch's index order, or the
+        stream."""
+        if self.streaming:
+            return StreamSource(
+                self.dataset,
+                fetch_size=self._chunks.fetch_size,
+                loader_options=self._worker_options,
+                stats=self._stats,
+            )
+        return IndexSource(
             self.dataset,
             self._epoch_order(self._epoch),
             self._fetcher,
@@ -225,16 +272,6 @@ class DataLoader:
             stats=self._stats,
             fingerprints=self._fingerprints,
         )
-        engine = RoundEngine(
-            self._pass_config(),
-            exchange,
-            source,
-            epoch=self._epoch,
-            stats=self._stats,
-            resume=resume,
-        )
-        self._iterator = _EpochIterator(engine, self.collate_fn, self.pin_memory)
-        return self._iterator
 
     def _pass_config(self) -> PassConfig:
         return PassConfig(
@@ -248,8 +285,11 @@ class DataLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next pass uses (as with DistributedSampler)."""
+        """Select the epoch whose order the next pass uses (as with DistributedSampler); a
+        stream with ``set_epoch`` (Hugging Face's reshuffles its shards by epoch) gets it too."""
         self._epoch = int(epoch)
+        if self.streaming and callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(self._epoch)
 
     @property
     def epoch(self) -> int:
@@ -274,7 +314,8 @@ class DataLoader:
             "over_budget": self.over_budget,
             "shuffle": self.shuffle,
             "seed": self.seed,
-            "dataset_len": len(self.dataset),
+            "dataset_len": self._length(),
+            "stream": self.streaming,
             "join": self.join,
             "share_tail": self.share_tail,
             "steps_multiple_of": self.steps_multiple_of,
@@ -346,6 +387,10 @@ class DataLoader:
                 )
         return self._exchange
 
+    def _length(self) -> int | None:
+        """Samples in the dataset, or in a stream when it states its length."""
+        return stream_length(self.dataset) if self.streaming else len(self.dataset)
+
     def _epoch_order(self, epoch: int) -> Iterable[int]:
         """The whole epoch's index order, identical on every rank."""
         if self.sampler is not None:
@@ -359,9 +404,23 @@ class DataLoader:
     def epoch_samples(self, epoch: int | None = None) -> int:
         """The samples one epoch emits over all ranks (join mode): the epoch order's length
         when odb shards it (or in one process), else the sum of every rank's own order,
-        gathered from the ranks. Then it is a collective: call it on every rank."""
-        own = len(index_array(self._epoch_order(self._epoch if epoch is None else epoch)))
+        gathered from the ranks. Then it is a collective: call it on every rank.
+
+        A stream: ``num_samples``, or the length it states (on each rank when odb does not
+        shard it); raises :class:`ConfigError` when neither is known."""
         exchange = self._world()
+        if self.streaming:
+            if self.num_samples is not None:
+                return self.num_samples
+            if self._length() is None:
+                raise ConfigError(
+                    f"the stream ({type(self.dataset).__name__}) does not state its length: "
+                    f"pass num_samples= (its samples over all ranks) to odb.DataLoader, or "
+                    f"train for a number of steps (max_steps)"
+                )
+            own = self._length()
+        else:
+            own = len(index_array(self._epoch_order(self._epoch if epoch is None else epoch)))
         if exchange.world_size == 1 or self.shard is not False:
             return own
         return int(exchange.gather(np.array([own], dtype=np.int64)).sum())
@@ -369,6 +428,8 @@ class DataLoader:
     def shard_orders(self, epoch: int) -> list[np.ndarray]:
         """Every rank's index order for ``epoch`` as this loader splits the epoch (one order,
         this process's own, when it does not shard): what planning simulations replay."""
+        if self.streaming:
+            raise ConfigError("a stream has no index order to replay (see odb.estimate_steps)")
         order = index_array(self._epoch_order(epoch))
         world = self._world().world_size
         if world == 1 or self.shard is False:
@@ -459,7 +520,7 @@ def wrap(
         settings["shuffle"] = True
         if sampler.generator is not None:
             settings["seed"] = sampler.generator.initial_seed()
-    elif type(sampler) is not SequentialSampler:
+    elif type(sampler) is not SequentialSampler and not is_stream(dataloader.dataset):
         settings["sampler"] = sampler  # a DistributedSampler becomes odb's own sharding
     settings.update(options)
     return DataLoader(dataloader.dataset, token_budget, **settings)

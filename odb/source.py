@@ -37,6 +37,10 @@ _PROBES = 3  # samples whose tokens fingerprint a dataset
 class Source(ABC):
     """One rank's samples for one pass (see the module docstring)."""
 
+    rereadable = True
+    """Whether :meth:`read` works: samples can be read again by index (then groups may be
+    handed over between ranks, and a restored pass reads its samples again by index)."""
+
     @abstractmethod
     def describe(self, *, compare_dataset: bool) -> tuple[int, int, int, int]:
         """(order length, order fingerprint, dataset length, dataset fingerprint or
@@ -69,6 +73,18 @@ class Source(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop reading (lets DataLoader workers shut down)."""
+
+    def mark(self, oldest: int) -> None:  # noqa: B027 (optional hook)
+        """Samples before index ``oldest`` will not be read again (a stream forgets where
+        they were)."""
+
+    def state(self, oldest: int) -> dict | None:
+        """What a restored pass needs, besides indices, to read every sample from ``oldest``
+        on again (a stream's position); None when indices suffice."""
+        return None
+
+    def restore(self, state: dict | None) -> None:  # noqa: B027 (optional hook)
+        """Take :meth:`state`'s result back before :meth:`open`."""
 
 
 def order_fingerprint(order: np.ndarray) -> int:

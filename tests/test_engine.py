@@ -197,6 +197,9 @@ def run_loaders(datasets, options, *, epochs=1, per_rank=None):
 
 
 def _check_batch(batch, info, dataset, mode):
+    if info.sample_indices == (-1,):  # a ghost step copying a sample another rank lent
+        assert info.ghost
+        return
     ids = batch["input_ids"]
     lengths = [dataset.lengths[i] for i in info.sample_indices]
     if mode == "packed":
@@ -286,12 +289,16 @@ def test_ranks_with_their_own_datasets_never_hand_groups_over():
         assert {s.global_label_tokens for s in step} == {sum(s.local_label_tokens for s in real)}
 
 
-def test_a_rank_with_an_empty_dataset_stops_every_rank_in_the_same_round():
+def test_a_rank_with_an_empty_dataset_runs_ghost_steps_with_a_sample_lent_by_another():
     datasets = [LengthDataset([20] * 40), LengthDataset([]), LengthDataset([30] * 40)]
     results = run_loaders(datasets, dict(token_budget=256, window=16, shard=False))
-    for error in _errors(results):
-        assert isinstance(error, AlignmentError), error
-        assert "rank(s) [1]" in str(error) and "empty" in str(error)
+    assert _errors(results) == [None, None, None]
+    steps = [infos for infos, _ in results]
+    assert len({len(infos) for infos in steps}) == 1
+    assert all(info.ghost and info.sample_indices == (-1,) for info in steps[1])
+    for rank in (0, 2):
+        seen = [i for info in steps[rank] if not info.ghost for i in info.sample_indices]
+        assert sorted(seen) == list(range(40))
 
 
 def test_ranks_whose_datasets_are_all_empty_finish_at_once():
