@@ -264,8 +264,8 @@ class RoundEngine:
         world, resume = self.exchange.world_size, self._resume
         prefix = refetch_order(resume) if resume else []
         shard = (self.rank, world) if self.agreement.shard else None
-        if resume:
-            self.source.restore(resume.get("source"))
+        if resume and resume.get("source") is not None:
+            self.source.restore(resume["source"])
         self.source.open(shard, self.consumed, prefix)
         self.opened = True
         if not resume:
@@ -493,7 +493,10 @@ class RoundEngine:
             ],
             "ghost": None if self.ghost is None or self.lent_ghost else self.ghost.index,
             "lent_ghost": self.lent_ghost,
-            "source": self.source.state(self._oldest_needed()),
+            # a pass with nothing left to run reads nothing again
+            "source": None
+            if self.done and not self.pending
+            else self.source.state(self._oldest_needed()),
             "pending": [
                 {
                     "indices": [entry.index for entry in entries],

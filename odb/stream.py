@@ -248,9 +248,7 @@ class StreamSource(Source):
         )
 
     # -- reading -------------------------------------------------------------------------------
-    def restore(self, state: dict | None) -> None:
-        if state is None:
-            raise StateError("this state holds no stream position (it was saved from a dataset)")
+    def restore(self, state: dict) -> None:
         if state["workers"] != self._workers:
             raise StateError(
                 f"the stream's position was saved with {state['workers']} DataLoader worker(s); "

@@ -259,3 +259,12 @@ def test_a_long_stream_saves_a_position_close_to_where_it_is():
     position = full[1]["position"]
     behind = position["consumed"] - position["source"]["position"]["seq"]
     assert position["consumed"] > 1000 and behind <= 100, behind
+
+
+def test_a_stream_that_cannot_say_where_it_is_saves_a_finished_pass():
+    loader = odb.DataLoader(PlainStream(range(50), _lengths(50)), 200, collate_fn=collate_uids)
+    assert sorted(u for batch in loader for u in batch["uid"].tolist()) == list(range(50))
+    state = loader.state_dict()
+    again = odb.DataLoader(PlainStream(range(50), _lengths(50)), 200, collate_fn=collate_uids)
+    again.load_state_dict(state)
+    assert list(again) == []
