@@ -525,11 +525,11 @@ def agree(table: np.ndarray, *, shard: bool) -> Agreement:
         and ((order_length != order_length[0]).any() or (order_hash != order_hash[0]).any())
     ):
         raise ConfigError(
-            f"odb splits one epoch order across the {world} ranks (shard=True, the default "
-            f"under torch.distributed), but the ranks' orders differ (lengths "
-            f"{order_length.tolist()}): a sampler that already gives each rank its own "
-            f"indices would be split again and each rank would train on a part of its part; "
-            f"pass shard=False to use every rank's order as it is"
+            f"odb splits one epoch order (or stream) across the {world} ranks (shard=True, "
+            f"the default under torch.distributed), but the ranks' orders or streams differ "
+            f"(lengths {order_length.tolist()}): a sampler or stream that already gives each "
+            f"rank its own samples would be split again and each rank would train on a part "
+            f"of its part; pass shard=False to use every rank's order or stream as it is"
         )
     if world == 1:
         return Agreement(shard=False, hand_over=False)
