@@ -105,17 +105,6 @@ def test_streams_of_any_lengths_are_aligned_exact_and_resume_exactly(
         assert tail == steps[save_at:]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_torch_stream_read_by_workers_resumes_with_the_batches_left(workers):
-    lengths = _lengths(300, seed=1)
-    stream = StatefulStream(range(300), lengths)
-    options = dict(token_budget=256, num_workers=workers, window=64, fetch_size=4)
-    (full,) = run_streams([stream], options, save_at=9)
-    check_pass([full], lengths, range(300))
-    (rest,) = run_streams([stream], options, states=[full[1]])
-    assert rest[0] == full[0][9:]
-
-
 def _hf_stream(uids, lengths, shards=4) -> datasets.IterableDataset:
     rows = [stream_sample(u, lengths[u]) for u in uids]
     table = {
@@ -127,9 +116,13 @@ def _hf_stream(uids, lengths, shards=4) -> datasets.IterableDataset:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_hugging_face_stream_read_by_workers_resumes_with_the_batches_left(workers):
-    lengths = _lengths(240, seed=2)
-    stream = _hf_stream(range(240), lengths)
+@pytest.mark.parametrize("kind", ["torch", "hugging face"])
+def test_a_stream_read_by_workers_resumes_with_the_batches_left(kind, workers):
+    lengths = _lengths(240, seed=1)
+    if kind == "torch":
+        stream = StatefulStream(range(240), lengths)
+    else:
+        stream = _hf_stream(range(240), lengths)
     options = dict(token_budget=256, num_workers=workers, window=32, fetch_size=5)
     (full,) = run_streams([stream], options, save_at=11)
     check_pass([full], lengths, range(240))
