@@ -264,6 +264,7 @@ class StreamSource(Source):
                 from datasets.distributed import split_dataset_by_node
 
                 dataset = split_dataset_by_node(dataset, rank=shard[0], world_size=shard[1])
+                dataset.set_epoch(self.dataset.epoch)  # the split starts at epoch 0
             else:
                 every = shard
         start = self._restored

@@ -141,6 +141,27 @@ def test_odb_splits_a_hugging_face_stream_by_node_across_ranks():
             assert tail == steps[4:]
 
 
+def test_a_split_hugging_face_stream_follows_the_epoch_on_every_rank():
+    """Hugging Face reorders a stream's shards by epoch; odb's split by node must too, and
+    every epoch still covers the stream once."""
+    lengths = _lengths(160, seed=7)
+
+    def work(exchange):
+        stream = _hf_stream(range(160), lengths, shards=8)
+        loader = odb.DataLoader(stream, 256, exchange=exchange, collate_fn=collate_uids)
+        orders = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches = [b for b in loader if not odb.step_info(b).ghost]
+            orders.append([u for batch in batches for u in batch["uid"].tolist()])
+        return orders
+
+    ranks = run_ranks(2, work, timeout=60)
+    for epoch in range(2):
+        assert sorted(u for orders in ranks for u in orders[epoch]) == list(range(160))
+    assert all(set(orders[0]) != set(orders[1]) for orders in ranks)  # other shards
+
+
 def test_a_rank_with_an_empty_stream_runs_ghost_steps_with_a_lent_sample():
     lengths = _lengths(80, seed=4)
     streams = [
