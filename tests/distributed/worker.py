@@ -14,7 +14,7 @@ Scenarios:
 The dataset is a ``LengthDataset`` of ``lengths`` that every rank reads, or with
 ``per_rank_lengths`` one of each rank's own list (as when each rank loads its own file), or
 with ``stream_uids`` a ``StatefulStream`` of each rank's own uids (of ``lengths``; ``bad_at``: a
-uid whose item is not a sample); a batch of a stream's records its ``uids``.
+uid whose item is not a sample); a stream's step records then name their ``uids``.
 ``per_rank_indices`` gives each rank its own sampler; ``shard`` is passed when given (``null``
 leaves odb's default), else it is False with ``per_rank_indices``. ``reread_fault`` makes
 samples read outside the workers (handed-over groups) fail or differ.
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `synthetic`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for its helpers
 
 from streams import StatefulStream
 from synthetic import LengthDataset
