@@ -58,14 +58,17 @@ def capped_lengths(n: int, seed: int = 0, budget: int = BUDGET, mean: float = 20
     return np.minimum(lognormal_lengths(n, mean, 1.0, seed=seed), budget).tolist()
 
 
-def check_aligned(results, shards, lengths, *, join=True, budget=BUDGET, own_datasets=False):
+def check_aligned(
+    results, shards, lengths, *, join=True, budget=BUDGET, own_datasets=False, ids="indices"
+):
     """Equal steps; per step equal global counts that sum the ranks' batches; budget held;
     in join mode every sample of every rank once; a rank runs ghosts only once nothing of its
     own shard is left (it may still run groups handed over at the end).
 
     ``lengths`` are the sample lengths of the dataset every rank reads or, with
     ``own_datasets``, one list per rank: rank r then reads a dataset of its own, ``shards[r]``
-    indexes that one, and "once" holds per rank."""
+    indexes that one, and "once" holds per rank. ``ids``: the record field that names the
+    samples (``uids`` for streams, whose indices are positions in each rank's stream)."""
     for r in results:
         assert "error" not in r, r.get("traceback")
     lengths_of = (lambda rank: lengths[rank]) if own_datasets else (lambda rank: lengths)
@@ -82,10 +85,10 @@ def check_aligned(results, shards, lengths, *, join=True, budget=BUDGET, own_dat
             assert all(s["tokens_in_batch"] <= budget for s in step)
             for rank, s in enumerate(step):
                 if not s["ghost"]:
-                    expected = sum(label_tokens(lengths_of(rank)[i]) for i in s["indices"])
+                    expected = sum(label_tokens(lengths_of(rank)[i]) for i in s[ids])
                     assert s["local_label_tokens"] == expected
             assert all(s["loss_weight"] == (0.0 if s["ghost"] else 1.0) for s in step)
-        emitted = [[i for s in steps if not s["ghost"] for i in s["indices"]] for steps in per_rank]
+        emitted = [[i for s in steps if not s["ghost"] for i in s[ids]] for steps in per_rank]
         wanted = shards
         if not own_datasets:  # one dataset: "once" holds over all ranks together
             emitted = [[i for seen in emitted for i in seen]]
@@ -101,7 +104,7 @@ def check_aligned(results, shards, lengths, *, join=True, budget=BUDGET, own_dat
             own = [not s["ghost"] and s["reason"] != "shared" for s in steps]
             for s, is_own in zip(steps, own, strict=True):
                 if not s["ghost"]:  # its own samples, or a whole group from another rank
-                    assert (set(s["indices"]) <= mine) if is_own else not (set(s["indices"]) & mine)
+                    assert (set(s[ids]) <= mine) if is_own else not (set(s[ids]) & mine)
             ghosts = [s["ghost"] for s in steps]
             if True in ghosts:  # only in the round its own samples run out, or later
                 first = steps[ghosts.index(True)]["round"]

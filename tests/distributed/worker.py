@@ -7,17 +7,24 @@ Scenarios:
 - ``grads``: DDP-train a tiny causal LM; at each step compare the DDP gradient with one computed
   on rank 0 from all ranks' samples of that step (the exact global token mean), and the step's
   global counts with those samples'; record every batch's step info.
-- ``resume``: iterate; at ``save_at`` write the state and stop (or, with ``load``, restore it
-  first and iterate to the end).
+- ``resume``: iterate; at ``save_at`` write the state to ``<out>/<state><r>.json`` and stop
+  (or, with ``load``, restore it first and iterate to the end).
 - ``die``: rank ``victim`` exits abruptly after ``after`` batches; the others keep iterating.
 
 The dataset is a ``LengthDataset`` of ``lengths`` that every rank reads, or with
-``per_rank_lengths`` one of each rank's own list (as when each rank loads its own file).
+``per_rank_lengths`` one of each rank's own list (as when each rank loads its own file), or
+with ``stream_uids`` a ``StatefulStream`` of each rank's own uids (of ``lengths``; ``bad_at``: a
+uid whose item is not a sample); a stream's step records then name their ``uids``.
 ``per_rank_indices`` gives each rank its own sampler; ``shard`` is passed when given (``null``
 leaves odb's default), else it is False with ``per_rank_indices``. ``reread_fault`` makes
 samples read outside the workers (handed-over groups) fail or differ.
 
 Whatever a rank yielded before an error stays in its record, with the error.
+
+``runs``: several loaders one after the other in the same ranks (one launch instead of many),
+each with the config updated by one entry; the record then holds one result per run. ``kill``:
+once every rank has written its record, each one SIGKILLs itself and its DataLoader workers,
+its loaders still mid-pass (as a preempted job dies after its checkpoint).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -33,8 +41,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `synthetic`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for its helpers
 
+from streams import StatefulStream
 from synthetic import LengthDataset
 from tiny import leave_distributed, tiny_model
 
@@ -80,6 +89,9 @@ class RereadDataset(LengthDataset):
 
 
 def make_dataset(config, rank):
+    if config.get("stream_uids") is not None:
+        uids = config["stream_uids"][rank]
+        return StatefulStream(uids, config["lengths"], bad_at=config.get("bad_at"))
     if config.get("per_rank_lengths") is not None:
         return LengthDataset(config["per_rank_lengths"][rank])
     lengths = config["lengths"]
@@ -99,13 +111,14 @@ def make_loader(config, rank):
         share_tail=config.get("share_tail", True),
         seed=config.get("seed", 0),
         align_timeout=config.get("align_timeout", 60),
+        fetch_size=config.get("fetch_size"),
     )
     if config.get("start_method"):
         options["multiprocessing_context"] = config["start_method"]
     per_rank = config.get("per_rank_indices")
     if per_rank is not None:
         options["sampler"] = per_rank[rank]
-    else:
+    elif config.get("stream_uids") is None:  # a stream is read in its own order
         options["shuffle"] = config.get("shuffle", True)
     shard = config.get("shard", False if per_rank is not None else None)
     if shard is not None:
@@ -115,7 +128,7 @@ def make_loader(config, rank):
 
 def info_record(batch):
     info = odb.step_info(batch)
-    return {
+    record = {
         "indices": list(info.sample_indices),
         "ghost": info.ghost,
         "reason": info.reason,
@@ -129,6 +142,9 @@ def info_record(batch):
         "padded_tokens": info.padded_tokens,
         "tokens_in_batch": int(batch["input_ids"].numel()),
     }
+    if "uid" in batch:
+        record["uids"] = list(batch["uid"])
+    return record
 
 
 # A scenario fills ``result`` as it goes, so that what it saw before an error is reported too.
@@ -157,18 +173,18 @@ def run_die(config, rank, loader, result):
 
 
 def run_resume(config, rank, loader, result):
-    out = Path(config["out"])
+    path = Path(config["out"]) / f"{config.get('state', 'state')}{rank}.json"
     records = []
     result["epochs"] = [records]
     if config.get("load"):
-        state = json.loads((out / f"state{rank}.json").read_text())
+        state = json.loads(path.read_text())
         loader.load_state_dict(state)
         records.extend(info_record(batch) for batch in loader)
         return
     for batch in loader:
         records.append(info_record(batch))
         if len(records) == config["save_at"]:
-            (out / f"state{rank}.json").write_text(json.dumps(loader.state_dict()))
+            path.write_text(json.dumps(loader.state_dict()))
             break
 
 
@@ -235,13 +251,9 @@ def run_grads(config, rank, loader, result):
         result.update(steps=len(records), worst_grad_error=worst, ghosts=ghosts, shared=shared)
 
 
-def main():
-    config = json.loads(Path(sys.argv[1]).read_text())
-    timeout = datetime.timedelta(seconds=config.get("pg_timeout", 60))
-    dist.init_process_group("gloo", timeout=timeout)
-    rank = dist.get_rank()
-    out = Path(config["out"])
-    result = {"rank": rank}
+def run(config, rank, result):
+    """One loader's scenario, its outcome in ``result``; returns the loader (whose workers live
+    as long as it does)."""
     loader = None
     try:
         loader = make_loader(config, rank)
@@ -253,10 +265,37 @@ def main():
         result["odb_error"] = isinstance(error, odb.OdbError)
         result["traceback"] = traceback.format_exc()
         result["error_time"] = time.time()
+    return loader
+
+
+def kill_self():
+    """SIGKILL this rank and its DataLoader workers, once every rank got here (torchrun stops
+    the others as soon as one dies). Under torchrun each rank leads its own process group."""
+    if os.getpgid(0) != os.getpid():
+        raise RuntimeError("kill needs torchrun: this process does not lead its process group")
+    dist.barrier()
+    os.killpg(0, signal.SIGKILL)
+
+
+def main():
+    config = json.loads(Path(sys.argv[1]).read_text())
+    timeout = datetime.timedelta(seconds=config.get("pg_timeout", 60))
+    dist.init_process_group("gloo", timeout=timeout)
+    rank = dist.get_rank()
+    out = Path(config["out"])
+    result = {"rank": rank}
+    if "runs" in config:
+        result["runs"] = [{} for _ in config["runs"]]
+        pairs = zip(config["runs"], result["runs"], strict=True)
+        loaders = [run({**config, **update}, rank, record) for update, record in pairs]
+    else:
+        loaders = [run(config, rank, result)]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    if "error" not in result:
+    if config.get("kill"):
+        kill_self()
+    if not any("error" in record for record in [result, *result.get("runs", [])]):
         dist.barrier()
-    loader = None  # shuts down the workers of a pass left unfinished (before the quick exit)
+    del loaders  # shuts down the workers of passes left unfinished (before the quick exit)
     leave_distributed()
 
 
