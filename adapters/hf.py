@@ -18,6 +18,9 @@ library is patched, so evaluation loaders and every other DataLoader behave as b
   when training does; with ``max_steps``, exactly that many optimizer steps run;
 - odb's state goes into every checkpoint and ``train(resume_from_checkpoint=...)`` continues
   from it without replaying batches;
+- ``train_dataset`` may be a stream (a torch or Hugging Face ``IterableDataset``): trained for
+  ``max_steps``, or for epochs when its length is known; a stream that cannot save its position
+  gets checkpoints that refuse to resume (see docs/hf-trainer.md);
 - odb's figures join the training logs.
 
 Relies on ``Trainer`` internals of transformers 5.x (``_init_training_state``,
@@ -68,6 +71,7 @@ class _Run:
     steps_per_sample: float = 0.0  # the estimate's optimizer steps per sample
     window_label_tokens: int = 0  # global label tokens of the current accumulation window
     last_log: tuple[float, int, int] | None = None  # time, real tokens, samples
+    resumed_pass: bool = False  # a pass restored from a checkpoint that has yielded nothing yet
 
 
 class OdbTrainer(Trainer):
@@ -277,7 +281,11 @@ class _ProgressSchedule:
 
 class _OdbFlowCallback(TrainerCallback):
     """In epochs mode ``state.max_steps`` is an estimate: keep the Trainer's default flow from
-    stopping on it while data remains (the end comes from ``_get_batch_samples``)."""
+    stopping on it while data remains (the end comes from ``_get_batch_samples``).
+
+    A pass restored from a checkpoint saved after its last step yields no batch (whether a
+    stream had more is only known by reading it). The Trainer ends the whole training on an
+    epoch without a batch; here it goes on with the next pass while training remains."""
 
     def __init__(self, run: _Run):
         self.run = run
@@ -285,6 +293,14 @@ class _OdbFlowCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.run.epochs_mode and _data_left(self.run):
             state.max_steps = max(state.max_steps, state.global_step + 1)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        run = self.run
+        if run.resumed_pass:
+            run.resumed_pass = False
+            if _data_left(run) if run.epochs_mode else state.global_step < state.max_steps:
+                control.should_training_stop = False
         return control
 
 
@@ -302,6 +318,7 @@ def _get_batch_samples(self: Trainer, epoch_iterator, num_batches: int, device):
         if run.epochs_mode and not _data_left(run):
             _end_training(self)
         return [], None
+    run.resumed_pass = False
     if run.last_log is None:  # throughput in the logs counts from the first window
         run.last_log = (time.perf_counter(), 0, 0)
     infos = [odb.step_info(batch) for batch in batches]
@@ -431,16 +448,8 @@ def _init_training_state(
         )
     run.loader.load_state_dict(state["loader"])
     run.samples_done = state["samples_done"]
-    if _pass_finished(state["loader"]["position"]):
-        # Saved after the last step of a pass: the Trainer ends the whole training on an
-        # epoch without a batch, so start at the next pass (whose set_epoch drops the state).
-        return run.loader.epoch + 1, 0
+    run.resumed_pass = True
     return run.loader.epoch, 0
-
-
-def _pass_finished(position: dict | None) -> bool:
-    """Whether a loader state's pass has no step left (its end decided, none pending)."""
-    return position is not None and position["done"] and not position["pending"]
 
 
 # -- logs -----------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from odb.adapters.hf import enable
 
 BUDGET = 256
 
+SMALL_WINDOW = dict(window=8, fetch_size=2)  # a saved position past the stream's start
+
 pytestmark = pytest.mark.usefixtures("trl_one_thread")  # tiny models: one torch thread
 
 
@@ -116,13 +118,14 @@ def test_resume_from_a_stream_checkpoint_trains_on_the_batches_the_run_had_left(
     """Checkpoints at every step of one run; fresh trainers resumed from one in the middle of
     the first pass and from the one at its very end train on exactly the run's later
     micro-batches (the second crosses into a new pass of the stream)."""
-    common = dict(max_steps=10, gradient_accumulation_steps=2)
+    common = dict(max_steps=10, gradient_accumulation_steps=2, options=SMALL_WINDOW)
     _, full = _train(tmp_path / "full", make(40), save_strategy="steps", save_steps=1, **common)
     pass_end = sum(1 for epoch, _, _ in full if epoch == 0) // 2
     assert 2 <= pass_end < 10
     checkpoint = tmp_path / "full" / f"checkpoint-{pass_end - 1}"
     state = json.loads((checkpoint / "odb_state_rank0.json").read_text())
-    assert state["loader"]["position"]["source"]["position"]["workers"]
+    (worker,) = state["loader"]["position"]["source"]["position"]["workers"]
+    assert worker["state"] is not None  # the stream's own position went through json
     for step in (pass_end - 1, pass_end):
         resume = str(tmp_path / "full" / f"checkpoint-{step}")
         trainer, rest = _train(tmp_path / f"resumed{step}", make(40), resume=resume, **common)
@@ -130,13 +133,33 @@ def test_resume_from_a_stream_checkpoint_trains_on_the_batches_the_run_had_left(
         assert rest == full[2 * step :]
 
 
+class _TupleStateStream(TokenStream):
+    """Says where it is with a tuple, which json would turn into a list."""
+
+    def state_dict(self) -> dict:
+        return {"done": (self.done,)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["done"][0]
+
+
 @pytest.mark.slow
-def test_a_stream_that_cannot_save_its_position_warns_and_refuses_to_resume(tmp_path):
-    stream = PlainStream(range(30), lengths(30))  # no state_dict; its "uid" is not the model's
-    with pytest.warns(UserWarning, match="state_dict"):
-        _train(tmp_path, stream, max_steps=3, save_strategy="steps", save_steps=2)
-    with pytest.raises(odb.StateError, match="state_dict"):
-        _train(tmp_path, stream, max_steps=3, resume=str(tmp_path / "checkpoint-2"))
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        (PlainStream(range(30), lengths(30)), "state_dict"),  # its "uid" is not the model's
+        (_TupleStateStream(30), "json"),
+    ],
+    ids=["no state_dict", "not json"],
+)
+def test_a_stream_that_cannot_save_its_position_warns_and_refuses_to_resume(
+    tmp_path, stream, reason
+):
+    common = dict(max_steps=5, options=SMALL_WINDOW)
+    with pytest.warns(UserWarning, match=reason):
+        _train(tmp_path, stream, save_strategy="steps", save_steps=4, **common)
+    with pytest.raises(odb.StateError, match=reason):
+        _train(tmp_path, stream, resume=str(tmp_path / "checkpoint-4"), **common)
 
 
 def _epochs_trainer(tmp_path, stream, **options):
