@@ -18,6 +18,9 @@ library is patched, so evaluation loaders and every other DataLoader behave as b
   when training does; with ``max_steps``, exactly that many optimizer steps run;
 - odb's state goes into every checkpoint and ``train(resume_from_checkpoint=...)`` continues
   from it without replaying batches;
+- ``train_dataset`` may be a stream (a torch or Hugging Face ``IterableDataset``): trained for
+  ``max_steps``, or for epochs when its length is known; a stream that cannot save its position
+  gets checkpoints that refuse to resume (see docs/hf-trainer.md);
 - odb's figures join the training logs.
 
 Relies on ``Trainer`` internals of transformers 5.x (``_init_training_state``,
@@ -33,6 +36,7 @@ import os
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -46,6 +50,7 @@ import odb
 from odb.batch import attach_step_info, find_step_info
 from odb.errors import ConfigError, StateError
 from odb.estimate import estimate_steps
+from odb.stream import is_stream
 
 __all__ = ["OdbTrainer", "enable"]
 
@@ -66,6 +71,7 @@ class _Run:
     steps_per_sample: float = 0.0  # the estimate's optimizer steps per sample
     window_label_tokens: int = 0  # global label tokens of the current accumulation window
     last_log: tuple[float, int, int] | None = None  # time, real tokens, samples
+    resumed_pass: bool = False  # a pass restored from a checkpoint that has yielded nothing yet
 
 
 class OdbTrainer(Trainer):
@@ -110,20 +116,22 @@ def _get_train_dataloader(self: Trainer) -> odb.DataLoader:
         raise ValueError("Trainer: training requires a train_dataset.")
     args = self.args
     dataset, collator = self.train_dataset, self.data_collator
-    if _is_hf_dataset(dataset):
+    streaming = is_stream(dataset)
+    if _is_hf_dataset(dataset) and not streaming:
         dataset = self._remove_unused_columns(dataset, description="training")
     if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding):
         # The Trainer's defaults cannot pad labels of varying length: use odb's collator.
         collator = None
-    elif not _is_hf_dataset(dataset):
-        collator = self._get_collator_with_removed_columns(collator, description="training")
+    collate_fn = collator or _default_collator(self, run.options.get("mode", "padded"))
+    if streaming or (collator is not None and not _is_hf_dataset(dataset)):
+        # The Trainer's rule for iterable datasets too: their columns may be unknown before
+        # they are read, so the collator drops what the model does not take.
+        collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
     options = dict(
-        collate_fn=collator or _default_collator(self, run.options.get("mode", "padded")),
-        shuffle=True,
+        collate_fn=collate_fn,
         seed=args.data_seed if args.data_seed is not None else args.seed,
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory,
-        persistent_workers=args.dataloader_persistent_workers,
         prefetch_factor=args.dataloader_prefetch_factor,
         multiprocessing_context=args.dataloader_multiprocessing_context,
         worker_init_fn=partial(
@@ -131,6 +139,8 @@ def _get_train_dataloader(self: Trainer) -> odb.DataLoader:
         ),
         steps_multiple_of=args.gradient_accumulation_steps,
     )
+    if not streaming:  # a stream is read in its own order, its workers restarted every pass
+        options.update(shuffle=True, persistent_workers=args.dataloader_persistent_workers)
     options.update(run.options)
     run.loader = odb.DataLoader(dataset, run.token_budget, **options)
     return run.loader
@@ -154,21 +164,37 @@ def _set_initial_training_values(self: Trainer, args, dataloader):
 
     The epoch loop gets an upper bound of update steps (it ends when odb's epoch ends, see
     ``_get_batch_samples``), ``steps_in_epoch`` and the progress bar the estimate.
+
+    A stream trained for ``max_steps`` needs no estimate: as the Trainer does for iterable
+    datasets, each pass is bounded by ``max_steps`` only (it ends when the stream does) and the
+    progress bar shows ``max_steps``. Trained for epochs, a stream needs a known length (the
+    loader's ``num_samples`` or the stream's ``len()``; ``epoch_samples`` raises otherwise).
     """
     run: _Run = self._odb
     loader = run.loader
     accumulation = args.gradient_accumulation_steps
+    total_batch_size = self.get_total_train_batch_size(args)
+    run.epochs_mode = args.max_steps <= 0
+    if loader.streaming and not run.epochs_mode:
+        steps = args.max_steps
+        trained_samples = steps * total_batch_size
+        return (
+            sys.maxsize,
+            steps,
+            trained_samples,
+            trained_samples,
+            total_batch_size,
+            steps * accumulation,
+            steps,
+        )
     samples = loader.epoch_samples()  # all ranks' (per-rank samplers need not cover the data)
     estimate = estimate_steps(loader)  # batches per epoch, a multiple of `accumulation`
     per_epoch = max(1, estimate // accumulation)
     upper = math.ceil(samples / accumulation) + 2  # every batch holds at least one sample
-    total_batch_size = self.get_total_train_batch_size(args)
-    if args.max_steps > 0:
-        run.epochs_mode = False
+    if not run.epochs_mode:
         max_steps, epochs = args.max_steps, sys.maxsize
         trained_samples = max_steps * total_batch_size
     else:
-        run.epochs_mode = True
         run.samples_target = samples * args.num_train_epochs
         max_steps = math.ceil(args.num_train_epochs * per_epoch)
         run.steps_per_sample = max_steps / run.samples_target
@@ -255,7 +281,11 @@ class _ProgressSchedule:
 
 class _OdbFlowCallback(TrainerCallback):
     """In epochs mode ``state.max_steps`` is an estimate: keep the Trainer's default flow from
-    stopping on it while data remains (the end comes from ``_get_batch_samples``)."""
+    stopping on it while data remains (the end comes from ``_get_batch_samples``).
+
+    A pass restored from a checkpoint saved after its last step yields no batch (whether a
+    stream had more is only known by reading it). The Trainer ends the whole training on an
+    epoch without a batch; here it goes on with the next pass while training remains."""
 
     def __init__(self, run: _Run):
         self.run = run
@@ -263,6 +293,14 @@ class _OdbFlowCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.run.epochs_mode and _data_left(self.run):
             state.max_steps = max(state.max_steps, state.global_step + 1)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        run = self.run
+        if run.resumed_pass:
+            run.resumed_pass = False
+            if _data_left(run) if run.epochs_mode else state.global_step < state.max_steps:
+                control.should_training_stop = False
         return control
 
 
@@ -280,6 +318,7 @@ def _get_batch_samples(self: Trainer, epoch_iterator, num_batches: int, device):
         if run.epochs_mode and not _data_left(run):
             _end_training(self)
         return [], None
+    run.resumed_pass = False
     if run.last_log is None:  # throughput in the logs counts from the first window
         run.last_log = (time.perf_counter(), 0, 0)
     infos = [odb.step_info(batch) for batch in batches]
@@ -338,14 +377,45 @@ def _compute_loss(self: Trainer, model, inputs, return_outputs=False, num_items_
 
 # -- checkpoints and resume -----------------------------------------------------------------------
 def _save_checkpoint(self: Trainer, model, trial) -> None:
+    """The Trainer's checkpoint, plus this rank's odb state (json). A stream that cannot save
+    its position exactly gets the reason written instead and a warning; resuming from that
+    checkpoint is then refused (see ``_init_training_state``), never silently inexact."""
     run: _Run = self._odb
     run.original["_save_checkpoint"](model, trial)
     folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
     os.makedirs(folder, exist_ok=True)
-    loader_state = run.loader.state_dict()
-    path = os.path.join(folder, _STATE_FILE.format(rank=loader_state["rank"]))
+    record = {"samples_done": run.samples_done}
+    try:
+        record["loader"] = _json_state(run.loader)
+    except StateError as error:
+        record["unsaved"] = str(error)
+        warnings.warn(
+            f"{folder} cannot resume the training data exactly, so resuming from it will be "
+            f"refused: {error}",
+            stacklevel=2,
+        )
+    path = os.path.join(folder, _STATE_FILE.format(rank=self.args.process_index))
     with open(path, "w") as handle:
-        json.dump({"loader": loader_state, "samples_done": run.samples_done}, handle)
+        json.dump(record, handle)
+
+
+def _json_state(loader: odb.DataLoader) -> dict:
+    """``loader.state_dict()``, checked to come back unchanged from json: a stream's position
+    holds the user's ``state_dict()`` of the stream, whose tuples, integer keys or tensors json
+    would change or refuse."""
+    state = loader.state_dict()
+    source = (state["position"] or {}).get("source")
+    try:
+        unchanged = source is None or json.loads(json.dumps(source)) == source
+    except (TypeError, ValueError) as error:
+        raise StateError(f"the stream's state_dict() cannot be saved as json: {error}") from None
+    if not unchanged:
+        raise StateError(
+            "the stream's state_dict() does not come back unchanged from json (tuples, "
+            "integer keys, ...): give it plain json data (dicts with string keys, lists, "
+            "numbers, strings)"
+        )
+    return state
 
 
 def _init_training_state(
@@ -363,8 +433,7 @@ def _init_training_state(
     )
     if resume_from_checkpoint is None:
         return epochs, steps
-    rank = run.loader.state_dict()["rank"]
-    path = os.path.join(resume_from_checkpoint, _STATE_FILE.format(rank=rank))
+    path = os.path.join(resume_from_checkpoint, _STATE_FILE.format(rank=self.args.process_index))
     if not os.path.isfile(path):
         raise StateError(
             f"{path} is missing: this checkpoint was not written by an odb-enabled trainer "
@@ -372,8 +441,14 @@ def _init_training_state(
         )
     with open(path) as handle:
         state = json.load(handle)
+    if "unsaved" in state:
+        raise StateError(
+            f"{resume_from_checkpoint} holds no data position to resume from exactly: "
+            f"{state['unsaved']}"
+        )
     run.loader.load_state_dict(state["loader"])
     run.samples_done = state["samples_done"]
+    run.resumed_pass = True
     return run.loader.epoch, 0
 
 
