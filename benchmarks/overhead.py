@@ -228,9 +228,10 @@ class OverheadResult:
 
     @property
     def own_share(self) -> float:
-        """odb's own work in the iterating process (``plan_seconds``: intake, measuring,
-        planning, and for a stream the merge of the workers' chunks and their states, but not
-        the waits for them; ``collate_seconds``) over odb's timed epochs."""
+        """odb's own work in the iterating process (``plan_seconds``: starting the workers,
+        intake, measuring, planning, and for a stream the merge of the workers' chunks and
+        their states, but not the waits for them; ``collate_seconds``) over odb's timed
+        epochs."""
         stats = self.odb_stats
         return (stats["plan_seconds"] + stats["collate_seconds"]) / sum(self.odb.seconds)
 
