@@ -2,9 +2,9 @@
 
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
 for and hands every result to the report. The planner, alignment and multimodal suites always
-run; ``--overhead`` adds the loader-overhead suite. ``--llava`` runs the multimodal suite on a
-user's LLaVA-format data instead of the built-in sets; ``--train`` adds measured training of a
-tiny Qwen2.5-VL on CPU.
+run; ``--overhead`` adds the loader-overhead suite, ``--overhead-stream`` the same over a
+stream. ``--llava`` runs the multimodal suite on a user's LLaVA-format data instead of the
+built-in sets; ``--train`` adds measured training of a tiny Qwen2.5-VL on CPU.
 """
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time odb.DataLoader against a plain DataLoader (real Qwen tokenizer, "
         "2 workers; about a minute and a half)",
+    )
+    parser.add_argument(
+        "--overhead-stream",
+        action="store_true",
+        help="also time odb.DataLoader against a plain DataLoader over the same stream (a "
+        "torch IterableDataset with state_dict, read in order; as long as --overhead)",
     )
     multimodal = parser.add_argument_group(
         "multimodal suite", "built-in multimodal sets on simulated ranks, GPU time estimated"
@@ -269,7 +275,9 @@ def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> Trai
     return run_training(config, progress=progress)
 
 
-def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> OverheadResult:
+def _overhead(
+    args: argparse.Namespace, progress: Callable[[str], None], stream: bool = False
+) -> OverheadResult:
     sizes = _QUICK if args.quick else _OVERHEAD
     return run_overhead(
         samples=sizes["overhead_samples"],
@@ -277,6 +285,7 @@ def _overhead(args: argparse.Namespace, progress: Callable[[str], None]) -> Over
         token_budget=args.budget,
         repeats=sizes["repeats"],
         seed=args.seed,
+        stream=stream,
         progress=progress,
     )
 
@@ -296,8 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps += mm_sets * (1 + len(multimodal_config.worlds))
     if args.train:
         steps += len(TrainingConfig.loaders) * len(args.train_world or TrainingConfig.worlds)
-    if args.overhead:
-        steps += (_QUICK if args.quick else _OVERHEAD)["repeats"]
+    overhead_runs = args.overhead + args.overhead_stream
+    steps += overhead_runs * (_QUICK if args.quick else _OVERHEAD)["repeats"]
     with _progress(steps) as progress:
         planner: list[SetResult] = run_planner(config, progress=progress)
         alignment_config = _alignment_config(args)
@@ -305,9 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("alignment")
         multimodal = _multimodal(args, multimodal_config, progress)
         overhead = _overhead(args, progress) if args.overhead else None
+        stream = _overhead(args, progress, stream=True) if args.overhead_stream else None
         training = _training(args, progress) if args.train else None
     results = BenchResults(
-        config, planner, overhead, (alignment_config, alignment), multimodal, training
+        config,
+        planner,
+        overhead,
+        (alignment_config, alignment),
+        multimodal,
+        training,
+        overhead_stream=stream,
     )
     written = write_report(args.out, results)
     written += write_plots(planner, args.out)

@@ -6,6 +6,10 @@ masked in ``labels``. The plain loader uses a fixed batch size and pads in its w
 measures, plans and pads in the iterating process. Nothing consumes the batches, so an epoch
 takes as long as the loader needs to deliver it: this is loader throughput, not how much of the
 loading a training step would hide.
+
+The same samples are timed either as a map-style dataset (shuffled by index) or as a stream
+(:class:`ChatStream`, read in order), where odb also merges the workers' chunks and keeps each
+worker's stream state after every chunk.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import importlib.util
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from .policies import epoch_order, odb_batches, standard_batch_size, text_sizes
 
 __all__ = [
     "ChatDataset",
+    "ChatStream",
     "LoaderTiming",
     "OverheadResult",
     "load_qwen_tokenizer",
@@ -118,6 +123,35 @@ class ChatDataset(torch.utils.data.Dataset):
         }
 
 
+class ChatStream(torch.utils.data.IterableDataset):
+    """:class:`ChatDataset`'s samples as a stream, in index order.
+
+    Each DataLoader worker yields every ``num_workers``-th sample (split with
+    ``get_worker_info()``, as torch users do), and ``state_dict()`` says how many it has
+    yielded: a resumable stream, so odb takes its costlier path, keeping every worker's state
+    after each chunk.
+    """
+
+    def __init__(self, chats: ChatDataset):
+        self.chats = chats
+        self.done = 0  # samples of this worker's part yielded so far
+        self.start = 0  # where the next pass starts in that part (load_state_dict)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self.done = self.start
+        for index in range(worker + self.start * workers, len(self.chats), workers):
+            self.done += 1  # before the yield: a state taken after a sample counts it
+            yield self.chats[index]
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["done"]
+
+
 def pad_collate(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict:
     """The user's own collate function: right-pad to the longest sample, with a mask."""
     ids = [s["input_ids"] for s in samples]
@@ -170,6 +204,7 @@ class OverheadResult:
     matched: LoaderTiming
     odb: LoaderTiming
     odb_stats: dict
+    stream: bool = False
 
     @property
     def ratio(self) -> float:
@@ -185,6 +220,27 @@ class OverheadResult:
     def best_ratio(self) -> float:
         """odb's fastest epoch over the plain loader's fastest."""
         return self.odb.best / self.plain.best
+
+    @property
+    def best_matched_ratio(self) -> float:
+        """odb's fastest epoch over the plain loader's fastest at odb's mean batch size."""
+        return self.odb.best / self.matched.best
+
+    @property
+    def own_share(self) -> float:
+        """odb's own work in the iterating process (``plan_seconds``: starting the workers,
+        intake, measuring, planning, and for a stream the merge of the workers' chunks and
+        their states, but not the waits for them; ``collate_seconds``) over odb's timed
+        epochs."""
+        stats = self.odb_stats
+        return (stats["plan_seconds"] + stats["collate_seconds"]) / sum(self.odb.seconds)
+
+    @property
+    def busy_share(self) -> float:
+        """Everything odb's iterating process did but wait for its workers, over its timed
+        epochs: :attr:`own_share` plus what no stat covers (the loop around the steps, the
+        workers' shutdown at the end of a pass)."""
+        return 1 - self.odb_stats["wait_seconds"] / sum(self.odb.seconds)
 
 
 def _timed_epoch(loader: Any) -> tuple[float, int]:
@@ -212,42 +268,57 @@ def run_overhead(
     repeats: int = 5,
     num_workers: int = 2,
     seed: int = 0,
+    stream: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> OverheadResult:
     """Time ``repeats`` epochs of each loader, interleaved (plain, matched, odb, then matched,
     odb, plain, ...), so that a slow spell of a shared machine hits all of them alike.
 
     The plain loader's batch size is the ``standard`` policy's headline size for these
-    samples' lengths, so it stays within the same memory envelope as odb.
+    samples' lengths, so it stays within the same memory envelope as odb. ``stream``: every
+    loader reads a :class:`ChatStream` in its order instead of the shuffled dataset.
     """
     # Workers tokenize one sample at a time; tokenizer threads would only fight them for cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_qwen_tokenizer()
     dataset = ChatDataset(samples, tokenizer, mean_tokens, seed=seed, max_length=token_budget)
     lengths = _lengths(dataset, num_workers)
-    dynamic = odb.DataLoader(
-        dataset,
-        token_budget,
-        shuffle=True,
-        seed=seed,
-        num_workers=num_workers,
-        collate_fn=functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0),
-    )
-    planned = odb_batches(
-        text_sizes(lengths), dynamic.budget, seed, dynamic.settings.window
-    ).batches
+    data = ChatStream(dataset) if stream else dataset
+
+    def odb_loader() -> odb.DataLoader:
+        return odb.DataLoader(
+            data,
+            token_budget,
+            shuffle=not stream,
+            seed=seed,
+            num_workers=num_workers,
+            collate_fn=functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0),
+        )
+
+    dynamic = odb_loader()
+    if stream:
+        # odb's steps over the stream, from an untimed pass of a loader of its own (so the
+        # timed loader's stats cover the timed epochs only); the lengths are independent of
+        # the index, so the index order stands for the stream's order.
+        odb_steps = _timed_epoch(odb_loader())[1]
+        order = np.arange(samples)
+    else:
+        odb_steps = len(
+            odb_batches(text_sizes(lengths), dynamic.budget, seed, dynamic.settings.window).batches
+        )
+        order = epoch_order(samples, seed)
     fixed = {
-        "plain": standard_batch_size(lengths, token_budget, epoch_order(samples, seed)),
-        "matched": max(1, round(samples / len(planned))),
+        "plain": standard_batch_size(lengths, token_budget, order),
+        "matched": max(1, round(samples / odb_steps)),
     }
+    reading = {} if stream else {"shuffle": True, "generator": torch.Generator().manual_seed(seed)}
     loaders = {
         name: torch.utils.data.DataLoader(
-            dataset,
+            data,
             batch_size=size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
             num_workers=num_workers,
             collate_fn=dynamic.collate_fn,
+            **reading,
         )
         for name, size in fixed.items()
     }
@@ -262,7 +333,7 @@ def run_overhead(
             elapsed, steps[name] = _timed_epoch(loaders[name])
             seconds[name].append(elapsed)
         if progress:
-            progress(f"overhead {repeat + 1}/{repeats}")
+            progress(f"overhead{' (stream)' if stream else ''} {repeat + 1}/{repeats}")
 
     def timing(name: str, key: str) -> LoaderTiming:
         return LoaderTiming(name, fixed.get(key), steps[key], seconds[key])
@@ -276,4 +347,5 @@ def run_overhead(
         matched=timing("torch DataLoader, odb's mean batch size", "matched"),
         odb=timing("odb.DataLoader", "odb"),
         odb_stats=dynamic.stats().as_dict(),
+        stream=stream,
     )

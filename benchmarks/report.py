@@ -24,6 +24,7 @@ __all__ = [
     "BenchResults",
     "markdown",
     "multimodal_section",
+    "overhead_section",
     "overhead_table",
     "planner_table",
     "record",
@@ -73,18 +74,58 @@ def overhead_table(result: OverheadResult) -> str:
     stats = result.odb_stats
     epochs = len(result.odb.seconds)
     plan, collate = stats["plan_seconds"] / epochs, stats["collate_seconds"] / epochs
+    merge = " (with the merge of the workers' chunks)" if result.stream else ""
     lines += [
         "",
         f"odb / plain median wall time: **{result.ratio:.3f}** (best epochs: "
-        f"{result.best_ratio:.3f}; odb / plain at odb's mean batch size: "
-        f"{result.matched_ratio:.3f})",
+        f"{result.best_ratio:.3f}); odb / plain at odb's mean batch size: "
+        f"{result.matched_ratio:.3f} (best epochs: {result.best_matched_ratio:.3f})",
         "",
-        f"odb's own work in the iterating process per epoch: measure and plan {plan:.3f} s, "
-        f"collate {collate:.3f} s ({(plan + collate) / result.odb.median:.1%} of its median "
-        f"epoch); waiting for workers "
-        f"{stats['wait_seconds'] / epochs:.2f} s.",
+        f"odb's own work in the iterating process per epoch: measure and plan{merge} {plan:.3f} "
+        f"s, collate {collate:.3f} s (**{result.own_share:.1%}** of its epochs); waiting for "
+        f"workers {stats['wait_seconds'] / epochs:.2f} s; everything but waiting "
+        f"{result.busy_share:.1%}.",
     ]
     return "\n".join(lines)
+
+
+def overhead_section(result: OverheadResult) -> str:
+    """The loader-overhead section of the report, over the dataset or over a stream."""
+    reading = (
+        "read as a stream in order (each worker yields every other chat and keeps a "
+        "state_dict, so odb keeps every worker's state after each chunk)"
+        if result.stream
+        else "shuffled"
+    )
+    return "\n".join(
+        [
+            f"## Loader overhead{' over a stream' if result.stream else ''}",
+            "",
+            f"{result.samples} synthetic multi-turn chats (mean {result.mean_tokens:.0f} "
+            f"tokens) tokenized with the Qwen tokenizer in {result.num_workers} workers, "
+            f"{reading}; epochs of the three loaders timed in turn. Nothing consumes the "
+            f"batches, so this is loader throughput, not how much loading a training step "
+            f"would hide.",
+            "",
+            overhead_table(result),
+        ]
+    )
+
+
+def _overhead_record(result: OverheadResult) -> dict:
+    """One loader-overhead run with its medians, bests and ratios, as JSON-ready data."""
+    loaders = ("plain", "matched", "odb")
+    return {
+        **asdict(result),
+        "medians": {key: getattr(result, key).median for key in loaders},
+        "bests": {key: getattr(result, key).best for key in loaders},
+        "ratio": result.ratio,
+        "best_ratio": result.best_ratio,
+        "matched_ratio": result.matched_ratio,
+        "best_matched_ratio": result.best_matched_ratio,
+        "own_share": result.own_share,
+        "busy_share": result.busy_share,
+    }
 
 
 def _per_second(value: float | None) -> str:
@@ -251,6 +292,7 @@ class BenchResults:
     alignment: Alignment | None = None
     multimodal: MultimodalResult | None = None
     training: TrainingResult | None = None
+    overhead_stream: OverheadResult | None = None
 
 
 def markdown(results: BenchResults) -> str:
@@ -283,18 +325,9 @@ def markdown(results: BenchResults) -> str:
         ]
     if multimodal is not None:
         parts += ["", multimodal_section(multimodal)]
-    if overhead is not None:
-        parts += [
-            "",
-            "## Loader overhead",
-            "",
-            f"{overhead.samples} synthetic multi-turn chats (mean {overhead.mean_tokens:.0f} "
-            f"tokens) tokenized with the Qwen tokenizer in {overhead.num_workers} workers; "
-            f"epochs of the three loaders timed in turn. Nothing consumes the batches, so this "
-            f"is loader throughput, not how much loading a training step would hide.",
-            "",
-            overhead_table(overhead),
-        ]
+    for result in (overhead, results.overhead_stream):
+        if result is not None:
+            parts += ["", overhead_section(result)]
     if training is not None:
         parts += ["", training_section(training)]
     return "\n".join(parts) + "\n"
@@ -343,14 +376,9 @@ def record(results: BenchResults) -> dict:
     if training is not None:
         data["training"] = asdict(training)
     if overhead is not None:
-        data["overhead"] = {
-            **asdict(overhead),
-            "medians": {key: getattr(overhead, key).median for key in ("plain", "matched", "odb")},
-            "bests": {key: getattr(overhead, key).best for key in ("plain", "matched", "odb")},
-            "ratio": overhead.ratio,
-            "best_ratio": overhead.best_ratio,
-            "matched_ratio": overhead.matched_ratio,
-        }
+        data["overhead"] = _overhead_record(overhead)
+    if results.overhead_stream is not None:
+        data["overhead_stream"] = _overhead_record(results.overhead_stream)
     return data
 
 

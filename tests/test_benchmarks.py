@@ -228,19 +228,48 @@ def test_chat_samples_follow_the_sample_contract_and_mask_the_prompt(tokenizer):
     odb.measure_sample(sample, 7)
 
 
+def test_chat_stream_yields_the_dataset_split_across_workers_and_resumes(tokenizer):
+    from odb.benchmarks.overhead import ChatDataset, ChatStream
+
+    chats = ChatDataset(6, tokenizer, mean_tokens=100, seed=2, max_length=500)
+    expected = [chats[i]["input_ids"] for i in (0, 2, 4, 1, 3, 5)]  # worker 0's, then worker 1's
+    loader = torch.utils.data.DataLoader(
+        ChatStream(chats), batch_size=3, num_workers=2, collate_fn=list
+    )
+    read = [s["input_ids"] for batch in loader for s in batch]
+    assert all(torch.equal(a, b) for a, b in zip(read, expected, strict=True))
+    stream = ChatStream(chats)
+    samples = iter(stream)
+    next(samples), next(samples)
+    resumed = ChatStream(chats)
+    resumed.load_state_dict(stream.state_dict())
+    rest = [s["input_ids"] for s in resumed]
+    assert all(torch.equal(rest[i], chats[2 + i]["input_ids"]) for i in range(4))
+
+
 @pytest.mark.slow
-def test_cli_quick_overhead_times_every_loader(tmp_path, capsys):
+def test_cli_quick_overhead_times_every_loader_over_the_dataset_and_a_stream(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["--quick", "--overhead", "--cv", "1", "--out", str(out)]) == 0
-    assert "odb / plain median wall time" in capsys.readouterr().out
-    overhead = json.loads((out / "results.json").read_text())["overhead"]
-    samples = overhead["samples"]
-    for key in ("plain", "matched", "odb"):
-        assert len(overhead[key]["seconds"]) == 1
-    for key in ("plain", "matched"):
-        assert overhead[key]["steps"] == -(-samples // overhead[key]["batch_size"])
-    assert overhead["odb"]["batch_size"] is None
-    assert overhead["odb_stats"]["samples"] == samples
-    assert overhead["odb_stats"]["steps"] == overhead["odb"]["steps"]
-    medians = overhead["medians"]
-    assert overhead["ratio"] == pytest.approx(medians["odb"] / medians["plain"])
+    argv = ["--quick", "--overhead", "--overhead-stream", "--cv", "1", "--out", str(out)]
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "## Loader overhead\n" in report and "## Loader overhead over a stream" in report
+    record = json.loads((out / "results.json").read_text())
+    for overhead, stream in ((record["overhead"], False), (record["overhead_stream"], True)):
+        samples, workers = overhead["samples"], overhead["num_workers"]
+        assert overhead["stream"] is stream
+        for key in ("plain", "matched", "odb"):
+            assert len(overhead[key]["seconds"]) == 1
+        # A plain loader over a stream batches each worker's part on its own.
+        parts = [len(range(w, samples, workers)) for w in range(workers)] if stream else [samples]
+        for key in ("plain", "matched"):
+            size = overhead[key]["batch_size"]
+            assert overhead[key]["steps"] == sum(-(-part // size) for part in parts)
+        assert overhead["odb"]["batch_size"] is None
+        stats = overhead["odb_stats"]
+        assert stats["samples"] == samples and stats["steps"] == overhead["odb"]["steps"]
+        medians = overhead["medians"]
+        assert overhead["ratio"] == pytest.approx(medians["odb"] / medians["plain"])
+        own = (stats["plan_seconds"] + stats["collate_seconds"]) / overhead["odb"]["seconds"][0]
+        assert overhead["own_share"] == pytest.approx(own)
+        assert 0 < overhead["own_share"] <= overhead["busy_share"] <= 1
