@@ -179,6 +179,14 @@ class LoaderTiming:
     batch_size: int | None
     steps: int
     seconds: list[float]
+    cpu_seconds: list[float]  # the iterating thread's CPU time in each epoch
+
+    @property
+    def cpu_share(self) -> float:
+        """The iterating thread's CPU time over the epochs' wall time: all the work done in the
+        training process, counted while it ran (on a machine whose cores the workers keep
+        busy, wall-clock timers inside it also count the time it waited for a core)."""
+        return sum(self.cpu_seconds) / sum(self.seconds)
 
     @property
     def median(self) -> float:
@@ -243,10 +251,11 @@ class OverheadResult:
         return 1 - self.odb_stats["wait_seconds"] / sum(self.odb.seconds)
 
 
-def _timed_epoch(loader: Any) -> tuple[float, int]:
-    start = time.perf_counter()
+def _timed_epoch(loader: Any) -> tuple[float, int, float]:
+    """Wall seconds, steps and the iterating thread's CPU seconds of one epoch."""
+    start, cpu = time.perf_counter(), time.thread_time()
     steps = sum(1 for _ in loader)
-    return time.perf_counter() - start, steps
+    return time.perf_counter() - start, steps, time.thread_time() - cpu
 
 
 def _sample_lengths(samples: Sequence[dict[str, torch.Tensor]]) -> list[int]:
@@ -324,19 +333,21 @@ def run_overhead(
     }
     loaders["odb"] = dynamic
     seconds: dict[str, list[float]] = {name: [] for name in loaders}
+    cpu: dict[str, list[float]] = {name: [] for name in loaders}
     steps: dict[str, int] = {}
     names = list(loaders)
     for repeat in range(repeats):
         dynamic.set_epoch(repeat)
         turn = repeat % len(names)  # who goes first rotates: no loader is always last
         for name in names[turn:] + names[:turn]:
-            elapsed, steps[name] = _timed_epoch(loaders[name])
+            elapsed, steps[name], used = _timed_epoch(loaders[name])
             seconds[name].append(elapsed)
+            cpu[name].append(used)
         if progress:
             progress(f"overhead{' (stream)' if stream else ''} {repeat + 1}/{repeats}")
 
     def timing(name: str, key: str) -> LoaderTiming:
-        return LoaderTiming(name, fixed.get(key), steps[key], seconds[key])
+        return LoaderTiming(name, fixed.get(key), steps[key], seconds[key], cpu[key])
 
     return OverheadResult(
         samples=samples,
