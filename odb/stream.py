@@ -35,10 +35,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from odb.align import UNKNOWN, fingerprint
-from odb.errors import StateError
+from odb.errors import ConfigError, StateError
 from odb.fetch import decode_chunk, encode_chunk
 from odb.source import Source
 from odb.stats import LoaderStats
@@ -224,6 +225,7 @@ class StreamSource(Source):
         self._skip = 0
         self._pulled = 0
         self._decode = False
+        self._first_tokens: dict[int, int] = {}  # first sample of each worker -> worker
 
     # -- the handshake -------------------------------------------------------------------------
     def describe(self, *, compare_dataset: bool) -> tuple[int, int, int, int]:
@@ -310,6 +312,8 @@ class StreamSource(Source):
             finally:
                 self._stats.wait_seconds += time.perf_counter() - start
             worker, chunk, samples, after = _decode(item) if self._decode else item
+            if chunk == 0 and samples:
+                self._check_split(worker, samples[0])
             self._held[(chunk, worker)] = (samples, after)
         samples, after = self._held.pop(self._turn)
         position = self._position
@@ -322,6 +326,26 @@ class StreamSource(Source):
         self._samples.extend(zip(range(first, first + len(samples)), samples, strict=True))
         self._turn = self._first_turn()
         return True
+
+    def _check_split(self, worker: int, sample: Any) -> None:
+        """Refuse a torch stream that every worker reads whole (it does not split itself with
+        ``get_worker_info()``): each sample would be trained once per worker. Seen when two
+        workers start with the same tokens; a stream whose parts really start alike is
+        refused too, and can be read with ``num_workers <= 1``."""
+        if self._workers < 2 or is_hf_stream(self.dataset):
+            return  # Hugging Face gives each worker its own shards
+        try:
+            tokens = np.asarray(torch.as_tensor(sample["input_ids"])).tobytes()
+        except Exception:
+            return  # not a sample: measuring it names the problem
+        other = self._first_tokens.setdefault(fingerprint(tokens), worker)
+        if other != worker:
+            raise ConfigError(
+                f"DataLoader workers {other} and {worker} read the same stream: their first "
+                f"samples are equal. A torch IterableDataset read by several workers must give "
+                f"each worker its own part (torch.utils.data.get_worker_info()), or every "
+                f"sample is trained once per worker; or use num_workers=0 or 1"
+            )
 
     def _next_sample(self) -> tuple[int, Any] | None:
         while not self._samples:

@@ -282,3 +282,19 @@ def test_a_stream_that_cannot_say_where_it_is_saves_a_finished_pass():
     again = odb.DataLoader(PlainStream(range(50), _lengths(50)), 200, collate_fn=collate_uids)
     again.load_state_dict(state)
     assert list(again) == []
+
+
+class _Unsplit(StatefulStream):
+    """A stream that forgets to split itself across DataLoader workers."""
+
+    def _own(self) -> list[int]:
+        return self.uids
+
+
+def test_a_torch_stream_that_every_worker_reads_whole_is_refused():
+    stream = _Unsplit(range(60), _lengths(60))
+    loader = odb.DataLoader(stream, 200, num_workers=2, collate_fn=collate_uids)
+    with pytest.raises(ConfigError, match="get_worker_info"):
+        list(loader)
+    alone = odb.DataLoader(stream, 200, num_workers=1, collate_fn=collate_uids)
+    assert sorted(u for batch in alone for u in batch["uid"].tolist()) == list(range(60))
