@@ -363,12 +363,14 @@ def _compute_loss(self: Trainer, model, inputs, return_outputs=False, num_items_
         return original(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-    loss, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=None)
+    # Outputs only when the caller asks: TRL's SFTTrainer recomputes the logits, which its fused
+    # LM head never builds, with an extra forward pass to return them.
+    result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+    loss, outputs = result if return_outputs else (result, None)
     if info.local_label_tokens == 0 or not run.window_label_tokens:
-        # No target here (a mean over nothing is NaN): a zero that still reaches every
-        # parameter the forward used, so DDP's all-reduce stays matched.
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        loss = logits.sum() * 0.0
+        # No target here (a mean over nothing is NaN): a zero that stays in the graph, so every
+        # parameter the forward used gets a zero gradient and DDP's all-reduce stays matched.
+        loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
     else:
         weight = info.loss_weight * info.local_label_tokens * info.world_size
         loss = loss * (weight / run.window_label_tokens)

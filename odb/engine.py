@@ -406,6 +406,14 @@ class RoundEngine:
         )
         if failure is not None:
             raise failure
+        if lacking[self.rank] and "lent" not in _TOLD:
+            _TOLD.add("lent")
+            logger.warning(
+                "odb: rank %d has no sample of its own (an empty stream or dataset): it runs "
+                "ghost steps (loss weight 0) with a sample lent by rank %d",
+                self.rank,
+                donor,
+            )
         table = table.copy()
         table[:, 0] &= ~NO_GHOST
         return table

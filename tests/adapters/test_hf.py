@@ -98,6 +98,41 @@ def test_gradient_is_the_exact_token_mean_of_the_window(tmp_path, kind):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+class _PromptOnlyLong(TokenDataset):
+    """Samples 0-5 are long and all prompt (no label token): each fills a batch alone."""
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        if index < 6:
+            sample["labels"] = torch.full_like(sample["labels"], -100)
+        return sample
+
+
+@pytest.mark.slow
+def test_micro_batches_without_label_tokens_add_exactly_nothing(tmp_path):
+    """Their mean loss is NaN (0/0); the window's gradient is still the exact token mean of
+    the others, finite, and no extra model output is needed to get there."""
+    dataset = _PromptOnlyLong([150] * 6 + lengths(12, seed=2, mean=25))
+    trainer, recorder = _train(
+        tmp_path,
+        dataset,
+        max_steps=1,
+        gradient_accumulation_steps=12,
+        learning_rate=0.0,
+        logging_nan_inf_filter=False,  # a NaN loss must not be hidden from the logs
+    )
+    window = recorder.windows[0]
+    assert any(info.local_label_tokens == 0 and not info.ghost for info in window)
+    samples = [dataset[i] for info in window if not info.ghost for i in info.sample_indices]
+    assert len(samples) == len(dataset)
+    tokens = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
+    reference = tiny_model()
+    (sum(token_loss_sum(reference, s) for s in samples) / tokens).backward()
+    for got, want in zip(recorder.first_grads, grads(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    assert math.isfinite(trainer.state.log_history[0]["loss"])  # what the logs show too
+
+
 @pytest.mark.slow
 def test_linear_schedule_ends_with_the_data(tmp_path):
     dataset = TokenDataset(lengths(400, seed=2))
