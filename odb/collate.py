@@ -3,14 +3,17 @@
 A per-token field is a 1-D field as long as ``input_ids`` (``labels``, ``attention_mask``,
 ``mm_token_type_ids``, ...). Other tensors (``pixel_values`` with one row per patch,
 ``image_grid_thw`` with one row per image) are concatenated along dim 0 in sample order, the
-way Hugging Face vision-language processors batch them; 0-d tensors are stacked and any other
-value is gathered into a list.
+way Hugging Face vision-language processors batch them; numbers and numeric lists become
+tensors first, 0-d ones are stacked. A field that is not numeric (a dataset's ``text`` column,
+``None``) is left out of the batch, which goes to ``model(**batch)``, and odb logs its name
+once; pass your own ``collate_fn`` to keep such fields.
 
 Model-specific packing (Qwen-VL's 3-D rotary positions) lives in ``odb.adapters``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +23,9 @@ from odb.cost import IGNORE_INDEX
 from odb.errors import ConfigError
 
 __all__ = ["PackedCollator", "PaddedCollator"]
+
+logger = logging.getLogger("odb")
+_DROPPED: set[str] = set()  # fields already reported as left out
 
 
 def _per_token_keys(samples: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[str]]:
@@ -41,23 +47,41 @@ def is_per_token(value: Any, length: int) -> bool:
     return hasattr(value, "ndim") and value.ndim == 1 and value.shape[0] == length
 
 
+def _as_tensors(values: list) -> list[torch.Tensor] | None:
+    """The values as tensors (numbers and numeric lists converted), or None if one is not
+    numeric."""
+    try:
+        return [torch.as_tensor(v) for v in values]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def _gather_rest(samples: Sequence[Mapping], skip: set[str]) -> dict[str, Any]:
-    """Non-per-token fields: tensors concatenated on dim 0 (0-d ones stacked), others listed.
+    """Non-per-token fields: tensors concatenated on dim 0 (0-d ones stacked); what cannot be
+    a tensor of the batch is left out (see the module docstring).
 
     A tensor field missing from some samples (``pixel_values`` of a text-only sample) is
     concatenated over the samples that have it: those are the rows the model will match
     with the batch's image tokens, in order.
     """
     keys = dict.fromkeys(key for sample in samples for key in sample if key not in skip)
-    out = {}
+    out, dropped = {}, []
     for key in keys:
-        present = [s[key] for s in samples if key in s]
-        if all(isinstance(v, torch.Tensor) and v.ndim > 0 for v in present):
-            out[key] = torch.cat(present)
-        elif len(present) == len(samples) and all(isinstance(v, torch.Tensor) for v in present):
-            out[key] = torch.stack(present)
+        tensors = _as_tensors([s[key] for s in samples if key in s])
+        if tensors is not None and all(t.ndim > 0 for t in tensors):
+            out[key] = torch.cat(tensors)
+        elif tensors is not None and len(tensors) == len(samples):
+            out[key] = torch.stack(tensors)
         else:
-            out[key] = [s.get(key) for s in samples]
+            dropped.append(key)
+    if new := [key for key in dropped if key not in _DROPPED]:
+        _DROPPED.update(new)
+        logger.warning(
+            "odb: the collator leaves field(s) %s out of the batch: they are not numbers or "
+            "tensors (or not in every sample), and model(**batch) takes tensors; pass your own "
+            "collate_fn to keep them",
+            new,
+        )
     return out
 
 

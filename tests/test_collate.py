@@ -1,7 +1,10 @@
+import logging
+
 import pytest
 import torch
 from tiny import tiny_model
 
+import odb.collate
 from odb import PackedCollator, PaddedCollator
 
 
@@ -27,12 +30,33 @@ def test_padded_collator_rounds_width_up():
 
 def test_padded_collator_keeps_given_masks_and_lists():
     samples = [
-        {"input_ids": [1, 2], "attention_mask": [1, 0], "source": "a"},
-        {"input_ids": [3], "attention_mask": [1], "source": "b"},
+        {"input_ids": [1, 2], "attention_mask": [1, 0]},
+        {"input_ids": [3], "attention_mask": [1]},
     ]
     batch = PaddedCollator()(samples)
     assert batch["attention_mask"].tolist() == [[1, 0], [1, 0]]
-    assert batch["source"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("collate", [PaddedCollator(), PackedCollator()])
+def test_fields_that_are_not_numeric_are_left_out_and_named_once(collate, caplog):
+    """A model takes tensors: a dataset's text column in the batch would break model(**batch).
+    Numbers and numeric lists become tensors."""
+    samples = [
+        {"input_ids": [1, 2], "text": "a b", "uid": 7, "grid": [[1, 2, 2]], "note": None},
+        {"input_ids": [3], "text": "c", "uid": 8, "grid": [[1, 4, 2]], "note": None},
+    ]
+    odb.collate._DROPPED.clear()
+    with caplog.at_level(logging.WARNING, logger="odb"):
+        batch = collate(samples)
+        collate(samples)
+    assert "text" not in batch and "note" not in batch
+    assert all(
+        isinstance(value, torch.Tensor) for key, value in batch.items() if key != "use_cache"
+    )
+    assert batch["uid"].tolist() == [7, 8]
+    assert batch["grid"].tolist() == [[1, 2, 2], [1, 4, 2]]
+    named = [r.getMessage() for r in caplog.records if "leaves field" in r.getMessage()]
+    assert len(named) == 1 and "'text'" in named[0] and "'note'" in named[0]
 
 
 def test_vision_fields_are_concatenated_in_sample_order():
