@@ -143,7 +143,7 @@ def info_record(batch):
         "tokens_in_batch": int(batch["input_ids"].numel()),
     }
     if "uid" in batch:
-        record["uids"] = list(batch["uid"])
+        record["uids"] = batch["uid"].tolist()  # the collator made the ints a tensor
     return record
 
 
