@@ -105,10 +105,9 @@ def _check_integers(value: Any, key: str, index: int) -> None:
 
 def _count_label_tokens(labels: Any) -> int:
     if isinstance(labels, torch.Tensor):
-        if labels.device.type == "cpu" and not labels.requires_grad:
-            labels = labels.numpy()  # numpy counts a short vector a few times faster
-        else:
+        if labels.device.type != "cpu" or labels.requires_grad:
             return int((labels[1:] != IGNORE_INDEX).sum())
+        labels = labels.numpy()  # numpy counts a short vector a few times faster
     if isinstance(labels, np.ndarray):
         return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)

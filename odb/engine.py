@@ -124,7 +124,7 @@ class RoundEngine:
         self.buffer = SampleBuffer()
         self.pending: deque[Step] = deque()
         self.ghost: Entry | None = None
-        self.lent_ghost: str | None = None  # a ghost sample another rank sent, serialized
+        self.lent_ghost: bytes | None = None  # a ghost sample another rank sent, serialized
         self.agreement: Agreement | None = None
         self.opened = False
         self._resume = resume
@@ -283,7 +283,7 @@ class RoundEngine:
         if resume["ghost"] is not None:
             self.ghost = self._reread(resume["ghost"])
         elif resume.get("lent_ghost") is not None:
-            self._take_lent_ghost(resume["lent_ghost"])
+            self._take_lent_ghost(base64.b64decode(resume["lent_ghost"]))
         for entries, info in pending:
             self.pending.append((entries if entries is not None else [self.ghost], info))
         if resume["done"]:
@@ -398,7 +398,7 @@ class RoundEngine:
         received = self._gather(row)[donor].view(np.uint8)[: int(sizes[donor, 1])].tobytes()
         if lacking[self.rank]:
             try:
-                self._take_lent_ghost(base64.b64encode(received).decode("ascii"))
+                self._take_lent_ghost(received)
             except Exception as error:
                 failure = error
         check_reports(
@@ -418,10 +418,10 @@ class RoundEngine:
         table[:, 0] &= ~NO_GHOST
         return table
 
-    def _take_lent_ghost(self, encoded: str) -> None:
-        sample = torch.load(io.BytesIO(base64.b64decode(encoded)), weights_only=True)
+    def _take_lent_ghost(self, data: bytes) -> None:
+        sample = torch.load(io.BytesIO(data), weights_only=True)
         self.ghost = self._admit(-1, sample, count=False)
-        self.lent_ghost = encoded
+        self.lent_ghost = data
 
     def _hand_over(self, decision, given) -> tuple[dict[int, list[Entry]], np.ndarray]:
         """A transfer round's two further exchanges: the donors' dataset indices, then, once
@@ -500,7 +500,9 @@ class RoundEngine:
                 for entry, age in zip(self.buffer.entries, self.buffer.ages(), strict=True)
             ],
             "ghost": None if self.ghost is None or self.lent_ghost else self.ghost.index,
-            "lent_ghost": self.lent_ghost,
+            "lent_ghost": None  # base64: the state is plain data
+            if self.lent_ghost is None
+            else base64.b64encode(self.lent_ghost).decode("ascii"),
             # a pass with nothing left to run reads nothing again
             "source": None
             if self.done and not self.pending

@@ -32,7 +32,9 @@ __all__ = [
     "IndexedDataset",
     "WorkerInit",
     "decode_chunk",
+    "decode_value",
     "encode_chunk",
+    "encode_value",
     "keep_chunk",
 ]
 
@@ -139,7 +141,8 @@ class _TensorBytes:
         return torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
 
 
-def _encode(value: Any) -> Any:
+def encode_value(value: Any) -> Any:
+    """A sample (or any nesting of tensors) made cheap to send from a worker."""
     if isinstance(value, torch.Tensor):
         if (
             value.device.type == "cpu"
@@ -149,25 +152,26 @@ def _encode(value: Any) -> Any:
             return _TensorBytes(value)
         return value
     if isinstance(value, Mapping):
-        return {key: _encode(item) for key, item in value.items()}
+        return {key: encode_value(item) for key, item in value.items()}
     if type(value) in (list, tuple):
-        return type(value)(_encode(item) for item in value)
+        return type(value)(encode_value(item) for item in value)
     return value
 
 
-def _decode(value: Any) -> Any:
+def decode_value(value: Any) -> Any:
+    """What :func:`encode_value` made of a value, back as the worker had it."""
     if isinstance(value, _TensorBytes):
         return value.tensor()
     if type(value) is dict:
-        return {key: _decode(item) for key, item in value.items()}
+        return {key: decode_value(item) for key, item in value.items()}
     if type(value) in (list, tuple):
-        return type(value)(_decode(item) for item in value)
+        return type(value)(decode_value(item) for item in value)
     return value
 
 
 def encode_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
     """Worker side (the inner DataLoader's collate_fn): make a chunk cheap to send."""
-    return [(index, _encode(sample)) for index, sample in pairs]
+    return [(index, encode_value(sample)) for index, sample in pairs]
 
 
 def keep_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
@@ -177,4 +181,4 @@ def keep_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
 
 def decode_chunk(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
     """Iterating side: turn the chunk back into the samples the dataset returned."""
-    return [(index, _decode(sample)) for index, sample in pairs]
+    return [(index, decode_value(sample)) for index, sample in pairs]

@@ -412,13 +412,13 @@ class DataLoader:
         if self.streaming:
             if self.num_samples is not None:
                 return self.num_samples
-            if self._length() is None:
+            own = self._length()
+            if own is None:
                 raise ConfigError(
                     f"the stream ({type(self.dataset).__name__}) does not state its length: "
                     f"pass num_samples= (its samples over all ranks) to odb.DataLoader, or "
                     f"train for a number of steps (max_steps)"
                 )
-            own = self._length()
         else:
             own = len(index_array(self._epoch_order(self._epoch if epoch is None else epoch)))
         if exchange.world_size == 1 or self.shard is not False:

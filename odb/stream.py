@@ -40,7 +40,7 @@ import torch
 
 from odb.align import UNKNOWN, fingerprint
 from odb.errors import ConfigError, StateError
-from odb.fetch import decode_chunk, encode_chunk
+from odb.fetch import decode_value, encode_value
 from odb.source import Source
 from odb.stats import LoaderStats
 
@@ -137,7 +137,7 @@ class _Position:
 
 class _Chunks(torch.utils.data.IterableDataset):
     """What each worker runs: its part of the user's stream (from its saved position), in
-    chunks ``(worker, chunk number, samples, position after, ended)``."""
+    chunks ``(worker, chunk number, samples, the worker's position after them)``."""
 
     def __init__(
         self,
@@ -178,12 +178,12 @@ class _Chunks(torch.utils.data.IterableDataset):
 
 def _encode(item: tuple) -> tuple:
     worker, chunk, samples, after = item
-    return worker, chunk, [s for _, s in encode_chunk(list(enumerate(samples)))], after
+    return worker, chunk, encode_value(samples), after
 
 
 def _decode(item: tuple) -> tuple:
     worker, chunk, samples, after = item
-    return worker, chunk, [s for _, s in decode_chunk(list(enumerate(samples)))], after
+    return worker, chunk, decode_value(samples), after
 
 
 def _keep(item: tuple) -> tuple:
@@ -318,7 +318,7 @@ class StreamSource(Source):
         samples, after = self._held.pop(self._turn)
         position = self._position
         if self._why_not is None:
-            self._records.append(copy.copy(position))
+            self._records.append(position)  # never changed: each chunk makes a new one
         workers = list(position.workers)
         workers[self._turn[1]] = after
         first = position.seq
