@@ -9,6 +9,11 @@ tensors first, 0-d ones are stacked. A field that is not numeric (a dataset's ``
 once; pass your own ``collate_fn`` to keep such fields.
 
 Model-specific packing (Qwen-VL's 3-D rotary positions) lives in ``odb.adapters``.
+
+The batch layout (padded rows or one packed row) must agree with the loader's ``mode``, which
+prices batches by it: :func:`collator_layout` reads it from a collator that states it, and
+:func:`check_layout` checks every batch, so a collator and a mode that disagree fail before
+the first step instead of training on batches over the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 from odb.cost import IGNORE_INDEX
 from odb.errors import ConfigError
 
-__all__ = ["PackedCollator", "PaddedCollator"]
+__all__ = ["PackedCollator", "PaddedCollator", "check_layout", "collator_layout"]
+
+LAYOUTS = ("padded", "packed")
 
 logger = logging.getLogger("odb")
 _DROPPED: set[str] = set()  # fields already reported as left out
@@ -93,6 +100,8 @@ class PaddedCollator:
     rounds the row length up (tensor-core friendly shapes on GPUs).
     """
 
+    layout = "padded"
+
     def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None):
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ConfigError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
@@ -147,6 +156,8 @@ class PackedCollator:
     not look for packed sequences, so samples would silently attend to each other.
     """
 
+    layout = "packed"
+
     def __init__(self, flash_attn_kwargs: bool = False, disable_cache: bool = True):
         self.flash_attn_kwargs = flash_attn_kwargs
         self.disable_cache = disable_cache
@@ -173,3 +184,52 @@ class PackedCollator:
         if self.disable_cache:
             out["use_cache"] = False
         return out
+
+
+def collator_layout(collate_fn: Any) -> str | None:
+    """The layout ``collate_fn`` produces, ``"padded"`` or ``"packed"``, when it says so; None
+    when it cannot be told without a batch.
+
+    Read from a ``layout`` attribute (odb's collators and its adapters'), a ``padding_free``
+    flag (TRL's ``DataCollatorForLanguageModeling``), Hugging Face's
+    ``DataCollatorWithFlattening`` (packed), through wrappers that keep the wrapped collator as
+    ``data_collator`` (the Trainer's column-removing wrapper) or ``func`` (``functools.partial``).
+    """
+    seen = set()
+    while collate_fn is not None and id(collate_fn) not in seen:
+        seen.add(id(collate_fn))
+        layout = getattr(collate_fn, "layout", None)
+        if layout in LAYOUTS:
+            return layout
+        padding_free = getattr(collate_fn, "padding_free", None)
+        if isinstance(padding_free, bool):
+            return "packed" if padding_free else "padded"
+        kind = type(collate_fn)
+        if kind.__name__ == "DataCollatorWithFlattening" and kind.__module__.startswith(
+            "transformers"
+        ):
+            return "packed"
+        collate_fn = getattr(collate_fn, "data_collator", None) or getattr(collate_fn, "func", None)
+    return None
+
+
+def check_layout(batch: Mapping, mode: str, lengths: Sequence[int]) -> None:
+    """Raise :class:`ConfigError` when ``batch`` (the collated group of samples of
+    ``lengths``) is not laid out as ``mode`` prices it: ``padded``, one row per sample;
+    ``packed``, one row holding them all. A single sample looks the same either way, and a
+    batch without a tensor ``input_ids`` is not checked."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if len(lengths) < 2 or not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        return
+    rows, width = ids.shape
+    if (rows == 1) == (mode == "packed"):
+        return
+    layout = "one packed row" if rows == 1 else f"{rows} padded rows"
+    raise ConfigError(
+        f"mode={mode!r} but the collate_fn laid {len(lengths)} samples out as {layout} "
+        f"(input_ids {tuple(ids.shape)}): odb prices batches by the mode "
+        f"({'sum of lengths' if mode == 'packed' else 'rows x longest'}, "
+        f"{sum(lengths) if mode == 'packed' else len(lengths) * max(lengths)} tokens here) and "
+        f"this batch computes {rows * width}. Use mode={'padded' if rows > 1 else 'packed'!r} "
+        f"or a collate_fn of the {mode} layout"
+    )

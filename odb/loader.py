@@ -27,7 +27,7 @@ from torch.utils.data import (
 from odb.admit import Admission
 from odb.batch import attach_step_info
 from odb.buffer import RoundSettings
-from odb.collate import PackedCollator, PaddedCollator
+from odb.collate import LAYOUTS, PackedCollator, PaddedCollator, check_layout, collator_layout
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
 from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
@@ -40,7 +40,6 @@ from odb.stream import StreamSource, is_stream, stream_length
 __all__ = ["DataLoader", "wrap"]
 
 _STATE_VERSION = 2
-_MODES = ("padded", "packed")
 
 
 class DataLoader:
@@ -61,7 +60,11 @@ class DataLoader:
         token_budget: the most a batch may cost under ``cost`` (tokens, padding included in
             padded mode).
         mode: ``"padded"`` (rows right-padded to the longest; cost ``n * max_len``) or
-            ``"packed"`` (one padding-free row; cost ``sum(len)``).
+            ``"packed"`` (one padding-free row; cost ``sum(len)``). By default the layout
+            ``collate_fn`` states (odb's collators, TRL's padding-free flag, Hugging Face's
+            ``DataCollatorWithFlattening``: see ``odb.collate.collator_layout``), else
+            ``cost``'s, else padded. A stated layout that differs from ``mode`` raises
+            :class:`ConfigError`, and so does any batch that is not laid out as ``mode``.
         collate_fn: applied to each group's list of samples; defaults to odb's padded or
             packed collator for text models.
         shuffle, seed: a seeded permutation per epoch (``set_epoch``); ``sampler`` instead
@@ -114,7 +117,7 @@ class DataLoader:
         dataset: Any,
         token_budget: float,
         *,
-        mode: str = "padded",
+        mode: str | None = None,
         collate_fn: Callable[[list], Mapping] | None = None,
         shuffle: bool = False,
         seed: int = 0,
@@ -164,8 +167,7 @@ class DataLoader:
                 "where their part of the stream starts"
             )
         self.num_samples = None if num_samples is None else positive_int("num_samples", num_samples)
-        if mode not in _MODES:
-            raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
+        mode = _resolve_mode(mode, collate_fn, cost)
         if sampler is not None and shuffle:
             raise ConfigError("give either shuffle=True or a sampler, not both")
         self._replicas: tuple[int, int] | None = None  # (rank, world) from a DistributedSampler
@@ -250,7 +252,7 @@ class DataLoader:
             stats=self._stats,
             resume=resume,
         )
-        self._iterator = _EpochIterator(engine, self.collate_fn, self.pin_memory)
+        self._iterator = _EpochIterator(engine, self.collate_fn, self.mode, self.pin_memory)
         return self._iterator
 
     def _source(self) -> IndexSource | StreamSource:
@@ -440,8 +442,9 @@ class DataLoader:
 class _EpochIterator:
     """One pass (what ``iter(odb.DataLoader)`` returns): the round engine's steps, collated."""
 
-    def __init__(self, engine: RoundEngine, collate_fn: Callable, pin_memory: bool):
-        self.engine, self.collate_fn, self.pin_memory = engine, collate_fn, pin_memory
+    def __init__(self, engine: RoundEngine, collate_fn: Callable, mode: str, pin_memory: bool):
+        self.engine, self.collate_fn, self.mode = engine, collate_fn, mode
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> _EpochIterator:
         return self
@@ -454,6 +457,7 @@ class _EpochIterator:
         stats = self.engine.stats
         start = time.perf_counter()
         batch = self.collate_fn([entry.payload for entry in entries])
+        check_layout(batch, self.mode, [entry.size.length for entry in entries])
         if self.pin_memory:
             batch = _pin(batch)
         batch = attach_step_info(batch, info)
@@ -466,6 +470,27 @@ class _EpochIterator:
             stats.padded_tokens += info.padded_tokens
             stats.label_tokens += info.local_label_tokens
         return batch
+
+
+def _resolve_mode(mode: str | None, collate_fn: Callable | None, cost: Any) -> str:
+    """The batch layout: ``mode`` if given (checked against the layout ``collate_fn`` states),
+    else the collator's, else the one ``cost`` prices, else padded."""
+    stated = collator_layout(collate_fn)
+    if mode is None:
+        if stated is not None:
+            return stated
+        if isinstance(cost, ComputeCost):
+            return "padded" if cost.padded else "packed"
+        return "padded"
+    if mode not in LAYOUTS:
+        raise ConfigError(f"mode must be one of {LAYOUTS}, got {mode!r}")
+    if stated is not None and stated != mode:
+        raise ConfigError(
+            f"mode={mode!r} but the collate_fn ({type(collate_fn).__name__}) lays batches out "
+            f"{stated}: odb would price {stated} batches as {mode} ones. Leave mode out (it "
+            f"follows the collator) or pass a {mode} collator"
+        )
+    return mode
 
 
 def _pin(value: Any) -> Any:

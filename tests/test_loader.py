@@ -250,7 +250,7 @@ def test_the_users_worker_init_fn_runs_in_every_worker(tmp_path):
         ({"mode": "ragged"}, "mode must be one of"),
         ({"over_budget": "drop"}, "over_budget must be one of"),
         ({"shuffle": True, "sampler": [0]}, "either shuffle=True or a sampler"),
-        ({"cost": odb.PackedCost()}, "prices packed batches but mode='padded'"),
+        ({"mode": "padded", "cost": odb.PackedCost()}, "prices packed batches but mode='padded'"),
         ({"fetch_size": 0}, "fetch_size must be a positive integer, got 0"),
         ({"window": 0}, "window must be a positive integer, got 0"),
         ({"round_size": 0}, "round_size must be a positive integer, got 0"),
@@ -308,3 +308,48 @@ def test_a_distributed_sampler_for_another_world_is_refused():
 def test_align_timeout_must_be_a_positive_number(timeout):
     with pytest.raises(ConfigError, match="align_timeout must be a number of seconds > 0"):
         odb.DataLoader(LengthDataset([10]), 100, align_timeout=timeout)
+
+
+# -- the batch layout and the mode ---------------------------------------------------------------
+def _pad_by_hand(samples):
+    """A user's collator that states no layout: right-padded rows."""
+    return odb.PaddedCollator()(samples)
+
+
+def test_a_collator_that_states_its_layout_sets_the_mode():
+    from transformers import DataCollatorWithFlattening
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    dataset = LengthDataset([5, 9, 3])
+    for collate_fn, mode in [
+        (odb.PackedCollator(), "packed"),
+        (odb.PaddedCollator(), "padded"),
+        (partial(odb.PackedCollator()), "packed"),
+        (DataCollatorWithFlattening(), "packed"),
+        (DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), "packed"),
+        (DataCollatorForLanguageModeling(pad_token_id=0), "padded"),
+        (_pad_by_hand, "padded"),  # states nothing: padded, unless the cost says otherwise
+    ]:
+        assert odb.DataLoader(dataset, 64, collate_fn=collate_fn).mode == mode, collate_fn
+    assert odb.DataLoader(dataset, 64, cost=odb.PackedCost()).mode == "packed"
+
+
+def test_a_collator_of_the_other_layout_is_refused_when_the_loader_is_built():
+    refused = r"mode='packed' but the collate_fn .* lays batches out padded"
+    with pytest.raises(ConfigError, match=refused):
+        odb.DataLoader(LengthDataset([5, 9]), 64, mode="packed", collate_fn=odb.PaddedCollator())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_of_the_other_layout_is_refused_before_it_is_yielded(num_workers):
+    """The issue's case: a padded collator under mode="packed" made (10, 253) batches, 2530
+    computed tokens against a 2048 budget; a collator that states no layout is checked on its
+    batches."""
+    dataset = LengthDataset(lognormal_lengths(64, 120, 0.8, seed=3, low=8))
+    loader = odb.DataLoader(
+        dataset, 2048, mode="packed", collate_fn=_pad_by_hand, num_workers=num_workers
+    )
+    with pytest.raises(ConfigError, match=r"laid \d+ samples out as \d+ padded rows"):
+        next(iter(loader))
+    packed = odb.DataLoader(dataset, 2048, mode="packed", collate_fn=odb.PackedCollator())
+    assert all(batch["input_ids"].shape[1] <= 2048 for batch in packed)
