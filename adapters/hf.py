@@ -1,60 +1,111 @@
-"""Hugging Face ``Trainer`` with odb batches: one line to turn it on.
+"""Hugging Face ``Trainer`` (and TRL ``SFTTrainer``) with odb batches: one line to turn it on.
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset, ...)
     odb.adapters.hf.enable(trainer, token_budget=16384)      # or OdbTrainer(..., token_budget=)
     trainer.train()
 
-Only this trainer instance changes (its methods are rebound on the instance; no class or
-library is patched, so evaluation loaders and every other DataLoader behave as before):
+``OdbTrainer`` is a ``Trainer`` subclass; ``enable`` gives an existing trainer the same
+methods by moving that one instance to a subclass of its own class (``SFTTrainer`` becomes
+``OdbSFTTrainer``): no class or library is patched, evaluation loaders and every other
+DataLoader behave as before.
 
 - the train dataloader is an ``odb.DataLoader`` over ``train_dataset`` with the trainer's
   collator and dataloader arguments, sharded by odb itself (never passed through
-  ``accelerator.prepare``, which would shard it a second time);
+  ``accelerator.prepare``, which would shard it a second time); its layout (padded rows or
+  packed) follows the collator, so TRL's ``padding_free`` makes odb budget packed rows;
 - the loss of every micro-batch is rescaled so the optimizer step trains on the exact mean over
-  all label tokens of all ranks and accumulation micro-steps, whatever the model (with or
-  without ``num_items_in_batch`` support), from counts odb already has: no extra collective;
+  all label tokens of all ranks and accumulation micro-steps (``odb.loss.window_loss_share``),
+  from counts odb already has: no extra collective, and one forward per micro-batch;
 - with ``num_train_epochs``, every sample is seen once per epoch, ``max_steps`` (progress bar)
-  is an estimate, and the LR schedule follows the data actually consumed, so it ends exactly
-  when training does; with ``max_steps``, exactly that many optimizer steps run;
-- odb's state goes into every checkpoint and ``train(resume_from_checkpoint=...)`` continues
-  from it without replaying batches;
-- ``train_dataset`` may be a stream (a torch or Hugging Face ``IterableDataset``): trained for
-  ``max_steps``, or for epochs when its length is known; a stream that cannot save its position
-  gets checkpoints that refuse to resume (see docs/hf-trainer.md);
-- odb's figures join the training logs.
+  is an estimate kept up to date, and the LR schedule follows the data actually consumed
+  (``odb.schedule``), so it ends exactly when training does; with ``max_steps``, exactly that
+  many optimizer steps run;
+- odb's state goes into every checkpoint (a callback's ``on_save``) and
+  ``train(resume_from_checkpoint=...)`` continues from it without replaying batches;
+- logs and the final metrics count real samples and tokens, per optimizer step, over all ranks.
 
-Relies on ``Trainer`` internals of transformers 5.x (``_init_training_state``,
-``_save_checkpoint``, ``_prepare_inputs``, ``set_initial_training_values``,
-``get_batch_samples``); the tests run the real Trainer to catch changes.
+Public extension points do most of it (``get_train_dataloader``, ``training_step``,
+``compute_loss``, ``create_scheduler``, ``log``, callbacks). What needs Trainer internals is
+named in ``_TRAINER_INTERNALS`` and checked when odb is enabled, naming the transformers version
+if one is missing. TRL specifics (offline packing, vision datasets) are in
+odb.adapters.sft.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import os
 import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+import transformers
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, seed_worker
 
 import odb
-from odb.batch import attach_step_info, find_step_info
-from odb.errors import ConfigError, StateError
+from odb.adapters import sft
+from odb.batch import StepInfo, find_step_info
+from odb.errors import ConfigError, StateError, positive_int
 from odb.estimate import estimate_steps
+from odb.loss import window_label_tokens, window_loss_share
+from odb.schedule import DataProgress, ProgressSchedule
 from odb.stream import is_stream
 
 __all__ = ["OdbTrainer", "enable"]
 
+logger = logging.getLogger("odb")
+
 _STATE_FILE = "odb_state_rank{rank}.json"
+_PROBE_SAMPLES = 256
+
+# Trainer methods odb overrides or calls that are not documented extension points, with the
+# parameters odb relies on; checked by ``enable`` (transformers 5.x).
+_TRAINER_INTERNALS = {
+    "set_initial_training_values": ("args", "dataloader"),
+    "get_batch_samples": ("epoch_iterator", "num_batches", "device"),
+    "_init_training_state": (
+        "max_steps",
+        "num_update_steps_per_epoch",
+        "num_train_epochs",
+        "resume_from_checkpoint",
+        "trial",
+    ),
+    "_remove_unused_columns": ("dataset", "description"),
+    "_get_collator_with_removed_columns": ("data_collator", "description"),
+}
+
+
+@dataclass
+class _Counts:
+    """What the windows of a stretch of training held: optimizer steps, micro-batches per
+    rank, samples over all ranks, and this rank's real and computed tokens."""
+
+    steps: int = 0
+    batches: int = 0
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    label_tokens: int = 0  # over all ranks
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, infos: list[StepInfo]) -> None:
+        self.steps += 1
+        self.batches += len(infos)
+        self.samples += sum(info.global_samples for info in infos)
+        self.label_tokens += window_label_tokens(infos)
+        for info in infos:
+            if not info.ghost:
+                self.real_tokens += info.real_tokens
+                self.padded_tokens += info.padded_tokens
 
 
 @dataclass
@@ -63,87 +114,323 @@ class _Run:
 
     token_budget: float
     options: dict
-    original: dict[str, Any] = field(default_factory=dict)
+    probe_samples: int
     loader: odb.DataLoader | None = None
     epochs_mode: bool = False
-    samples_target: float = 0.0  # samples to consume in the whole training (epochs mode)
+    progress: DataProgress | None = None  # epochs mode: the whole training's samples and rate
+    epoch_samples: int | None = None  # one epoch's samples over all ranks (None: not known)
     samples_done: int = 0  # global samples of the windows fetched so far
-    steps_per_sample: float = 0.0  # the estimate's optimizer steps per sample
-    window_label_tokens: int = 0  # global label tokens of the current accumulation window
-    last_log: tuple[float, int, int] | None = None  # time, real tokens, samples
+    window_tokens: int = 0  # global label tokens of the current accumulation window
+    micro_batch: StepInfo | None = None  # the micro-batch training_step is running
     resumed_pass: bool = False  # a pass restored from a checkpoint that has yielded nothing yet
+    interval: _Counts | None = None  # since the last log
+    session: _Counts | None = None  # since this train() call began
+
+    def data_left(self) -> bool:
+        return self.progress.remaining(self.samples_done)
 
 
-class OdbTrainer(Trainer):
+class OdbTrainerMixin:
+    """The Trainer methods odb changes; ``super()`` is the trainer's own class (``Trainer``,
+    ``SFTTrainer``, a user's subclass), whose behaviour odb wraps."""
+
+    _odb: _Run
+
+    # -- the dataloader ---------------------------------------------------------------------
+    def get_train_dataloader(self) -> odb.DataLoader:
+        run = self._odb
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        args = self.args
+        dataset, collator = self.train_dataset, self.data_collator
+        streaming = is_stream(dataset)
+        if _is_hf_dataset(dataset) and not streaming:
+            dataset = self._remove_unused_columns(dataset, description="training")
+        mode = run.options.get("mode")
+        if sft.is_vision_collator(collator):
+            # Rows processed one at a time by the trainer's own collator: their keys are
+            # what the model takes.
+            dataset, collate_fn = sft.vision_samples(self, dataset, collator, mode)
+        else:
+            if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding):
+                collator = None  # the Trainer's defaults cannot pad labels: odb's collator
+            collate_fn = collator or _default_collator(self, mode or "padded")
+            if streaming or (collator is not None and not _is_hf_dataset(dataset)):
+                # The Trainer's rule for iterable datasets too: their columns may be unknown
+                # before they are read, so the collator drops what the model does not take.
+                collate_fn = self._get_collator_with_removed_columns(
+                    collate_fn, description="training"
+                )
+        options = dict(
+            collate_fn=collate_fn,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            worker_init_fn=partial(
+                seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+            ),
+            steps_multiple_of=args.gradient_accumulation_steps,
+        )
+        if not streaming:  # a stream is read in its own order, its workers restarted each pass
+            options.update(shuffle=True, persistent_workers=args.dataloader_persistent_workers)
+        options.update(run.options)
+        run.loader = odb.DataLoader(dataset, run.token_budget, **options)
+        return run.loader
+
+    # -- steps and the LR schedule ----------------------------------------------------------
+    def set_initial_training_values(self, args, dataloader):
+        """The Trainer's step bookkeeping for a loader whose length is only estimated.
+
+        The epoch loop gets an upper bound of update steps (it ends when odb's epoch ends, see
+        ``get_batch_samples``), ``steps_in_epoch`` and the progress bar the estimate.
+
+        A stream trained for ``max_steps`` needs no estimate: as the Trainer does for iterable
+        datasets, each pass is bounded by ``max_steps`` only (it ends when the stream does).
+        Trained for epochs, a stream needs a known length (the loader's ``num_samples`` or the
+        stream's ``len()``; ``epoch_samples`` raises otherwise).
+        """
+        run = self._odb
+        loader = run.loader
+        accumulation = args.gradient_accumulation_steps
+        total_batch_size = self.get_total_train_batch_size(args)
+        run.epochs_mode = args.max_steps <= 0
+        if loader.streaming and not run.epochs_mode:
+            run.epoch_samples = loader.num_samples or _stream_length(loader)
+            steps = args.max_steps
+            _announce(self, loader, f"{steps} optimizer steps (max_steps); no estimate")
+            trained = steps * total_batch_size  # the Trainer's figure; logs count real samples
+            batches = steps * accumulation
+            return sys.maxsize, steps, trained, trained, total_batch_size, batches, steps
+        samples = loader.epoch_samples()  # all ranks' (per-rank samplers need not cover them)
+        run.epoch_samples = samples
+        start = time.perf_counter()
+        estimate = estimate_steps(loader, probe=run.probe_samples)  # a multiple of accumulation
+        seconds = time.perf_counter() - start
+        per_epoch = max(1, estimate // accumulation)
+        upper = math.ceil(samples / accumulation) + 2  # every batch holds at least one sample
+        if not run.epochs_mode:
+            max_steps, epochs = args.max_steps, sys.maxsize
+            trained = max_steps * total_batch_size
+            plan = f"{max_steps} optimizer steps (max_steps)"
+        else:
+            total = samples * args.num_train_epochs
+            max_steps = math.ceil(args.num_train_epochs * per_epoch)
+            run.progress = DataProgress(total, max_steps / total if total else 0.0)
+            epochs = math.ceil(args.num_train_epochs)
+            trained = total
+            plan = f"{args.num_train_epochs:g} epoch(s) of {samples} samples"
+        _announce(
+            self,
+            loader,
+            f"{plan}; estimated {per_epoch} optimizer steps per epoch "
+            f"({samples / per_epoch:.1f} samples each) from {run.probe_samples} probed "
+            f"samples in {seconds:.1f} s",
+        )
+        batches = per_epoch * accumulation
+        return epochs, upper, samples, trained, total_batch_size, batches, max_steps
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        run = self._odb
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if run.epochs_mode and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # step() runs after the optimizer step, before global_step counts it
+            def after_this_step() -> float:
+                return run.progress.at(self.state.global_step + 1, run.samples_done)
+
+            scheduler = ProgressSchedule(scheduler, num_training_steps, after_this_step)
+            self.lr_scheduler = scheduler
+        return scheduler
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """One accumulation window of odb batches (the loss scaling needs no item count)."""
+        run = self._odb
+        batches = []
+        if not run.epochs_mode or run.data_left():
+            for batch in epoch_iterator:
+                batches.append(batch)
+                if len(batches) == num_batches:
+                    break
+        if not batches:
+            self.control.should_epoch_stop = True
+            if run.epochs_mode and not run.data_left():
+                _end_training(self)
+            return [], None
+        run.resumed_pass = False
+        infos = [odb.step_info(batch) for batch in batches]
+        run.window_tokens = window_label_tokens(infos)
+        if run.session is None:  # figures count from the first window, not from set-up
+            run.session, run.interval = _Counts(), _Counts()
+        run.session.add(infos)
+        run.interval.add(infos)
+        window_samples = sum(info.global_samples for info in infos)
+        if isinstance(self.lr_scheduler, ProgressSchedule):  # train this window at its middle
+            step, done = self.state.global_step + 0.5, run.samples_done + window_samples / 2
+            self.lr_scheduler.jump(run.progress.at(step, done))
+        run.samples_done += window_samples
+        return batches, None
+
+    # -- the loss ---------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Remember the micro-batch's step info for ``compute_loss`` (the Trainer copies the
+        batch to the device without it)."""
+        run = self._odb
+        run.micro_batch = find_step_info(inputs)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            run.micro_batch = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """This micro-batch's share of the exact mean over the window's label tokens
+        (``odb.loss.window_loss_share`` of the trainer's own mean loss). Outputs are asked for
+        only when the caller asks: TRL's SFTTrainer would recompute the logits its fused LM
+        head never builds, in an extra forward pass. Evaluation batches pass through."""
+        info = self._odb.micro_batch
+        if info is None or not model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs)
+        loss, outputs = result if return_outputs else (result, None)
+        loss = window_loss_share(loss, info, self._odb.window_tokens)
+        return (loss, outputs) if return_outputs else loss
+
+    # -- resume -----------------------------------------------------------------------------
+    def _init_training_state(
+        self,
+        max_steps,
+        num_update_steps_per_epoch,
+        num_train_epochs,
+        resume_from_checkpoint,
+        trial,
+    ):
+        """On resume, restore odb's position instead of replaying batches."""
+        run = self._odb
+        epochs, steps = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None:
+            return epochs, steps
+        name = _STATE_FILE.format(rank=self.args.process_index)
+        path = os.path.join(resume_from_checkpoint, name)
+        if not os.path.isfile(path):
+            raise StateError(
+                f"{path} is missing: this checkpoint was not written by an odb-enabled trainer "
+                f"(or by another world size), so the data position cannot be restored exactly"
+            )
+        with open(path) as handle:
+            state = json.load(handle)
+        if "unsaved" in state:
+            raise StateError(
+                f"{resume_from_checkpoint} holds no data position to resume from exactly: "
+                f"{state['unsaved']}"
+            )
+        run.loader.load_state_dict(state["loader"])
+        run.samples_done = state["samples_done"]
+        run.resumed_pass = True
+        return run.loader.epoch, 0
+
+    # -- logs -------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add odb's figures to the training logs, and make the final metrics count real
+        samples (the Trainer's assume ``per_device_train_batch_size`` samples per batch)."""
+        run = self._odb
+        if run.session is not None and "loss" in logs:
+            logs.update(_interval_figures(self, run))
+            run.interval = _Counts()
+        elif run.session is not None and "train_runtime" in logs:
+            session = run.session
+            real, _ = _all_ranks(self, session.real_tokens, session.padded_tokens)
+            runtime = max(float(logs["train_runtime"]), 1e-9)
+            logs["train_samples_per_second"] = round(session.samples / runtime, 3)
+            logs["odb_train_samples"] = session.samples
+            logs["odb_train_tokens"] = real
+            logs["odb_train_tokens_per_second"] = round(real / runtime, 1)
+        super().log(logs, start_time)
+
+
+class OdbTrainer(OdbTrainerMixin, Trainer):
     """A ``transformers.Trainer`` whose training batches come from odb.
 
-    Takes the Trainer's arguments plus ``token_budget`` and ``odb_options`` (any
-    ``odb.DataLoader`` option: ``mode``, ``window``, ``max_images``, ...).
+    Takes the Trainer's arguments plus ``token_budget``, ``probe_samples`` (how many samples
+    the step estimate measures) and ``odb_options`` (any ``odb.DataLoader`` option: ``mode``,
+    ``window``, ``max_images``, ...).
     """
 
     def __init__(
-        self, *args: Any, token_budget: float, odb_options: dict | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        token_budget: float,
+        odb_options: dict | None = None,
+        probe_samples: int = _PROBE_SAMPLES,
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        enable(self, token_budget, **(odb_options or {}))
+        _attach(self, _new_run(self, token_budget, probe_samples, dict(odb_options or {})))
 
 
-def enable(trainer: Trainer, token_budget: float, **options: Any) -> Trainer:
+def enable(
+    trainer: Trainer, token_budget: float, *, probe_samples: int = _PROBE_SAMPLES, **options: Any
+) -> Trainer:
     """Make ``trainer`` (a ``Trainer`` or subclass, e.g. TRL's ``SFTTrainer``) batch its
-    training data with odb; returns the same trainer."""
+    training data with odb; returns the same trainer, now an instance of an odb subclass of
+    its class. ``options`` are ``odb.DataLoader`` options; ``probe_samples`` is how many
+    samples the step estimate measures (in the loader's workers)."""
     if not isinstance(trainer, Trainer):
         raise ConfigError(f"enable expects a transformers.Trainer, got {type(trainer).__name__}")
     if getattr(trainer, "_odb", None) is not None:
         raise ConfigError("odb is already enabled on this trainer")
-    for reserved in ("shuffle", "sampler", "steps_multiple_of"):
-        if reserved in options:
-            raise ConfigError(f"{reserved!r} is set by the Trainer adapter, not by options")
-    odb.Budget(token_budget)  # validate early, before training starts
-    run = _Run(token_budget, options)
-    for name, method in _METHODS.items():
-        run.original[name] = getattr(trainer, name)
-        setattr(trainer, name, types.MethodType(method, trainer))
-    trainer._odb = run
-    trainer.loss_is_scaled_for_ga = True  # compute_loss below already divides by the window
-    trainer.callback_handler.callbacks.insert(0, _OdbFlowCallback(run))
+    run = _new_run(trainer, token_budget, probe_samples, options)
+    trainer.__class__ = _odb_class(type(trainer))
+    _attach(trainer, run)
     return trainer
 
 
-# -- the dataloader ------------------------------------------------------------------------------
-def _get_train_dataloader(self: Trainer) -> odb.DataLoader:
-    run: _Run = self._odb
-    if self.train_dataset is None:
-        raise ValueError("Trainer: training requires a train_dataset.")
-    args = self.args
-    dataset, collator = self.train_dataset, self.data_collator
-    streaming = is_stream(dataset)
-    if _is_hf_dataset(dataset) and not streaming:
-        dataset = self._remove_unused_columns(dataset, description="training")
-    if collator is default_data_collator or isinstance(collator, DataCollatorWithPadding):
-        # The Trainer's defaults cannot pad labels of varying length: use odb's collator.
-        collator = None
-    collate_fn = collator or _default_collator(self, run.options.get("mode", "padded"))
-    if streaming or (collator is not None and not _is_hf_dataset(dataset)):
-        # The Trainer's rule for iterable datasets too: their columns may be unknown before
-        # they are read, so the collator drops what the model does not take.
-        collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
-    options = dict(
-        collate_fn=collate_fn,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=args.dataloader_pin_memory,
-        prefetch_factor=args.dataloader_prefetch_factor,
-        multiprocessing_context=args.dataloader_multiprocessing_context,
-        worker_init_fn=partial(
-            seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
-        ),
-        steps_multiple_of=args.gradient_accumulation_steps,
-    )
-    if not streaming:  # a stream is read in its own order, its workers restarted every pass
-        options.update(shuffle=True, persistent_workers=args.dataloader_persistent_workers)
-    options.update(run.options)
-    run.loader = odb.DataLoader(dataset, run.token_budget, **options)
-    return run.loader
+_ODB_CLASSES: dict[type, type] = {Trainer: OdbTrainer}
+
+
+def _odb_class(cls: type) -> type:
+    """``cls`` with odb's methods in front: ``OdbTrainerMixin`` first in its MRO."""
+    if issubclass(cls, OdbTrainerMixin):
+        return cls
+    if cls not in _ODB_CLASSES:
+        _ODB_CLASSES[cls] = type(
+            f"Odb{cls.__name__}", (OdbTrainerMixin, cls), {"__module__": cls.__module__}
+        )
+    return _ODB_CLASSES[cls]
+
+
+def _new_run(trainer: Trainer, token_budget: float, probe_samples: int, options: dict) -> _Run:
+    """The adapter's state for ``trainer``, once everything it can check before training is
+    checked."""
+    for reserved in ("shuffle", "sampler", "steps_multiple_of"):
+        if reserved in options:
+            raise ConfigError(f"{reserved!r} is set by the Trainer adapter, not by options")
+    _check_internals(type(trainer))
+    sft.check_trainer(trainer)
+    odb.Budget(token_budget)  # validate early, before training starts
+    return _Run(token_budget, options, positive_int("probe_samples", probe_samples))
+
+
+def _attach(trainer: Trainer, run: _Run) -> None:
+    trainer._odb = run
+    trainer.loss_is_scaled_for_ga = True  # compute_loss already divides by the window
+    trainer.callback_handler.callbacks.insert(0, _OdbCallback(trainer))
+
+
+def _check_internals(cls: type) -> None:
+    """Refuse, naming the transformers version, a Trainer without the internals odb uses."""
+    for name, wanted in _TRAINER_INTERNALS.items():
+        method = getattr(cls, name, None)
+        found = () if method is None else tuple(inspect.signature(method).parameters)[1:]
+        if found[: len(wanted)] != wanted:
+            raise ConfigError(
+                f"odb.adapters.hf needs Trainer.{name}({', '.join(wanted)}), which "
+                f"{cls.__name__} of transformers {transformers.__version__} does not have; "
+                f"odb supports transformers 5.x (tested with 5.24)"
+            )
 
 
 def _default_collator(trainer: Trainer, mode: str):
@@ -158,177 +445,11 @@ def _is_hf_dataset(dataset: Any) -> bool:
     return type(dataset).__module__.startswith("datasets.")
 
 
-# -- steps and the LR schedule --------------------------------------------------------------------
-def _set_initial_training_values(self: Trainer, args, dataloader):
-    """The Trainer's step bookkeeping for a loader whose length is only estimated.
-
-    The epoch loop gets an upper bound of update steps (it ends when odb's epoch ends, see
-    ``_get_batch_samples``), ``steps_in_epoch`` and the progress bar the estimate.
-
-    A stream trained for ``max_steps`` needs no estimate: as the Trainer does for iterable
-    datasets, each pass is bounded by ``max_steps`` only (it ends when the stream does) and the
-    progress bar shows ``max_steps``. Trained for epochs, a stream needs a known length (the
-    loader's ``num_samples`` or the stream's ``len()``; ``epoch_samples`` raises otherwise).
-    """
-    run: _Run = self._odb
-    loader = run.loader
-    accumulation = args.gradient_accumulation_steps
-    total_batch_size = self.get_total_train_batch_size(args)
-    run.epochs_mode = args.max_steps <= 0
-    if loader.streaming and not run.epochs_mode:
-        steps = args.max_steps
-        trained_samples = steps * total_batch_size
-        return (
-            sys.maxsize,
-            steps,
-            trained_samples,
-            trained_samples,
-            total_batch_size,
-            steps * accumulation,
-            steps,
-        )
-    samples = loader.epoch_samples()  # all ranks' (per-rank samplers need not cover the data)
-    estimate = estimate_steps(loader)  # batches per epoch, a multiple of `accumulation`
-    per_epoch = max(1, estimate // accumulation)
-    upper = math.ceil(samples / accumulation) + 2  # every batch holds at least one sample
-    if not run.epochs_mode:
-        max_steps, epochs = args.max_steps, sys.maxsize
-        trained_samples = max_steps * total_batch_size
-    else:
-        run.samples_target = samples * args.num_train_epochs
-        max_steps = math.ceil(args.num_train_epochs * per_epoch)
-        run.steps_per_sample = max_steps / run.samples_target
-        epochs = math.ceil(args.num_train_epochs)
-        trained_samples = run.samples_target
-    return (
-        epochs,
-        upper,
-        samples,
-        trained_samples,
-        total_batch_size,
-        per_epoch * accumulation,
-        max_steps,
-    )
-
-
-def _create_scheduler(self: Trainer, num_training_steps: int, optimizer=None):
-    run: _Run = self._odb
-    scheduler = run.original["create_scheduler"](num_training_steps, optimizer)
-    if run.epochs_mode and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        # scheduler.step() runs after the optimizer step, before global_step counts it
-        progress = partial(_step_end_progress, self, run)
-        self.lr_scheduler = scheduler = _ProgressSchedule(scheduler, num_training_steps, progress)
-    return scheduler
-
-
-def _data_left(run: _Run) -> bool:
-    return run.samples_done < run.samples_target
-
-
-def _progress(run: _Run, steps: float, samples: float) -> float:
-    """Fraction of the training done after ``steps`` optimizer steps that consumed
-    ``samples``: steps over the predicted total, which is the steps so far plus the remaining
-    samples at the estimate's steps per sample. It follows steps as a step-based schedule does
-    (warmup lasts its fraction of the steps) and is exactly 1 when the data is used up."""
-    remaining = max(0.0, run.samples_target - samples)
-    predicted = steps + remaining * run.steps_per_sample
-    return 1.0 if predicted <= 0 else min(1.0, steps / predicted)
-
-
-def _step_end_progress(trainer: Trainer, run: _Run) -> float:
-    return _progress(run, trainer.state.global_step + 1, run.samples_done)
-
-
-class _ProgressSchedule:
-    """An LR schedule driven by the fraction of the training data consumed, not by steps.
-
-    With ``num_train_epochs`` the number of optimizer steps is only estimated; a schedule laid
-    over the estimate would end early or late. Instead the wrapped closed-form schedule
-    (``LambdaLR``, as every Hugging Face schedule is) is evaluated at ``progress * total``
-    steps (see ``_progress``): each accumulation window trains at the progress of its middle
-    (set when the window is fetched), and ``step()`` after the last window lands on the
-    schedule's end, exactly when the data is used up.
-    """
-
-    def __init__(self, scheduler, total_steps: int, progress):
-        self.scheduler, self.total_steps, self.progress = scheduler, total_steps, progress
-
-    def step(self) -> None:
-        self.jump(self.progress())
-
-    def jump(self, progress: float) -> None:
-        """Set the learning rates to the schedule's value at ``progress`` (0 to 1)."""
-        scheduler = self.scheduler
-        scheduler.last_epoch = progress * self.total_steps
-        groups = scheduler.optimizer.param_groups
-        for group, base, factor in zip(
-            groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * factor(scheduler.last_epoch)
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.scheduler.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
-
-
-class _OdbFlowCallback(TrainerCallback):
-    """In epochs mode ``state.max_steps`` is an estimate: keep the Trainer's default flow from
-    stopping on it while data remains (the end comes from ``_get_batch_samples``).
-
-    A pass restored from a checkpoint saved after its last step yields no batch (whether a
-    stream had more is only known by reading it). The Trainer ends the whole training on an
-    epoch without a batch; here it goes on with the next pass while training remains."""
-
-    def __init__(self, run: _Run):
-        self.run = run
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.run.epochs_mode and _data_left(self.run):
-            state.max_steps = max(state.max_steps, state.global_step + 1)
-        return control
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        run = self.run
-        if run.resumed_pass:
-            run.resumed_pass = False
-            if _data_left(run) if run.epochs_mode else state.global_step < state.max_steps:
-                control.should_training_stop = False
-        return control
-
-
-def _get_batch_samples(self: Trainer, epoch_iterator, num_batches: int, device):
-    """One accumulation window of odb batches, and its global label-token count."""
-    run: _Run = self._odb
-    batches = []
-    if not run.epochs_mode or _data_left(run):
-        for batch in epoch_iterator:
-            batches.append(batch)
-            if len(batches) == num_batches:
-                break
-    if not batches:
-        self.control.should_epoch_stop = True
-        if run.epochs_mode and not _data_left(run):
-            _end_training(self)
-        return [], None
-    run.resumed_pass = False
-    if run.last_log is None:  # throughput in the logs counts from the first window
-        run.last_log = (time.perf_counter(), 0, 0)
-    infos = [odb.step_info(batch) for batch in batches]
-    run.window_label_tokens = sum(info.global_label_tokens for info in infos)
-    window_samples = sum(info.global_samples for info in infos)
-    if isinstance(self.lr_scheduler, _ProgressSchedule):  # train this window at its middle
-        middle = _progress(run, self.state.global_step + 0.5, run.samples_done + window_samples / 2)
-        self.lr_scheduler.jump(middle)
-    run.samples_done += window_samples
-    return batches, None
+def _stream_length(loader: odb.DataLoader) -> int | None:
+    try:
+        return loader.epoch_samples()
+    except ConfigError:
+        return None
 
 
 def _end_training(trainer: Trainer) -> None:
@@ -340,65 +461,131 @@ def _end_training(trainer: Trainer) -> None:
         control.should_save = True
 
 
-# -- the loss -------------------------------------------------------------------------------------
-def _prepare_inputs(self: Trainer, inputs):
-    """Keep odb's step info on the batch the Trainer copies to the device."""
-    prepared = self._odb.original["_prepare_inputs"](inputs)
-    info = find_step_info(inputs)
-    return prepared if info is None else attach_step_info(prepared, info)
+# -- the start-up line and the logs ---------------------------------------------------------------
+def _announce(trainer: Trainer, loader: odb.DataLoader, plan: str) -> None:
+    """One line per run on the main process: what odb will do and what the estimate cost.
+
+    Shown through the ``odb`` logger at INFO; when the program configured no logging at all,
+    odb gives its logger a plain stderr handler so the line is seen."""
+    if not trainer.is_world_process_zero():
+        return
+    if not logger.handlers and not logging.getLogger().handlers and not logger.level:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    budget = loader.budget
+    caps = [f"{name}={value}" for name, value in vars(budget.caps).items() if value is not None]
+    cost = type(budget.cost).__name__
+    logger.info(
+        "odb: %d rank(s), %s mode, token budget %g (%s)%s, gradient accumulation %d; %s",
+        trainer.args.world_size,
+        loader.mode,
+        budget.limit,
+        cost,
+        f", caps {', '.join(caps)}" if caps else "",
+        trainer.args.gradient_accumulation_steps,
+        plan,
+    )
 
 
-def _compute_loss(self: Trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-    """This micro-batch's share of the exact mean over the window's label tokens.
+def _all_ranks(trainer: Trainer, *counts: int) -> list[int]:
+    """``counts`` summed over the ranks. ``log`` runs on every rank at the same steps (the
+    Trainer gathers the loss there too), so this one small all-reduce is matched."""
+    if trainer.args.world_size <= 1:
+        return list(counts)
+    values = torch.tensor(counts, dtype=torch.float64, device=trainer.args.device)
+    return [int(v) for v in trainer.accelerator.reduce(values, reduction="sum").tolist()]
 
-    The model (or the trainer subclass) computes its usual mean over this batch's label tokens;
-    times the batch's label tokens that is its token-loss sum, and times ``world_size /
-    window_label_tokens`` it becomes the share that DDP's averaging and the accumulation sum
-    turn into the exact global mean. Evaluation batches (no step info) pass through.
+
+def _interval_figures(trainer: Trainer, run: _Run) -> dict:
+    """odb's figures since the previous log: over all ranks, per optimizer step."""
+    counts, stats = run.interval, run.loader.stats()
+    real, padded = _all_ranks(trainer, counts.real_tokens, counts.padded_tokens)
+    steps = max(counts.steps, 1)
+    seconds = max(time.perf_counter() - counts.since, 1e-6)
+    budget = counts.batches * trainer.args.world_size * run.token_budget
+    return {
+        "odb_samples_per_step": round(counts.samples / steps, 2),
+        "odb_tokens_per_step": round(real / steps, 1),
+        "odb_label_tokens_per_step": round(counts.label_tokens / steps, 1),
+        "odb_samples_per_second": round(counts.samples / seconds, 3),
+        "odb_tokens_per_second": round(real / seconds, 1),
+        "odb_padding_efficiency": round(real / padded, 4) if padded else 0.0,
+        "odb_fill": round(real / budget, 4) if budget else 0.0,
+        "odb_ghost_steps": stats.ghost_steps,
+        "odb_shared_groups": stats.shared_groups,
+        "odb_stale_groups": stats.stale_groups,
+        "odb_over_budget": stats.over_budget_solo + stats.over_budget_truncated,
+    }
+
+
+# -- the training's flow, checkpoints -------------------------------------------------------------
+class _OdbCallback(TrainerCallback):
+    """The Trainer's flow for a loader whose step count is only estimated, and odb's state in
+    every checkpoint.
+
+    - ``state.epoch`` counts epochs by samples consumed (the Trainer divides by the estimated
+      steps), so it ends at the epochs asked for;
+    - in epochs mode, ``state.max_steps`` (and the progress bar's total) is the predicted step
+      count, never below the next step while data remains: the default flow does not stop on
+      the estimate, and the end comes from ``get_batch_samples``;
+    - a pass restored from a checkpoint saved after its last step yields no batch (whether a
+      stream had more is only known by reading it). The Trainer ends the whole training on an
+      epoch without a batch; here it goes on with the next pass while training remains.
     """
-    run: _Run = self._odb
-    info = find_step_info(inputs)
-    original = run.original["compute_loss"]
-    if info is None or not model.training:
-        return original(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-    # Outputs only when the caller asks: TRL's SFTTrainer recomputes the logits, which its fused
-    # LM head never builds, with an extra forward pass to return them.
-    result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
-    loss, outputs = result if return_outputs else (result, None)
-    if info.local_label_tokens == 0 or not run.window_label_tokens:
-        # No target here (a mean over nothing is NaN): a zero that stays in the graph, so every
-        # parameter the forward used gets a zero gradient and DDP's all-reduce stays matched.
-        loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
-    else:
-        weight = info.loss_weight * info.local_label_tokens * info.world_size
-        loss = loss * (weight / run.window_label_tokens)
-    return (loss, outputs) if return_outputs else loss
 
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
 
-# -- checkpoints and resume -----------------------------------------------------------------------
-def _save_checkpoint(self: Trainer, model, trial) -> None:
-    """The Trainer's checkpoint, plus this rank's odb state (json). A stream that cannot save
-    its position exactly gets the reason written instead and a warning; resuming from that
-    checkpoint is then refused (see ``_init_training_state``), never silently inexact."""
-    run: _Run = self._odb
-    run.original["_save_checkpoint"](model, trial)
-    folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-    os.makedirs(folder, exist_ok=True)
-    record = {"samples_done": run.samples_done}
-    try:
-        record["loader"] = _json_state(run.loader)
-    except StateError as error:
-        record["unsaved"] = str(error)
-        warnings.warn(
-            f"{folder} cannot resume the training data exactly, so resuming from it will be "
-            f"refused: {error}",
-            stacklevel=2,
-        )
-    path = os.path.join(folder, _STATE_FILE.format(rank=self.args.process_index))
-    with open(path, "w") as handle:
-        json.dump(record, handle)
+    @property
+    def run(self) -> _Run:
+        return self.trainer._odb
+
+    def on_step_end(self, args, state, control, **kwargs):
+        run = self.run
+        if run.epoch_samples:
+            state.epoch = run.samples_done / run.epoch_samples
+            if run.epochs_mode:
+                state.epoch = min(state.epoch, args.num_train_epochs)
+        if run.epochs_mode:
+            state.max_steps = run.progress.total_steps(state.global_step, run.samples_done)
+            for callback in self.trainer.callback_handler.callbacks:
+                bar = getattr(callback, "training_bar", None)
+                if isinstance(callback, ProgressCallback) and bar is not None:
+                    bar.total = state.max_steps
+                    bar.refresh()
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        run = self.run
+        if run.resumed_pass:
+            run.resumed_pass = False
+            if run.data_left() if run.epochs_mode else state.global_step < state.max_steps:
+                control.should_training_stop = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        """This rank's odb state, next to the checkpoint the Trainer just wrote. A stream that
+        cannot save its position exactly gets the reason written instead and a warning;
+        resuming from that checkpoint is then refused, never silently inexact."""
+        run = self.run
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        record = {"samples_done": run.samples_done}
+        try:
+            record["loader"] = _json_state(run.loader)
+        except StateError as error:
+            record["unsaved"] = str(error)
+            warnings.warn(
+                f"{folder} cannot resume the training data exactly, so resuming from it will "
+                f"be refused: {error}",
+                stacklevel=2,
+            )
+        path = os.path.join(folder, _STATE_FILE.format(rank=args.process_index))
+        with open(path, "w") as handle:
+            json.dump(record, handle)
+        return control
 
 
 def _json_state(loader: odb.DataLoader) -> dict:
@@ -418,74 +605,3 @@ def _json_state(loader: odb.DataLoader) -> dict:
             "numbers, strings)"
         )
     return state
-
-
-def _init_training_state(
-    self: Trainer,
-    max_steps,
-    num_update_steps_per_epoch,
-    num_train_epochs,
-    resume_from_checkpoint,
-    trial,
-):
-    """On resume, restore odb's position instead of replaying batches."""
-    run: _Run = self._odb
-    epochs, steps = run.original["_init_training_state"](
-        max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-    )
-    if resume_from_checkpoint is None:
-        return epochs, steps
-    path = os.path.join(resume_from_checkpoint, _STATE_FILE.format(rank=self.args.process_index))
-    if not os.path.isfile(path):
-        raise StateError(
-            f"{path} is missing: this checkpoint was not written by an odb-enabled trainer "
-            f"(or by another world size), so the data position cannot be restored exactly"
-        )
-    with open(path) as handle:
-        state = json.load(handle)
-    if "unsaved" in state:
-        raise StateError(
-            f"{resume_from_checkpoint} holds no data position to resume from exactly: "
-            f"{state['unsaved']}"
-        )
-    run.loader.load_state_dict(state["loader"])
-    run.samples_done = state["samples_done"]
-    run.resumed_pass = True
-    return run.loader.epoch, 0
-
-
-# -- logs -----------------------------------------------------------------------------------------
-def _log(self: Trainer, logs: dict, start_time: float | None = None) -> None:
-    run: _Run = self._odb
-    if run.loader is not None and "loss" in logs:
-        stats = run.loader.stats()
-        now = time.perf_counter()
-        last = run.last_log or (now, 0, 0)
-        elapsed = max(now - last[0], 1e-6)
-        logs = {
-            **logs,
-            "odb_padding_efficiency": round(stats.padding_efficiency, 4),
-            "odb_fill": round(stats.fill, 4),
-            "odb_real_tokens_per_second": round((stats.real_tokens - last[1]) / elapsed, 1),
-            "odb_samples_per_second": round((stats.samples - last[2]) / elapsed, 3),
-            "odb_samples_per_step": round(stats.samples / max(stats.steps, 1), 2),
-            "odb_ghost_steps": stats.ghost_steps,
-            "odb_shared_groups": stats.shared_groups,
-            "odb_stale_groups": stats.stale_groups,
-            "odb_over_budget": stats.over_budget_solo + stats.over_budget_truncated,
-        }
-        run.last_log = (now, stats.real_tokens, stats.samples)
-    run.original["log"](logs, start_time)
-
-
-_METHODS = {
-    "get_train_dataloader": _get_train_dataloader,
-    "set_initial_training_values": _set_initial_training_values,
-    "create_scheduler": _create_scheduler,
-    "get_batch_samples": _get_batch_samples,
-    "_prepare_inputs": _prepare_inputs,
-    "compute_loss": _compute_loss,
-    "_save_checkpoint": _save_checkpoint,
-    "_init_training_state": _init_training_state,
-    "log": _log,
-}

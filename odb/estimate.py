@@ -3,8 +3,9 @@
 odb only knows a sample's length once the user's pipeline has produced it, so the number of
 batches of an epoch is not known in advance. The estimate measures a seeded probe of the
 dataset (through ``dataset.estimate(index)`` when the dataset offers a cheap length estimate,
-otherwise by processing the probed samples), resamples those sizes to the dataset's size, and
-runs the loader's own round engine on them for every rank (odb/simulate.py).
+otherwise by processing the probed samples in the loader's workers), resamples those sizes to
+the dataset's size, and runs the loader's own round engine on them for every rank
+(odb/simulate.py).
 
 A stream (a torch or Hugging Face IterableDataset) has no index to probe at random: its first
 samples are measured instead, read in this process from a fresh iteration of the stream, and
@@ -27,15 +28,20 @@ from odb.cost import SampleSize, measure_sample
 from odb.errors import ConfigError
 from odb.simulate import simulate
 
-__all__ = ["estimate_steps", "count_steps", "probe_sizes"]
+__all__ = ["estimate_steps", "count_steps", "probe_indices", "probe_sizes"]
 
 _SIMULATED_SAMPLES = 20_000  # beyond this, simulate a part and scale: steps grow linearly
 
 
+def probe_indices(n: int, count: int, seed: int) -> np.ndarray:
+    """``count`` seeded random indices of a dataset of ``n`` samples (all of them if fewer)."""
+    return np.random.default_rng([seed, 0x0DB]).choice(n, size=min(count, n), replace=False)
+
+
 def probe_sizes(dataset, count: int, seed: int) -> list[SampleSize]:
-    """Sizes of ``count`` seeded random samples; ``dataset.estimate(i)`` when available."""
-    n = len(dataset)
-    indices = np.random.default_rng([seed, 0x0DB]).choice(n, size=min(count, n), replace=False)
+    """Sizes of ``count`` seeded random samples, measured in this process;
+    ``dataset.estimate(i)`` when available."""
+    indices = probe_indices(len(dataset), count, seed)
     if hasattr(dataset, "estimate"):
         return [dataset.estimate(int(i)) for i in indices]
     return [measure_sample(dataset[int(i)], int(i)) for i in indices]
@@ -70,10 +76,14 @@ def estimate_steps(loader, probe: int = 256) -> int:
 
 
 def _probe(loader, count: int) -> list[SampleSize]:
-    """Sizes to resample: seeded random samples of a dataset, or the first ``count`` samples
-    of a fresh iteration of a stream (it cannot be read at random)."""
+    """Sizes to resample: seeded random samples of a dataset (``dataset.estimate(i)`` when it
+    has one, else processed and measured in the loader's workers), or the first ``count``
+    samples of a fresh iteration of a stream (it cannot be read at random), read here."""
     if not loader.streaming:
-        return probe_sizes(loader.dataset, count, loader.seed)
+        dataset = loader.dataset
+        if hasattr(dataset, "estimate"):
+            return probe_sizes(dataset, count, loader.seed)
+        return loader.measure(probe_indices(len(dataset), count, loader.seed))
     first = itertools.islice(iter(loader.dataset), count)
     return [measure_sample(sample, i) for i, sample in enumerate(first)]
 

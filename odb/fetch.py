@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
+from odb.cost import SampleSize, measure_sample
 from odb.errors import positive_int
 
 __all__ = [
     "SHARED_MEMORY_BYTES",
     "ChunkSampler",
     "IndexedDataset",
+    "MeasuredDataset",
     "WorkerInit",
     "decode_chunk",
     "decode_value",
@@ -50,6 +52,20 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class MeasuredDataset(torch.utils.data.Dataset):
+    """``dataset[i]``'s size: a worker processes and measures the sample and sends only its
+    :class:`~odb.SampleSize` back (probes for step estimates)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __getitem__(self, index: int) -> SampleSize:
+        return measure_sample(self.dataset[index], index)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -28,11 +28,18 @@ from odb.admit import Admission
 from odb.batch import attach_step_info
 from odb.buffer import RoundSettings
 from odb.collate import LAYOUTS, PackedCollator, PaddedCollator, check_layout, collator_layout
-from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost
+from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize
 from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
 from odb.exchange import Exchange, GlooExchange, LocalExchange
-from odb.fetch import ChunkSampler, IndexedDataset, WorkerInit, encode_chunk, keep_chunk
+from odb.fetch import (
+    ChunkSampler,
+    IndexedDataset,
+    MeasuredDataset,
+    WorkerInit,
+    encode_chunk,
+    keep_chunk,
+)
 from odb.source import IndexSource, index_array, rank_part
 from odb.stats import LoaderStats
 from odb.stream import StreamSource, is_stream, stream_length
@@ -237,6 +244,17 @@ class DataLoader:
         self._resume: dict | None = None
         self._iterator: _EpochIterator | None = None
         self._fingerprints: dict = {}  # the dataset's, taken once (see IndexSource)
+
+    def measure(self, indices: Iterable[int]) -> list[SampleSize]:
+        """The sizes of these samples of the (map-style) dataset, processed and measured in
+        this loader's workers (in this process without workers); only the sizes come back."""
+        measured = torch.utils.data.DataLoader(
+            MeasuredDataset(self.dataset),
+            sampler=[int(i) for i in indices],
+            batch_size=None,
+            **self._worker_options,
+        )
+        return list(measured)
 
     # -- the DataLoader surface ---------------------------------------------------------------
     def __iter__(self) -> Iterator[Mapping]:

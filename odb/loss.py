@@ -4,10 +4,15 @@ DDP averages gradients over ``world_size`` ranks. For the gradient of the exact 
 over every rank's batch, each rank's loss must be its token-loss SUM times
 ``world_size / global_label_tokens``; the global count arrives with the batch (the same
 round's alignment table), so no extra collective is needed. Ghost batches have loss weight 0.
+
+:func:`scale_loss` makes one batch its own global mean; :func:`window_loss_share` makes the
+micro-batches of a gradient-accumulation window one exact global mean, which is what a trainer
+adapter needs (odb.adapters.hf uses it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +20,7 @@ import torch
 from odb.batch import StepInfo, step_info
 from odb.errors import ConfigError
 
-__all__ = ["scale_loss"]
+__all__ = ["scale_loss", "window_label_tokens", "window_loss_share"]
 
 
 def scale_loss(loss: Any, batch: Any, *, reduction: str = "token", reduced: str = "sum") -> Any:
@@ -49,8 +54,35 @@ def scale_loss(loss: Any, batch: Any, *, reduction: str = "token", reduced: str 
     if reduced not in ("sum", "mean"):
         raise ConfigError(f"reduced must be 'sum' or 'mean', got {reduced!r}")
     if local == 0 or scale == 0:
-        if not isinstance(loss, torch.Tensor):
-            return 0.0
-        # NaN * 0 and inf * 0 are NaN: zero them first (torch.where(isnan) would miss inf).
-        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        return _exact_zero(loss)
     return loss * (local * scale) if reduced == "mean" else loss * scale
+
+
+def window_label_tokens(infos: Sequence[StepInfo]) -> int:
+    """The label tokens of an accumulation window: every rank's, of every micro-batch."""
+    return sum(info.global_label_tokens for info in infos)
+
+
+def window_loss_share(mean_loss: Any, info: StepInfo, window_tokens: int) -> Any:
+    """One micro-batch's share of the exact token mean over its accumulation window.
+
+    ``mean_loss`` is the mean over this micro-batch's label tokens (what a Hugging Face model
+    returns); times its label tokens it is the micro-batch's token-loss sum, and times
+    ``world_size / window_tokens`` (``window_tokens`` from :func:`window_label_tokens`) the
+    share that DDP's averaging and the sum over the window's micro-batches turn into the exact
+    global mean. The model's own normalisation is used as is, so this holds alike for models
+    that take ``num_items_in_batch`` and those that do not. A micro-batch without label tokens,
+    or a ghost, gives an exact 0 in the graph (see :func:`scale_loss`).
+    """
+    if info.local_label_tokens == 0 or info.loss_weight == 0 or not window_tokens:
+        return _exact_zero(mean_loss)
+    weight = info.loss_weight * info.local_label_tokens * info.world_size
+    return mean_loss * (weight / window_tokens)
+
+
+def _exact_zero(loss: Any) -> Any:
+    """0, kept in the graph of a tensor ``loss`` (even a NaN or infinite one)."""
+    if not isinstance(loss, torch.Tensor):
+        return 0.0
+    # NaN * 0 and inf * 0 are NaN: zero them first (torch.where(isnan) would miss inf).
+    return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0

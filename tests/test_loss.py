@@ -105,3 +105,37 @@ def test_one_process_loss_scale_gives_the_token_mean(tmp_path):
     info = odb.step_info(batch)
     assert info.world_size == 1
     assert odb.scale_loss(torch.tensor(float(info.local_label_tokens)), batch).item() == 1.0
+
+
+def test_window_shares_add_up_to_the_exact_mean_over_every_rank_and_micro_batch():
+    """Two ranks, three micro-batches each, one without label tokens (its mean is NaN) and one
+    a ghost: DDP's average over ranks of each rank's summed shares is the plain mean of every
+    label token's loss."""
+    from odb.loss import window_label_tokens, window_loss_share
+
+    generator = torch.Generator().manual_seed(0)
+    counts = [[7, 0, 12], [3, 9, 5]]  # label tokens per (rank, micro-batch)
+    ghost = (1, 2)
+    losses = [[torch.rand(n, generator=generator) for n in row] for row in counts]
+    real = [[0 if (r, m) == ghost else n for m, n in enumerate(row)] for r, row in enumerate(counts)]
+    infos = [
+        [
+            _info(
+                local_label_tokens=real[r][m],
+                global_label_tokens=real[0][m] + real[1][m],
+                loss_weight=0.0 if (r, m) == ghost else 1.0,
+            )
+            for m in range(3)
+        ]
+        for r in range(2)
+    ]
+    window = window_label_tokens(infos[0])
+    assert window == window_label_tokens(infos[1]) == sum(map(sum, real))
+    ranks = [
+        sum(window_loss_share(loss.mean(), info, window) for loss, info in zip(row, inf))
+        for row, inf in zip(losses, infos, strict=True)
+    ]
+    kept = [loss for r, row in enumerate(losses) for m, loss in enumerate(row) if (r, m) != ghost]
+    exact = torch.cat(kept).mean()
+    assert torch.isfinite(ranks[0]) and torch.isfinite(ranks[1])
+    assert ((ranks[0] + ranks[1]) / 2).item() == pytest.approx(exact.item(), rel=1e-6)

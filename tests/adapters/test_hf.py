@@ -208,13 +208,81 @@ def test_other_dataloaders_keep_their_length(tmp_path):
     assert len(plain) == 3
 
 
+def _training_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
 @pytest.mark.slow
-def test_logs_carry_odb_figures(tmp_path):
-    trainer, _ = _train(tmp_path, TokenDataset(lengths(60)), max_steps=4)
-    logged = [e for e in trainer.state.log_history if "loss" in e]
-    assert logged and all(0 < e["odb_padding_efficiency"] <= 1 for e in logged)
-    assert all(e["odb_samples_per_second"] > 0 for e in logged)
-    assert "odb_ghost_steps" in logged[0] and "odb_stale_groups" in logged[0]
+def test_logged_figures_count_the_samples_and_tokens_of_each_optimizer_step(tmp_path):
+    """Per optimizer step, not per micro-batch: with accumulation 3 a step holds three
+    batches' samples. Checked against the step infos of the batches the trainer ran."""
+    trainer, recorder = _train(
+        tmp_path, TokenDataset(lengths(60)), max_steps=5, gradient_accumulation_steps=3
+    )
+    logged = _training_logs(trainer)
+    assert len(logged) == len(recorder.windows) == 5
+    for entry, window in zip(logged, recorder.windows, strict=True):
+        real = [info for info in window if not info.ghost]
+        assert entry["odb_samples_per_step"] == sum(info.global_samples for info in window)
+        assert entry["odb_tokens_per_step"] == sum(info.real_tokens for info in real)
+        assert entry["odb_label_tokens_per_step"] == sum(
+            info.global_label_tokens for info in window
+        )
+        padded = sum(info.padded_tokens for info in real)
+        assert entry["odb_padding_efficiency"] == round(entry["odb_tokens_per_step"] / padded, 4)
+        assert entry["odb_samples_per_second"] > 0 and "odb_ghost_steps" in entry
+    samples = sum(info.global_samples for window in recorder.windows for info in window)
+    final = trainer.state.log_history[-1]
+    assert final["odb_train_samples"] == samples  # the Trainer's own figure assumed 5 * 3 * 1
+    assert final["train_samples_per_second"] * final["train_runtime"] == pytest.approx(
+        samples, rel=0.01
+    )
+    tokens = sum(i.real_tokens for w in recorder.windows for i in w if not i.ghost)
+    assert final["odb_train_tokens"] == tokens
+    # max_steps mode over a dataset of known size: epochs counted in samples
+    assert final["epoch"] == pytest.approx(samples / 60)
+
+
+class _Underestimated(TokenDataset):
+    """A dataset whose cheap length estimate is a third of the truth: the step estimate,
+    and so the progress bar's first total, falls far short."""
+
+    def estimate(self, index: int) -> odb.SampleSize:
+        n = self.lengths[index]
+        return odb.SampleSize(max(1, n // 3), label_tokens=max(0, n // 3 - 1))
+
+
+class _BarWatcher(transformers.TrainerCallback):
+    """The progress bar's total and position after every step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, transformers.ProgressCallback):
+                self.seen.append((callback.training_bar.n, callback.training_bar.total))
+
+
+@pytest.mark.slow
+def test_progress_bar_keeps_a_total_and_epoch_ends_at_the_epochs_asked_for(tmp_path):
+    trainer = transformers.Trainer(
+        model=tiny_model(),
+        args=training_args(tmp_path, num_train_epochs=1, disable_tqdm=False),
+        train_dataset=_Underestimated(lengths(90, seed=4)),
+    )
+    enable(trainer, BUDGET)
+    watcher = _BarWatcher(trainer)
+    trainer.add_callback(watcher)
+    trainer.train()
+    steps = trainer.state.global_step
+    first_total = watcher.seen[0][1]
+    assert first_total < 0.7 * steps  # the estimate was short, as intended
+    assert [n for n, _ in watcher.seen] == list(range(1, steps + 1))
+    assert all(total > n for n, total in watcher.seen[:-1])  # never "16it" past a total
+    assert watcher.seen[-1] == (steps, steps)
+    assert trainer.state.log_history[-1]["epoch"] == 1.0
+    assert _training_logs(trainer)[-1]["epoch"] == 1.0
 
 
 @pytest.mark.slow
