@@ -60,7 +60,7 @@ from odb.loss import window_label_tokens, window_loss_share
 from odb.schedule import DataProgress, ProgressSchedule
 from odb.stream import is_stream
 
-__all__ = ["OdbTrainer", "enable"]
+__all__ = ["OdbTrainer", "OdbTrainerMixin", "enable"]
 
 logger = logging.getLogger("odb")
 

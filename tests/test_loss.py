@@ -117,7 +117,9 @@ def test_window_shares_add_up_to_the_exact_mean_over_every_rank_and_micro_batch(
     counts = [[7, 0, 12], [3, 9, 5]]  # label tokens per (rank, micro-batch)
     ghost = (1, 2)
     losses = [[torch.rand(n, generator=generator) for n in row] for row in counts]
-    real = [[0 if (r, m) == ghost else n for m, n in enumerate(row)] for r, row in enumerate(counts)]
+    real = [
+        [0 if (r, m) == ghost else n for m, n in enumerate(row)] for r, row in enumerate(counts)
+    ]
     infos = [
         [
             _info(
@@ -132,7 +134,10 @@ def test_window_shares_add_up_to_the_exact_mean_over_every_rank_and_micro_batch(
     window = window_label_tokens(infos[0])
     assert window == window_label_tokens(infos[1]) == sum(map(sum, real))
     ranks = [
-        sum(window_loss_share(loss.mean(), info, window) for loss, info in zip(row, inf))
+        sum(
+            window_loss_share(loss.mean(), info, window)
+            for loss, info in zip(row, inf, strict=True)
+        )
         for row, inf in zip(losses, infos, strict=True)
     ]
     kept = [loss for r, row in enumerate(losses) for m, loss in enumerate(row) if (r, m) != ghost]

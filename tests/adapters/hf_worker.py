@@ -41,6 +41,8 @@ def main() -> None:
                 "epoch": i.epoch,
                 "global_label_tokens": i.global_label_tokens,
                 "padded_tokens": i.padded_tokens,
+                "real_tokens": i.real_tokens,
+                "global_samples": i.global_samples,
             }
             for i in window
         ]
@@ -53,6 +55,8 @@ def main() -> None:
         "windows": windows,
         "lrs": recorder.lrs,
         "global_step": trainer.state.global_step,
+        "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+        "final": trainer.state.log_history[-1],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0 and recorder.first_grads is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from hf_setup import (
 )
 
 import odb
-from odb.adapters.hf import OdbTrainer, enable
+from odb.adapters.hf import OdbTrainer, OdbTrainerMixin, enable
 
 BUDGET = 256
 
@@ -297,6 +300,71 @@ def test_odb_trainer_class_is_the_same_as_enable(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 3
     assert isinstance(trainer.get_train_dataloader(), odb.DataLoader)
+
+
+def _trainer(tmp_path, cls=transformers.Trainer, dataset=None, **args):
+    return cls(
+        model=tiny_model(),
+        args=training_args(tmp_path, **({"max_steps": 1} | args)),
+        train_dataset=dataset if dataset is not None else TokenDataset([5]),
+    )
+
+
+def test_enable_moves_only_that_trainer_to_an_odb_subclass_of_its_class(tmp_path):
+    class MyTrainer(transformers.Trainer):
+        pass
+
+    trainer, other = _trainer(tmp_path, MyTrainer), _trainer(tmp_path, MyTrainer)
+    assert enable(trainer, BUDGET) is trainer
+    assert type(trainer).__name__ == "OdbMyTrainer" and isinstance(trainer, MyTrainer)
+    assert isinstance(trainer, OdbTrainerMixin) and type(other) is MyTrainer
+    assert type(enable(_trainer(tmp_path), BUDGET)) is OdbTrainer  # a plain Trainer
+
+
+def test_a_trainer_without_the_internals_odb_uses_is_refused_naming_the_version(tmp_path):
+    class Reworked(transformers.Trainer):
+        def get_batch_samples(self, epoch_iterator, device):  # a changed signature
+            raise AssertionError("not reached")
+
+    trainer = _trainer(tmp_path, Reworked)
+    with pytest.raises(odb.ConfigError, match=rf"get_batch_samples.*{transformers.__version__}"):
+        enable(trainer, BUDGET)
+    assert type(trainer) is Reworked and not hasattr(trainer, "_odb")
+
+
+class _WhereProcessed(TokenDataset):
+    """Writes the process id of every __getitem__ call into ``folder``."""
+
+    def __init__(self, lengths, folder):
+        super().__init__(lengths)
+        self.folder = folder
+
+    def __getitem__(self, index: int) -> dict:
+        with open(self.folder / f"{os.getpid()}.txt", "a") as handle:
+            handle.write(f"{index}\n")
+        return super().__getitem__(index)
+
+    def calls(self) -> dict[int, int]:
+        return {int(path.stem): len(path.read_text().split()) for path in self.folder.glob("*.txt")}
+
+
+@pytest.mark.slow
+def test_start_up_line_and_a_probe_of_the_size_asked_run_in_the_loaders_workers(tmp_path, caplog):
+    (tmp_path / "calls").mkdir()
+    dataset = _WhereProcessed(lengths(60), tmp_path / "calls")
+    trainer = _trainer(
+        tmp_path, dataset=dataset, max_steps=-1, num_train_epochs=1, dataloader_num_workers=2
+    )
+    enable(trainer, BUDGET, probe_samples=20)
+    with caplog.at_level(logging.INFO, logger="odb"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("odb: ")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("odb: 1 rank(s), padded mode, token budget 256 (PaddedCost)")
+    assert re.search(r"estimated \d+ optimizer steps per epoch .* from 20 probed samples", lines[0])
+    calls = dataset.calls()
+    assert os.getpid() not in calls  # neither the probe nor the epoch ran in this process
+    assert sum(calls.values()) == 20 + 60
 
 
 def test_enable_refuses_twice_and_reserved_options(tmp_path):

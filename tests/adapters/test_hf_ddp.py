@@ -74,6 +74,23 @@ def _check(results, dataset, epochs):
         assert all(s["padded_tokens"] <= BUDGET for s in wa + wb)
 
 
+def _check_logged_figures(results):
+    """Each log holds one optimizer step's samples and real tokens over both ranks (the
+    tokens through the adapter's all-reduce at log time), the same on both ranks."""
+    a, b = results
+    for rank in results:
+        assert len(rank["logs"]) == len(rank["windows"])
+    pairs = zip(a["logs"], b["logs"], a["windows"], b["windows"], strict=True)
+    for entry_a, entry_b, wa, wb in pairs:
+        real = sum(s["real_tokens"] for s in wa + wb if not s["ghost"])
+        samples = sum(s["global_samples"] for s in wa)
+        for entry in (entry_a, entry_b):
+            assert entry["odb_tokens_per_step"] == real
+            assert entry["odb_samples_per_step"] == samples
+    samples = sum(s["global_samples"] for w in a["windows"] for s in w)
+    assert a["final"]["odb_train_samples"] == b["final"]["odb_train_samples"] == samples
+
+
 def _check_first_gradient(tmp_path, results, dataset):
     """Rank 0's DDP gradient of the first optimizer step equals one process's exact mean
     over both ranks' samples of that window."""
@@ -100,6 +117,8 @@ def test_two_processes_equal_steps_coverage_exact_gradient(tmp_path, launcher):
     dataset = TokenDataset(dataset_lengths)
     _check(results, dataset, epochs=2)
     _check_first_gradient(tmp_path, results, dataset)
+    _check_logged_figures(results)
+    assert results[0]["final"]["epoch"] == results[1]["final"]["epoch"] == 2.0
     assert results[0]["lrs"][-1] <= 0.05 * max(results[0]["lrs"])
 
 
