@@ -4,6 +4,9 @@ Several ranks are simulated in one process by stacking their reports, as the all
 would (the same functions run inside the trainer).
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,10 +18,6 @@ from odb.adapters.trl import (
     GRPOBatching,
     RolloutLayoutError,
     RowSizes,
-    _concat_rows,
-    _Layout,
-    _take_rows,
-    _trim,
     encode_rows,
     envelope_groups,
     fewest_groups,
@@ -26,6 +25,7 @@ from odb.adapters.trl import (
     sorted_segments,
     split_groups,
 )
+from odb.adapters.trl.layout import _concat_rows, _Layout, _take_rows, _trim
 
 BUDGET = odb.Budget(100)
 
@@ -245,3 +245,19 @@ def test_layout_refuses_a_mask_with_gaps():
     mask = torch.tensor([[1, 0, 1, 1, 1, 0]])
     with pytest.raises(RolloutLayoutError, match="left-padded prompt"):
         _Layout.of(mask, 3)
+
+
+def test_the_planning_layer_imports_without_trl():
+    """Only the layout and trainer layers import TRL; the package loads them on first use."""
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "import odb.adapters.trl as adapter\n"
+        "from odb.benchmarks.rl import run_rl\n"
+        "assert 'odb.adapters.trl.trainer' not in sys.modules\n"
+        "try:\n"
+        "    adapter.OdbGRPOTrainer\n"
+        "except ImportError:\n"
+        "    print('needs trl')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "needs trl"
