@@ -39,10 +39,10 @@ from odb.adapters.trl.planning import (
     own_groups,
     sorted_segments,
 )
-from odb.align import FAILED
+from odb.align import FAILED, cause_of, check_reports
 from odb.cost import Budget, Caps, ComputeCost, PaddedCost
-from odb.errors import AlignmentError, ConfigError
-from odb.exchange import GlooExchange, LocalExchange
+from odb.errors import ConfigError
+from odb.exchange import world_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -453,25 +453,17 @@ class _Batcher:
         except Exception as raised:  # tell the other ranks before raising, so none waits
             error = raised
             report = np.zeros(2 + 3 * capacity * len(segments), dtype=np.int64)
-            report[0] = FAILED
+            report[:2] = FAILED, cause_of(raised)  # the cause in place of the row count
         table = self._exchanger().gather(report)
         if error is not None:
             raise error
-        failed = np.flatnonzero(table[:, 0] & FAILED)
-        if failed.size:
-            raise AlignmentError(
-                f"rank(s) {failed.tolist()} could not plan their rollouts under the token "
-                f"budget; see their error"
-            )
+        check_reports(table, "while planning their rollouts under the token budget", cause=1)
         passes = envelope_groups(table, capacity, budget, count)
         return own_groups(sizes, ordered, passes, capacity)
 
     def _exchanger(self):
         if self._exchange is None:
-            if self.trainer.accelerator.num_processes > 1:
-                self._exchange = GlooExchange(self.config.align_timeout)
-            else:
-                self._exchange = LocalExchange()
+            self._exchange = world_exchange(self.config.align_timeout)
         return self._exchange
 
 
