@@ -131,13 +131,16 @@ def failure_report(error: BaseException, max_steps: int) -> np.ndarray:
     return row
 
 
-def check_reports(table: np.ndarray, when: str = "while restoring the pass") -> None:
+def check_reports(
+    table: np.ndarray, when: str = "while restoring the pass", *, cause: int = 3
+) -> None:
     """Raise :class:`AlignmentError` on every rank alike when a gathered report is ``FAILED``
     (``when`` says in which exchange: a round's, or the one a restored pass runs before the
-    steps its state had decided)."""
+    steps its state had decided). ``cause``: the column where a failed rank's row holds its
+    :func:`cause_of` number (3 in a round's report, 1 in rows that start ``FAILED, cause``)."""
     status = table[:, 0]
     if (status & FAILED).any():
-        raise _failed(status, table[:, 3], when)
+        raise _failed(status, table[:, cause], when)
 
 
 @dataclass(frozen=True)
@@ -500,9 +503,7 @@ def agree(table: np.ndarray, *, shard: bool) -> Agreement:
     gives each rank its own indices needs ``shard=False``).
     """
     world = table.shape[0]
-    status = table[:, 0]
-    if (status & FAILED).any():
-        raise _failed(status, table[:, 1], "before the pass started")
+    check_reports(table, "before the pass started", cause=1)
     config, order_length, order_hash, dataset_length, dataset_hash = table[:, 2:7].T
     if (config != config[0]).any():
         raise ConfigError(

@@ -9,6 +9,9 @@ the very same protocol code:
   trains), with a timeout.
 - :class:`InProcessGroup`: N ranks as N threads of one process (simulations, property tests,
   several real loaders in one test), rows meeting at a barrier.
+
+:func:`world_exchange` picks a process's own (gloo or local), for the loader and the GRPO
+adapter alike.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import torch
 
 from odb.errors import AlignmentError, ConfigError
 
-__all__ = ["Exchange", "LocalExchange", "GlooExchange", "InProcessGroup", "run_ranks"]
+__all__ = [
+    "Exchange",
+    "LocalExchange",
+    "GlooExchange",
+    "InProcessGroup",
+    "run_ranks",
+    "world_exchange",
+]
 
 
 class Exchange(Protocol):
@@ -91,6 +101,16 @@ class GlooExchange:
         except Exception as error:  # gloo raises RuntimeError subclasses on timeout / lost peer
             raise _round_failed(self.rank, self.timeout, error) from error
         return torch.stack(table).numpy()
+
+
+def world_exchange(timeout: float) -> Exchange:
+    """This process's exchange: a :class:`GlooExchange` with ``timeout`` when
+    torch.distributed runs more than one rank, else a :class:`LocalExchange`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return GlooExchange(timeout)
+    return LocalExchange()
 
 
 class InProcessGroup:

@@ -31,7 +31,7 @@ from odb.collate import LAYOUTS, PackedCollator, PaddedCollator, check_layout, c
 from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize
 from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
-from odb.exchange import Exchange, GlooExchange, LocalExchange
+from odb.exchange import Exchange, world_exchange
 from odb.fetch import (
     ChunkSampler,
     IndexedDataset,
@@ -389,13 +389,7 @@ class DataLoader:
         """How this loader talks to the other ranks, settled at first use (so a loader may be
         built before torch.distributed is initialised)."""
         if self._exchange is None:
-            import torch.distributed as dist
-
-            distributed = dist.is_available() and dist.is_initialized()
-            if distributed and dist.get_world_size() > 1:
-                self._exchange = GlooExchange(self.align_timeout)
-            else:
-                self._exchange = LocalExchange()
+            self._exchange = world_exchange(self.align_timeout)
             if self._replicas is not None and self._replicas != (
                 self._exchange.rank,
                 self._exchange.world_size,

@@ -4,6 +4,10 @@ Several ranks are simulated in one process by stacking their reports, as the all
 would (the same functions run inside the trainer).
 """
 
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -15,10 +19,6 @@ from odb.adapters.trl import (
     GRPOBatching,
     RolloutLayoutError,
     RowSizes,
-    _concat_rows,
-    _Layout,
-    _take_rows,
-    _trim,
     encode_rows,
     envelope_groups,
     fewest_groups,
@@ -26,6 +26,9 @@ from odb.adapters.trl import (
     sorted_segments,
     split_groups,
 )
+from odb.adapters.trl.layout import _concat_rows, _Layout, _take_rows, _trim
+from odb.adapters.trl.trainer import _Batcher
+from odb.exchange import run_ranks
 
 BUDGET = odb.Budget(100)
 
@@ -245,3 +248,48 @@ def test_layout_refuses_a_mask_with_gaps():
     mask = torch.tensor([[1, 0, 1, 1, 1, 0]])
     with pytest.raises(RolloutLayoutError, match="left-padded prompt"):
         _Layout.of(mask, 3)
+
+
+def test_the_planning_layer_imports_without_trl():
+    """Only the layout and trainer layers import TRL; the package loads them on first use."""
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "import odb.adapters.trl as adapter\n"
+        "from odb.benchmarks.rl import run_rl\n"
+        "assert 'odb.adapters.trl.trainer' not in sys.modules\n"
+        "try:\n"
+        "    adapter.OdbGRPOTrainer\n"
+        "except ImportError:\n"
+        "    print('needs trl')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "needs trl"
+
+
+def test_a_rank_that_cannot_plan_stops_every_rank_in_the_same_exchange():
+    """Rank 1 holds a row over the budget: it raises its own error naming the row, after
+    sending a FAILED report with its cause; rank 0 raises the core's AlignmentError, which
+    names rank 1 and why, instead of waiting for a plan that never comes."""
+    trainer = SimpleNamespace(
+        loss_type="grpo",
+        is_deepspeed_enabled=False,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+    )
+    lengths = [[30, 20], [30, 200]]
+
+    def rank(exchange):
+        batcher = _Batcher(trainer, GRPOBatching(100))
+        batcher._exchange = exchange
+        sizes = RowSizes.text(lengths[exchange.rank])
+        try:
+            return batcher._aligned(sizes, [np.arange(2)], 2, 1, batcher.config.budget)
+        except odb.OdbError as error:
+            return error
+
+    first, second = run_ranks(2, rank)
+    assert isinstance(second, odb.OverBudgetError) and "rollout row 1" in str(second)
+    assert isinstance(first, odb.AlignmentError)
+    assert "rank(s) [1] raised while planning their rollouts" in str(first)
+    assert "a sample broke the sample contract or the budget" in str(first)

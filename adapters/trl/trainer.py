@@ -1,35 +1,9 @@
-"""Token-budgeted, rank-balanced micro-batches for TRL's ``GRPOTrainer``.
+"""odb inside ``trl.GRPOTrainer``: its settings, its state on one trainer, and the hooks.
 
-Where odb sits in one GRPO optimizer step (the stock trainer's parts are untouched)::
-
-    generation batch (prompts)                               stock TRL
-      -> generate completions, score rewards, advantages     stock TRL (vLLM or transformers)
-      -> old / ref log-probs            [odb: forwards cut under the scoring budget]
-      -> shuffle, equal row chunks      stock TRL (kept: same RNG, same chunks)
-      -> accumulation window            [odb: the rows of the window's chunks are re-cut]
-             rows sorted by length, cut into T groups under the budget; every rank runs T
-             passes with the same number of rows in pass j (one all_gather of sorted sizes)
-             each group trimmed of padding it does not need, images follow their rows
-             T passes spread over the window's gradient-accumulation calls
-      -> loss per pass                  stock ``_compute_loss``, times a per-loss-type factor
-      -> backward per pass (no_sync but the last), optimizer step    stock HF Trainer
-
-Why the per-pass factor (``_plan_window``) makes the window's gradient equal to the stock one: TRL
-normalises each micro-batch's loss by a quantity that, for dapo/cispo/vespo, is the same for
-every micro-batch of the window (a global token count), so any partition of the rows sums to
-the same loss; for grpo/sapo/luspo/dr_grpo by the micro-batch's row count, which odb replaces
-with the stock chunk's row count (factor ``rows / chunk_rows``); for bnpo by the micro-batch's
-token count, so odb only cuts inside stock chunks and rescales by ``tokens / chunk_tokens``.
-
-Padding: TRL lays a row out as a left-padded prompt and a right-padded completion, so a padded
-batch is ``n * (max prompt + max completion)`` wide even when no row is that long. Every
-forward odb runs moves each row's tokens to the left (``prompt | completion | pad``), so the
-batch is ``n * max(prompt + completion)``: exactly the padded cost the core planner budgets.
-Rotary position embeddings are relative and Qwen-VL's 3-D positions are derived from the
-attention mask, so log-probabilities do not change (up to float rounding).
-
-Use ``OdbGRPOTrainer(..., token_budget=...)`` or ``enable(trainer, token_budget)``; see
-docs/rl.md.
+The trainer layer, the only one that needs ``GRPOTrainer``: each accumulation window is
+planned with :mod:`.planning` on the rows :mod:`.layout` reads, agreed on across ranks over
+odb's exchange, and run as passes inside the stock ``compute_loss``; no-grad log-prob forwards
+are cut under the scoring budget the same way.
 """
 
 from __future__ import annotations
@@ -38,37 +12,37 @@ import collections
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from trl import GRPOTrainer
-from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+from trl.trainer.utils import split_pixel_values_by_grid
 
-from odb.admit import Admission
-from odb.align import FAILED
-from odb.cost import Budget, Caps, ComputeCost, PaddedCost, SampleSize
-from odb.errors import AlignmentError, ConfigError, OdbError
-from odb.exchange import GlooExchange, LocalExchange
-from odb.planner import plan_groups
-
-__all__ = [
-    "GRPOBatching",
-    "GRPOBatchingStats",
-    "OdbGRPOTrainer",
-    "RolloutLayoutError",
-    "RowSizes",
-    "enable",
-    "encode_rows",
-    "envelope_groups",
-    "fewest_groups",
-    "ghost_slot",
-    "own_groups",
-    "sorted_segments",
-    "split_groups",
-]
+from odb.adapters.trl.layout import (
+    _SEQUENCE_KEYS,
+    _concat_rows,
+    _Layout,
+    _loss_tokens,
+    _row_vision,
+    _take_rows,
+    _trim,
+)
+from odb.adapters.trl.planning import (
+    RowSizes,
+    _solo_rows,
+    encode_rows,
+    envelope_groups,
+    fewest_groups,
+    own_groups,
+    sorted_segments,
+)
+from odb.align import FAILED, cause_of, check_reports
+from odb.cost import Budget, Caps, ComputeCost, PaddedCost
+from odb.errors import ConfigError
+from odb.exchange import world_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +59,6 @@ _NORMALISATION = {
     "dr_grpo": "rows",
     "bnpo": "chunk_tokens",
 }
-
-# Per-token tensors laid out over the prompt (left-padded) or over prompt + completion.
-_PROMPT_KEYS = ("prompt_ids", "prompt_mask")
-_SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
-# Per-image tensors: they follow their rows (through num_images) but have no token axis.
-_IMAGE_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "image_sizes",
-    "image_position_ids",
-)
-
-
-class RolloutLayoutError(OdbError, ValueError):
-    """A rollout batch is not laid out as TRL lays it out (left-padded prompts, right-padded
-    completions), so odb cannot tell its rows' lengths."""
 
 
 @dataclass(frozen=True)
@@ -185,373 +141,6 @@ class GRPOBatchingStats:
     scoring_tokens: int = 0
     window_passes: list[int] = field(default_factory=list)
     window_fewest: list[int] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# Planning: pure functions of the rows' sizes (no trainer, no torch.distributed).
-
-
-@dataclass(frozen=True)
-class RowSizes:
-    """Per rollout row: ``lengths`` (prompt + completion tokens), vision ``patches``,
-    ``images``."""
-
-    lengths: np.ndarray
-    patches: np.ndarray
-    images: np.ndarray
-
-    @classmethod
-    def text(cls, lengths: Sequence[int]) -> RowSizes:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        zeros = np.zeros_like(lengths)
-        return cls(lengths, zeros, zeros)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def cost(self, rows: np.ndarray, budget: Budget) -> float:
-        """What a padded forward of ``rows`` costs under ``budget``'s cost model."""
-        lengths = self.lengths[rows]
-        return float(
-            budget.cost.group_cost(
-                len(rows),
-                lengths.max(),
-                lengths.sum(),
-                (lengths * lengths).sum(),
-                self.patches[rows].sum(),
-            )
-        )
-
-
-def _solo_rows(sizes: RowSizes, budget: Budget, over_budget: str) -> np.ndarray:
-    """Rows that cannot share a forward (over the budget alone); an error unless ``solo``."""
-    admission = Admission(budget, over_budget)
-    hint = "raise token_budget to at least the longest prompt plus max_completion_length"
-    return np.array(
-        [
-            admission.verdict(
-                SampleSize(int(n), 0, int(p), int(i)),
-                row,
-                subject=f"rollout row {row} of this rank (prompt + completion)",
-                hint=hint,
-            )
-            is not None
-            for row, (n, p, i) in enumerate(
-                zip(sizes.lengths, sizes.patches, sizes.images, strict=True)
-            )
-        ],
-        dtype=bool,
-    )
-
-
-def _segments(n: int, segments: Sequence[np.ndarray] | None) -> list[np.ndarray]:
-    if segments is None:
-        return [np.arange(n)]
-    return [np.asarray(s, dtype=np.int64) for s in segments if len(s)]
-
-
-def _plan(rows: np.ndarray, sizes: RowSizes, solo: np.ndarray, budget: Budget) -> list:
-    """The core planner's fewest groups of ``rows`` (greedy cut of the length-sorted rows)."""
-    plan = plan_groups(
-        sizes.lengths[rows],
-        sizes.patches[rows],
-        sizes.images[rows],
-        np.zeros(len(rows), dtype=np.int64),
-        solo[rows],
-        budget,
-        fill_threshold=0.0,
-        max_wait=1,
-        keep=0,
-        final=True,
-    )
-    return [rows[group.members] for group in plan.groups]
-
-
-def fewest_groups(
-    sizes: RowSizes,
-    budget: Budget,
-    *,
-    over_budget: str = "error",
-    segments: Sequence[np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """The fewest groups of rows whose padded forwards fit ``budget``; a group never spans two
-    ``segments`` (bnpo's stock chunks). Each group lists its rows longest first."""
-    solo = _solo_rows(sizes, budget, over_budget)
-    return [g for rows in _segments(len(sizes), segments) for g in _plan(rows, sizes, solo, budget)]
-
-
-def split_groups(
-    sizes: RowSizes,
-    budget: Budget,
-    count: int,
-    *,
-    over_budget: str = "error",
-    segments: Sequence[np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """Exactly ``min(count, rows)`` groups under ``budget``, with the costliest one as cheap as
-    the greedy search finds; groups never span two ``segments``.
-
-    Every rank runs the same number of passes, so a rank that needs fewer than ``count``
-    spreads its rows over ``count`` lighter passes instead of idling: per segment, the smallest
-    budget whose fewest groups are at most its share (bisection over the core planner), then
-    the costliest groups are halved; extra passes go to the segment whose costliest group is
-    the most expensive. Returns groups costliest first.
-    """
-    solo = _solo_rows(sizes, budget, over_budget)
-    segments = _segments(len(sizes), segments)
-    target = min(count, len(sizes))
-    parts = [_plan(rows, sizes, solo, budget) for rows in segments]
-    if sum(len(p) for p in parts) > target:
-        raise ValueError(
-            f"{sum(len(p) for p in parts)} groups are needed under the budget, more than "
-            f"the {count} passes asked for"
-        )
-    shares = [len(p) for p in parts]
-    while sum(shares) < target:
-        open_ = [i for i, rows in enumerate(segments) if shares[i] < len(rows)]
-        worst = max(open_, key=lambda i: max(sizes.cost(g, budget) for g in parts[i]))
-        shares[worst] += 1
-        parts[worst] = _at_most(segments[worst], sizes, solo, budget, shares[worst])
-    groups = [g for part in parts for g in part]
-    return sorted(groups, key=lambda g: -sizes.cost(g, budget))
-
-
-def _at_most(rows, sizes, solo, budget, count) -> list[np.ndarray]:
-    """Exactly ``count`` (<= len(rows)) groups of ``rows`` with a small costliest group."""
-    free = rows[~solo[rows]]
-    low = max((sizes.cost(np.array([r]), budget) for r in free), default=budget.limit)
-    high = budget.limit
-    best = _plan(rows, sizes, solo, budget)
-    while high - low > max(0.5, 1e-9 * high):
-        mid = (low + high) / 2
-        groups = _plan(rows, sizes, solo, Budget(mid, budget.cost, budget.caps))
-        if len(groups) <= count:
-            high, best = mid, groups
-        else:
-            low = mid
-    best = list(best)
-    while len(best) < count:
-        splittable = [g for g in best if len(g) > 1]
-        worst = max(splittable, key=lambda g: sizes.cost(g, budget))
-        best = [g for g in best if g is not worst] + list(_halve(worst, sizes, budget))
-    return best
-
-
-def _halve(group: np.ndarray, sizes: RowSizes, budget: Budget) -> tuple[np.ndarray, np.ndarray]:
-    """Split a longest-first group at the point that makes its costlier half cheapest."""
-    splits = range(1, len(group))
-    best = min(
-        splits,
-        key=lambda s: max(sizes.cost(group[:s], budget), sizes.cost(group[s:], budget)),
-    )
-    return group[:best], group[best:]
-
-
-def encode_rows(
-    sizes: RowSizes, ordered: Sequence[np.ndarray], capacity: int, status: int = 0
-) -> np.ndarray:
-    """One rank's report: ``[status, rows, lengths, patches, images]``, the three columns
-    ``capacity * len(ordered)`` wide; segment k's rows (longest first) fill the slots from
-    ``k * capacity``. Every rank must use the same ``capacity`` and number of segments."""
-    width = capacity * len(ordered)
-    report = np.zeros(2 + 3 * width, dtype=np.int64)
-    report[0], report[1] = status, sum(len(rows) for rows in ordered)
-    columns = report[2:].reshape(3, width)
-    for k, rows in enumerate(ordered):
-        if len(rows) > capacity:
-            raise ValueError(f"segment {k} has {len(rows)} rows, more than its {capacity} slots")
-        slots = k * capacity + np.arange(len(rows))
-        columns[0, slots] = sizes.lengths[rows]
-        columns[1, slots] = sizes.patches[rows]
-        columns[2, slots] = sizes.images[rows]
-    return report
-
-
-def envelope_groups(
-    table: np.ndarray, capacity: int, budget: Budget, count: int = 1
-) -> list[np.ndarray]:
-    """The passes every rank runs, as arrays of report slots; the same on every rank.
-
-    ``table`` stacks the ranks' :func:`encode_rows` reports. Slot by slot, the envelope takes
-    the largest length, patches and images over the ranks (each rank's rows are sorted, so a
-    slot holds every rank's i-th longest row of a segment); a rank with no row in a slot that
-    another rank fills counts with its ghost row there (see :func:`ghost_slot`). Groups planned
-    on the envelope fit the budget on every rank, ghosts included, and every rank puts the
-    same number of rows in pass j; at least ``count`` passes.
-    """
-    world = len(table)
-    width = (table.shape[1] - 2) // 3
-    columns = table[:, 2:].reshape(world, 3, width)
-    filled = columns[:, 0, :] > 0
-    ghosts = np.zeros((world, 3, 1), dtype=np.int64)
-    for rank in np.flatnonzero(filled.any(axis=1)):
-        ghosts[rank, :, 0] = columns[rank, :, ghost_slot(columns[rank, 0])]
-    envelope = np.where(filled[:, None, :], columns, ghosts).max(axis=0)
-    present = filled.any(axis=0)
-    sizes = RowSizes(envelope[0] * present, envelope[1] * present, envelope[2] * present)
-    segments = [
-        k * capacity + np.flatnonzero(present[k * capacity : (k + 1) * capacity])
-        for k in range(width // capacity)
-    ]
-    fewest = fewest_groups(sizes, budget, over_budget="solo", segments=segments)
-    return split_groups(
-        sizes, budget, max(len(fewest), count), over_budget="solo", segments=segments
-    )
-
-
-def ghost_slot(lengths: np.ndarray) -> int:
-    """The report slot of the row a rank copies for its ghost rows: its shortest (the first
-    such slot), so a ghost costs the least."""
-    filled = np.flatnonzero(lengths > 0)
-    return int(filled[np.argmin(lengths[filled])])
-
-
-def sorted_segments(sizes: RowSizes, segments: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each segment's rows, longest first (ties by row): the order of a rank's report slots."""
-    return [rows[np.lexsort((rows, -sizes.lengths[rows]))] for rows in segments]
-
-
-def own_groups(
-    sizes: RowSizes, ordered: Sequence[np.ndarray], passes: Sequence[np.ndarray], capacity: int
-) -> list[tuple[int, np.ndarray, int]]:
-    """This rank's share of the agreed ``passes`` (from :func:`envelope_groups`): per pass,
-    ``(segment, rows, ghosts)``; the last ``ghosts`` rows are copies of the rank's ghost row.
-    ``ordered`` is what :func:`sorted_segments` gave for this rank's report."""
-    slots = np.full(capacity * len(ordered), -1, dtype=np.int64)
-    for k, rows in enumerate(ordered):
-        slots[k * capacity : k * capacity + len(rows)] = rows
-    filled = slots >= 0
-    lengths = np.zeros(len(slots), dtype=np.int64)
-    lengths[filled] = sizes.lengths[slots[filled]]
-    ghost = slots[ghost_slot(lengths)] if filled.any() else -1
-    groups = []
-    for group in passes:
-        own = slots[group]
-        real = own[own >= 0]
-        ghosts = len(own) - len(real)
-        if ghosts and ghost < 0:
-            raise AlignmentError("a rank without rollout rows cannot fill its share of a pass")
-        rows = np.concatenate([real, np.full(ghosts, ghost, dtype=np.int64)])
-        groups.append((int(group[0]) // capacity, rows, ghosts))
-    return groups
-
-
-# --------------------------------------------------------------------------------------------
-# Rows of TRL's rollout dicts.
-
-
-def _concat_rows(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The stock chunks of a window as one dict, with per-image tensors split per row."""
-    parts = [split_pixel_values_by_grid(dict(chunk)) for chunk in chunks]
-    out: dict[str, Any] = {}
-    for key, first in parts[0].items():
-        values = [part[key] for part in parts]
-        if isinstance(first, torch.Tensor) and first.ndim > 0:
-            out[key] = torch.cat(values)
-        elif isinstance(first, list):
-            out[key] = [item for value in values for item in value]
-        else:  # None, a 0-d tensor (num_items_in_batch), a scalar: the same for every chunk
-            out[key] = first
-    return out
-
-
-def _take_rows(split: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """Rows of a per-row-split dict (see ``_concat_rows``), images following their rows."""
-    rows = [int(r) for r in rows]
-    index = torch.tensor(rows, dtype=torch.long)
-    out: dict[str, Any] = {}
-    for key, value in split.items():
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            out[key] = value[index.to(value.device)]
-        elif isinstance(value, list):
-            out[key] = [value[r] for r in rows]
-        else:
-            out[key] = value
-    if "num_images" in out and out["num_images"] is not None and not sum(out["num_images"]):
-        for key in _IMAGE_KEYS:  # no image in these rows: an empty pixel tensor would break
-            out.pop(key, None)
-    return unsplit_pixel_values_by_grid(out)
-
-
-def _trim(batch: dict[str, Any]) -> dict[str, Any]:
-    """Drop the padding columns no row of ``batch`` needs (TRL's rollout layout)."""
-    prompt_mask, completion_mask = batch["prompt_mask"], batch["completion_mask"]
-    rows, prompt_width = prompt_mask.shape
-    width = completion_mask.shape[1]
-    keep_prompt = int(prompt_mask.sum(1).max())
-    keep = max(1, int(completion_mask.sum(1).max()))
-    start = prompt_width - keep_prompt
-    out = {}
-    for key, value in batch.items():
-        if key in _IMAGE_KEYS or not isinstance(value, torch.Tensor) or value.ndim < 2:
-            out[key] = value
-        elif key in _PROMPT_KEYS:
-            out[key] = value[:, start:]
-        elif key in _SEQUENCE_KEYS:
-            out[key] = value[:, start : prompt_width + keep]
-        elif value.shape[0] == rows and value.shape[1] == width:
-            out[key] = value[:, :keep]  # completion-aligned: ids, masks, log-probs, ratios
-        else:
-            out[key] = value
-    return out
-
-
-def _loss_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
-    mask = batch["completion_mask"]
-    if batch.get("tool_mask") is not None:
-        mask = mask * batch["tool_mask"]
-    return mask.sum(1)
-
-
-def _row_vision(
-    rows: int, image_grid_thw: Any, num_images: Sequence[int] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(patches, images) per row; ``image_grid_thw`` is one tensor or a per-row list."""
-    images = np.asarray(num_images if num_images is not None else [0] * rows, dtype=np.int64)
-    patches = np.zeros(rows, dtype=np.int64)
-    if image_grid_thw is None or num_images is None:
-        return patches, images
-    if isinstance(image_grid_thw, torch.Tensor):
-        image_grid_thw = torch.split(image_grid_thw, list(num_images))
-    for row, grid in enumerate(image_grid_thw):
-        patches[row] = int(grid.prod(-1).sum()) if len(grid) else 0
-    return patches, images
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where each row's tokens sit in a ``[rows, prompt_width + completion_width]`` batch."""
-
-    prompt: torch.Tensor  # real prompt tokens per row (left-padded)
-    completion: torch.Tensor  # real completion tokens per row (right-padded)
-    prompt_width: int
-
-    @classmethod
-    def of(cls, attention_mask: torch.Tensor, completion_width: int) -> _Layout:
-        prompt_width = attention_mask.shape[1] - completion_width
-        mask = attention_mask.bool()
-        prompt = mask[:, :prompt_width].sum(1)
-        completion = mask[:, prompt_width:].sum(1)
-        columns = torch.arange(attention_mask.shape[1], device=mask.device)
-        expected = (columns >= (prompt_width - prompt)[:, None]) & (
-            columns < (prompt_width + completion)[:, None]
-        )
-        if not torch.equal(mask, expected):
-            raise RolloutLayoutError(
-                "odb expects TRL's rollout layout: a left-padded prompt then a right-padded "
-                "completion, with no gaps in the attention mask; got another layout"
-            )
-        if int(prompt.min()) < 1:
-            raise RolloutLayoutError("every rollout row needs at least one prompt token")
-        return cls(prompt, completion, prompt_width)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.prompt + self.completion
-
-
-# --------------------------------------------------------------------------------------------
-# The trainer side.
 
 
 @dataclass
@@ -864,30 +453,18 @@ class _Batcher:
         except Exception as raised:  # tell the other ranks before raising, so none waits
             error = raised
             report = np.zeros(2 + 3 * capacity * len(segments), dtype=np.int64)
-            report[0] = FAILED
+            report[:2] = FAILED, cause_of(raised)  # the cause in place of the row count
         table = self._exchanger().gather(report)
         if error is not None:
             raise error
-        failed = np.flatnonzero(table[:, 0] & FAILED)
-        if failed.size:
-            raise AlignmentError(
-                f"rank(s) {failed.tolist()} could not plan their rollouts under the token "
-                f"budget; see their error"
-            )
+        check_reports(table, "while planning their rollouts under the token budget", cause=1)
         passes = envelope_groups(table, capacity, budget, count)
         return own_groups(sizes, ordered, passes, capacity)
 
     def _exchanger(self):
         if self._exchange is None:
-            if self.trainer.accelerator.num_processes > 1:
-                self._exchange = GlooExchange(self.config.align_timeout)
-            else:
-                self._exchange = LocalExchange()
+            self._exchange = world_exchange(self.config.align_timeout)
         return self._exchange
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry points.
 
 
 class OdbGRPOTrainer(GRPOTrainer):

@@ -1,0 +1,124 @@
+"""What a batch costs a Qwen2/Qwen3 text or Qwen-VL model: FLOPs counted from its config.
+
+The cost layer: :func:`model_flops` counts the matrix products per token, per attention pair
+and per vision patch; :func:`compute_cost` turns the count into the ``odb.ComputeCost`` the
+planner prices batches with. A config is enough: no weights, no forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import odb
+from odb.adapters.qwen_vl.config import _config_of, _text_config
+from odb.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Forward FLOPs of a model's matrix products, by what they scale with.
+
+    ``token``: per language-model token through the linear layers and the LM head;
+    ``attention``: per (query, key) pair of language-model attention, all layers;
+    ``patch``: per vision patch through the vision tower's linear layers, patch embedding and
+    merger(s); :meth:`patch_attention`: per patch of an image, for the vision tower's attention
+    (``vision_attention_pair`` per pair of patches in each of ``vision_full_layers`` layers over
+    the whole image, and of ``vision_window_layers`` layers over windows of
+    ``vision_window_patches`` patches, Qwen2.5-VL's).
+    """
+
+    token: float
+    attention: float
+    patch: float = 0.0
+    vision_attention_pair: float = 0.0
+    vision_full_layers: int = 0
+    vision_window_layers: int = 0
+    vision_window_patches: int = 0
+
+    def patch_attention(self, patches: int) -> float:
+        """Vision attention FLOPs per patch of a ``patches``-patch image."""
+        full = self.vision_full_layers * patches
+        window = self.vision_window_layers * min(patches, self.vision_window_patches)
+        return self.vision_attention_pair * (full + window)
+
+
+def model_flops(config: Any) -> ModelFlops:
+    """Count the matrix-product FLOPs of a Qwen2/Qwen3 text or Qwen-VL model from its config.
+
+    With ``d`` the hidden size, ``f`` the MLP size, ``N`` layers, ``h``/``k`` query/key-value
+    heads of size ``e`` and vocabulary ``V`` (a multiply-add is 2 FLOPs):
+
+    - ``token = 2 * (N * (d*e*(2h + 2k) + 3*d*f) + d*V)`` (q, k, v, o projections, gated MLP,
+      LM head);
+    - ``attention = 4 * N * h * e`` per (query, key) pair (scores and weighted values).
+
+    Vision tower (hidden ``c``, MLP ``g``, depth ``D``, patch ``p``, temporal patch ``t``, merge
+    ``m``, output ``d``): per patch ``2 * (D * (4*c*c + u*c*g) + 3*t*p*p*c + M * (c*c*m*m +
+    c*d))`` with ``u = 3`` for Qwen2.5-VL's gated MLP and 2 otherwise, and ``M`` mergers
+    (1, plus Qwen3-VL's deepstack mergers); vision attention is ``4 * c`` per (patch, patch)
+    pair in each layer, over the whole image (or Qwen2.5-VL's windows in its window layers).
+    Norms, activations, rotary and embedding lookups are left out: they are not matrix products.
+    """
+    text = _text_config(config)
+    if getattr(text, "num_experts", None) or getattr(text, "num_experts_per_tok", None):
+        raise ConfigError("model_flops counts dense models only; this config is mixture-of-experts")
+    d, f, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    token = 2.0 * (
+        n * (d * head_dim * (2 * heads + 2 * kv_heads) + 3 * d * f) + d * text.vocab_size
+    )
+    attention = 4.0 * n * heads * head_dim
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return ModelFlops(token, attention)
+    model_type = getattr(config, "model_type", "")
+    if model_type == "qwen2_vl":
+        c, mlp, gated = vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio), False
+        out = vision.hidden_size
+    else:
+        c, mlp, out = vision.hidden_size, vision.intermediate_size, vision.out_hidden_size
+        gated = model_type == "qwen2_5_vl"
+    m, p, t = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    depth = vision.depth
+    block = 4 * c * c + (3 if gated else 2) * c * mlp
+    merger = c * c * m * m + c * out
+    patch = 2.0 * (depth * block + vision.in_channels * t * p * p * c + mergers * merger)
+    full_layers, window_layers, window_patches = depth, 0, 0
+    if model_type == "qwen2_5_vl":
+        full_layers = len(vision.fullatt_block_indexes)
+        window_layers = depth - full_layers
+        window_patches = (vision.window_size // p) ** 2
+    return ModelFlops(token, attention, patch, 4.0 * c, full_layers, window_layers, window_patches)
+
+
+def compute_cost(
+    model_or_config: Any,
+    mode: str = "padded",
+    *,
+    causal: bool = True,
+    reference_patches: int = 1024,
+) -> odb.ComputeCost:
+    """An ``odb.ComputeCost`` in language-model token units from :func:`model_flops`.
+
+    ``attention_weight = attention / token`` (halved when ``causal``: causal kernels skip the
+    upper triangle) multiplies ``sum(len**2)`` (``n * max_len**2`` padded);
+    ``vision_weight = (patch + patch_attention(reference_patches)) / token`` multiplies the
+    batch's vision patches. The vision tower's attention grows with each image's own patch
+    count, which a per-patch weight cannot follow: it is priced at ``reference_patches`` per
+    image (1024 patches is about a 448x448 image with patch 14).
+    """
+    config = _config_of(model_or_config)
+    if mode not in ("padded", "packed"):
+        raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
+    flops = model_flops(config)
+    attention = flops.attention * (0.5 if causal else 1.0)
+    vision = flops.patch + flops.patch_attention(reference_patches)
+    return odb.ComputeCost(
+        padded=mode == "padded",
+        attention_weight=attention / flops.token,
+        vision_weight=vision / flops.token,
+    )
