@@ -113,6 +113,8 @@ class QwenVLPackedCollator:
     keyword arguments to their vision tower too, whose own flash call sets them.
     """
 
+    layout = "packed"
+
     def __init__(self, model_or_config: Any, *, disable_cache: bool = True):
         self._rope = _RopeIndex(model_or_config)
         self._pack = odb.PackedCollator()

@@ -301,3 +301,16 @@ def test_packing_without_a_varlen_kernel_warns_about_the_dense_mask():
         warnings.simplefilter("error")
         qwen_vl.collator(config, "packed")
         qwen_vl.collator(config, "padded")
+
+
+def test_the_qwen_vl_collators_set_the_loaders_mode_and_refuse_the_other(small_tokenizer):
+    """The issue's case: a padded Qwen-VL collator under mode="packed" emitted (10, 253)
+    batches, 2530 computed tokens against a 2048 budget; now the layout comes from the
+    collator, and a mode that contradicts it is refused."""
+    config = qwen_vl_tiny.tiny_config("qwen2_5_vl", small_tokenizer)
+    dataset = [{"input_ids": torch.arange(5)}]
+    for mode in ("padded", "packed"):
+        loader = odb.DataLoader(dataset, 2048, collate_fn=qwen_vl.collator(config, mode))
+        assert loader.mode == mode
+    with pytest.raises(odb.ConfigError, match="mode='packed' but the collate_fn"):
+        odb.DataLoader(dataset, 2048, mode="packed", collate_fn=qwen_vl.collator(config, "padded"))
