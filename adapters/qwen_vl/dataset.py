@@ -340,6 +340,30 @@ class LlavaDataset(torch.utils.data.Dataset):
         subset.records = [self.records[self._check_index(i)] for i in indices]
         return subset
 
+    def sft_rows(self) -> Any:
+        """The records as a ``datasets.Dataset`` in TRL's vision format, for ``SFTTrainer``:
+        ``messages`` (structured content, an image placeholder where each ``<image>`` was) and
+        ``images`` (decoded when a row is read). Records are checked here, as ``dataset[i]``
+        would; TRL's collator then does the processing (its own labels: every token unless
+        ``assistant_only_loss``). See docs/hf-trainer.md, "TRL's SFTTrainer"."""
+        import datasets
+
+        records = [self._record(index) for index in range(len(self))]
+        for index, record in enumerate(records):
+            for path in record.image_paths:
+                if not os.path.isfile(path):
+                    raise _fail(MissingImageError, index, f"image file not found: {path}")
+        rows = {
+            "messages": [record.messages for record in records],
+            "images": [record.image_paths for record in records],
+        }
+        text = datasets.Value("string")
+        content = [{"type": text, "text": text}]
+        features = datasets.Features(
+            {"messages": [{"role": text, "content": content}], "images": [datasets.Image()]}
+        )
+        return datasets.Dataset.from_dict(rows, features=features)
+
     # -- processing -------------------------------------------------------------------------
     def _check_index(self, index: int) -> int:
         if not -len(self) <= index < len(self):

@@ -133,16 +133,11 @@ def tiny_model(family: str, tokenizer, dtype=torch.float64, attn: str = "sdpa", 
     return model.to(dtype)
 
 
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A noise image, smooth enough to compress quickly."""
+def write_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
+    """A noise image (smooth enough to compress quickly) saved at ``path``."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.Resampling.NEAREST)
-
-
-def write_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
-    """A :func:`noise_image` saved at ``path``."""
-    image = noise_image(width, height, seed)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.NEAREST)
     if mode != "RGB":
         image = image.convert(mode)
     image.save(path)

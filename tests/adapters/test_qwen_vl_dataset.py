@@ -220,3 +220,21 @@ def test_a_template_without_the_chatml_header_is_refused(real_tokenizer, folder)
     for attempt in (dataset.estimate, dataset.__getitem__):
         with pytest.raises(qwen_vl.NoAssistantTurnError, match="record 0: no token carries"):
             attempt(0)
+
+
+def test_sft_rows_hold_trls_vision_format_and_name_bad_records(processor, folder):
+    from PIL import Image
+
+    text_only = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    records = [{"image": "wide.png", "conversations": CAT}, {"conversations": text_only}]
+    rows = qwen_vl.LlavaDataset(records, folder, processor).sft_rows()
+    first, second = rows[0], rows[1]
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    user = first["messages"][0]["content"]
+    assert [c["type"] for c in user] == ["image", "text"] and user[1]["text"] == "\nWhat is this?"
+    with Image.open(folder / "wide.png") as image:
+        assert [i.size for i in first["images"]] == [image.size]
+    assert second["images"] == [] and second["messages"][1]["content"][0]["text"] == "Hello."
+    missing = [{"image": ["nope.png"], "conversations": CAT}]
+    with pytest.raises(qwen_vl.MissingImageError, match="record 0: image file not found"):
+        qwen_vl.LlavaDataset(missing, folder, processor).sft_rows()

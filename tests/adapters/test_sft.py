@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 from trl_tiny import TOKEN_RANGE, one_thread, text_model
 
 import odb
+from odb.adapters import qwen_vl
 from odb.adapters.hf import enable
 
 pytestmark = pytest.mark.slow
@@ -142,37 +143,22 @@ def test_trl_offline_packing_is_refused_with_what_to_set_instead(tmp_path):
         enable(trainer, 256)
 
 
-def _vision_rows(count: int = 10) -> Dataset:
-    """TRL's vision format: chat messages and PIL images (0 to 2 per row, varied sizes)."""
-    rows = []
-    for index in range(count):
-        images = [
-            qwen_vl_tiny.noise_image(32 + 24 * ((index + k) % 4), 40 + 16 * (index % 3), index + k)
-            for k in range([0, 1, 2][index % 3])
-        ]
-        rows.append(
-            {
-                "images": images,
-                "messages": [
-                    {"role": "user", "content": f"What is {index}?"},
-                    {"role": "assistant", "content": f"It is {index}. " * (1 + index % 4)},
-                ],
-            }
-        )
-    return Dataset.from_list(rows)
-
-
-def _vision_run(tmp_path, mode, budget=20_000, **config) -> _Run:
+def _vision_run(tmp_path, mode, budget=40_000, **config) -> _Run:
+    """A tiny Qwen2.5-VL SFTTrainer on LLaVA records with 0 to 3 images each, in TRL's vision
+    format (``LlavaDataset.sft_rows``)."""
     tokenizer = qwen_vl_tiny.small_tokenizer()
     processor = qwen_vl_tiny.make_processor(
         "qwen2_5_vl", tokenizer, min_pixels=4 * 28 * 28, max_pixels=96 * 96
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source = qwen_vl_tiny.write_llava_dataset(tmp_path)
+    rows = qwen_vl.LlavaDataset(source, tmp_path / "images", processor).sft_rows()
     model = qwen_vl_tiny.tiny_model("qwen2_5_vl", tokenizer)
     options = dict(max_steps=1, gradient_accumulation_steps=1, learning_rate=0.0)
     trainer = SFTTrainer(
         model=model,
-        args=_config(tmp_path, **{**options, **config}),
-        train_dataset=_vision_rows(),
+        args=_config(tmp_path / "out", **{**options, **config}),
+        train_dataset=rows,
         processing_class=processor,
     )
     return _Run(trainer, budget, mode=mode)
@@ -183,8 +169,10 @@ def test_vision_sft_runs_padding_free_in_odb_packed_mode_with_the_padded_loss(tm
     trains on packed rows with 3-D rotary positions, and the loss is the padded one."""
     padded = _vision_run(tmp_path / "padded", "padded").train()
     packed = _vision_run(tmp_path / "packed", "packed").train()
-    assert padded.steps[0].local_samples == packed.steps[0].local_samples == 10
-    assert padded.shapes[0]["input_ids"][0] == 10
+    assert padded.steps[0].local_samples == packed.steps[0].local_samples == 24
+    assert padded.shapes[0]["input_ids"][0] == 24
+    images = sum([0, 1, 1, 2, 3][i % 5] for i in range(24))  # write_llava_dataset's rows
+    assert packed.shapes[0]["image_grid_thw"][0] == padded.shapes[0]["image_grid_thw"][0] == images
     assert packed.shapes[0]["input_ids"] == (1, packed.steps[0].real_tokens)
     assert packed.shapes[0]["position_ids"] == (4, 1, packed.steps[0].real_tokens)
     assert packed.first_loss == pytest.approx(padded.first_loss, rel=1e-6)
