@@ -3,8 +3,9 @@
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
 for and hands every result to the report. The planner, alignment and multimodal suites always
 run; ``--overhead`` adds the loader-overhead suite, ``--overhead-stream`` the same over a
-stream. ``--llava`` runs the multimodal suite on a user's LLaVA-format data instead of the
-built-in sets; ``--train`` adds measured training of a tiny Qwen2.5-VL on CPU.
+stream, ``--alignment-scale`` the alignment round's cost at 8 to 1024 simulated ranks.
+``--llava`` runs the multimodal suite on a user's LLaVA-format data instead of the built-in
+sets; ``--train`` adds measured training of a tiny Qwen2.5-VL on CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from .alignment_scale import ScaleConfig, run_alignment_scale
 from .alignment_suite import AlignmentConfig, run_alignment
 from .gpu_model import MODELS
 from .llava_input import llava_set
@@ -42,6 +44,8 @@ _QUICK = {
     "multimodal_samples": 600,
     "multimodal_worlds": (1, 4),
     "train_samples": 12,
+    "scale_worlds": (2, 8),
+    "scale_samples": 64,
 }
 _OVERHEAD = {"overhead_samples": 1500, "repeats": 5}
 
@@ -78,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time odb.DataLoader against a plain DataLoader over the same stream (a "
         "torch IterableDataset with state_dict, read in order; as long as --overhead)",
+    )
+    scale = parser.add_argument_group(
+        "alignment scale", "the alignment round's cost per step at many simulated ranks"
+    )
+    sc = ScaleConfig()
+    scale.add_argument(
+        "--alignment-scale",
+        action="store_true",
+        help="also measure the alignment round's decision time, bytes and collectives per step "
+        "at many simulated ranks, with the per-step overhead they imply (about four minutes "
+        "here at the default ranks)",
+    )
+    scale.add_argument(
+        "--scale-world",
+        type=_positive,
+        action="append",
+        help=f"ranks to simulate; repeat for several (default {' '.join(map(str, sc.worlds))})",
+    )
+    scale.add_argument(
+        "--scale-samples",
+        type=_positive,
+        help=f"samples per rank (default {sc.samples_per_rank})",
     )
     multimodal = parser.add_argument_group(
         "multimodal suite", "built-in multimodal sets on simulated ranks, GPU time estimated"
@@ -233,6 +259,20 @@ def _alignment_config(args: argparse.Namespace) -> AlignmentConfig:
     )
 
 
+def _scale_config(args: argparse.Namespace) -> ScaleConfig:
+    defaults = ScaleConfig()
+    quick = _QUICK if args.quick else {}
+    return ScaleConfig(
+        mean=args.mean,
+        samples_per_rank=args.scale_samples
+        or quick.get("scale_samples", defaults.samples_per_rank),
+        budget=args.budget,
+        window=args.window or defaults.window,
+        worlds=tuple(args.scale_world or quick.get("scale_worlds", defaults.worlds)),
+        seed=args.seed,
+    )
+
+
 def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
     defaults = MultimodalConfig()
     quick = _QUICK if args.quick else {}
@@ -307,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps += len(TrainingConfig.loaders) * len(args.train_world or TrainingConfig.worlds)
     overhead_runs = args.overhead + args.overhead_stream
     steps += overhead_runs * (_QUICK if args.quick else _OVERHEAD)["repeats"]
+    scale_config = _scale_config(args) if args.alignment_scale else None
+    steps += len(scale_config.worlds) if scale_config is not None else 0
     with _progress(steps) as progress:
         planner: list[SetResult] = run_planner(config, progress=progress)
         alignment_config = _alignment_config(args)
@@ -316,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead = _overhead(args, progress) if args.overhead else None
         stream = _overhead(args, progress, stream=True) if args.overhead_stream else None
         training = _training(args, progress) if args.train else None
+        scale = (
+            (scale_config, run_alignment_scale(scale_config, progress))
+            if scale_config is not None
+            else None
+        )
     results = BenchResults(
         config,
         planner,
@@ -324,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         multimodal,
         training,
         overhead_stream=stream,
+        alignment_scale=scale,
     )
     written = write_report(args.out, results)
     written += write_plots(planner, args.out)

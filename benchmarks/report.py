@@ -13,6 +13,7 @@ import torch
 
 import odb
 
+from .alignment_scale import ScaleConfig, ScaleResult, alignment_scale_table
 from .alignment_suite import AlignmentConfig, AlignmentResult, alignment_table
 from .multimodal_suite import MultimodalResult, RunResult
 from .overhead import OverheadResult
@@ -285,6 +286,7 @@ def training_section(result: TrainingResult) -> str:
 
 
 Alignment = tuple[AlignmentConfig, list[AlignmentResult]]
+AlignmentScale = tuple[ScaleConfig, list[ScaleResult]]
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,7 @@ class BenchResults:
     multimodal: MultimodalResult | None = None
     training: TrainingResult | None = None
     overhead_stream: OverheadResult | None = None
+    alignment_scale: AlignmentScale | None = None
 
 
 def markdown(results: BenchResults) -> str:
@@ -328,6 +331,13 @@ def markdown(results: BenchResults) -> str:
             "",
             alignment_table(*alignment),
         ]
+    if results.alignment_scale is not None:
+        parts += [
+            "",
+            "## The alignment round's cost at scale (simulated ranks, network estimated)",
+            "",
+            alignment_scale_table(*results.alignment_scale),
+        ]
     if multimodal is not None:
         parts += ["", multimodal_section(multimodal)]
     for result in (overhead, results.overhead_stream):
@@ -356,6 +366,23 @@ def _set_record(result: SetResult) -> dict:
     }
 
 
+def _scale_record(result: ScaleResult) -> dict:
+    """A world size's measurements and the figures derived from them (the overhead is an
+    estimate: its network part is the config's model)."""
+    derived = (
+        "report_bytes_sent",
+        "report_bytes_received",
+        "collectives",
+        "collectives_per_step",
+        "rounds_per_step",
+        "decide_median",
+        "decide_p95",
+        "network_seconds",
+        "overhead",
+    )
+    return {**asdict(result), **{name: getattr(result, name) for name in derived}}
+
+
 def record(results: BenchResults) -> dict:
     """Everything measured, with the settings and the machine, as JSON-ready data."""
     config, planner, overhead = results.config, results.planner, results.overhead
@@ -375,6 +402,12 @@ def record(results: BenchResults) -> dict:
         data["alignment"] = {
             "config": asdict(alignment[0]),
             "results": [asdict(r) for r in alignment[1]],
+        }
+    if results.alignment_scale is not None:
+        scale_config, scale = results.alignment_scale
+        data["alignment_scale"] = {
+            "config": asdict(scale_config),
+            "results": [_scale_record(r) for r in scale],
         }
     if multimodal is not None:
         data["multimodal"] = asdict(multimodal)

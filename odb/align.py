@@ -23,6 +23,7 @@ steps stay equal, every sample is emitted once and passes end is in docs/protoco
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -375,22 +376,28 @@ def _hand_over_surplus(runs: _Runs, offered: np.ndarray, steps: int) -> _Runs:
     missing = [steps - len(owners) for owners, _ in runs]
     if not any(missing):  # every rank has its steps (the usual round): nothing to hand over
         return runs
-    surplus = [
-        (donor, int(p))
-        for donor, (_, positions) in enumerate(runs)
-        for p in np.setdiff1d(np.arange(offered[donor]), positions)
-    ]
+    unused = np.arange(int(offered.max()))[None, :] < offered[:, None]
+    for donor, (_, positions) in enumerate(runs):
+        unused[donor, positions] = False
+    donors, places = np.nonzero(unused)  # lowest donor rank, then earliest position, first
+    # The rank missing the most steps, lowest rank on ties, takes the next group: a heap
+    # keeps this O(groups * log ranks) where a scan over the ranks per group is O(groups *
+    # ranks), seconds per round at 1024 ranks (docs/benchmarks.md, the alignment's cost).
+    wanting = [(-need, rank) for rank, need in enumerate(missing) if need > 0]
+    heapq.heapify(wanting)
     received: list[list[tuple[int, int]]] = [[] for _ in runs]
-    for group in surplus:
-        rank = max(range(len(runs)), key=lambda r: (missing[r], -r))
-        if missing[rank] == 0:
+    for group in zip(donors.tolist(), places.tolist(), strict=True):
+        if not wanting:
             break
+        need, rank = heapq.heappop(wanting)
         received[rank].append(group)
-        missing[rank] -= 1
+        if need < -1:
+            heapq.heappush(wanting, (need + 1, rank))
     topped: _Runs = []
     for (owners, positions), taken in zip(runs, received, strict=True):
-        owners = np.concatenate([owners, [d for d, _ in taken]]).astype(np.int64)
-        positions = np.concatenate([positions, [p for _, p in taken]]).astype(np.int64)
+        if taken:
+            owners = np.concatenate([owners, [d for d, _ in taken]]).astype(np.int64)
+            positions = np.concatenate([positions, [p for _, p in taken]]).astype(np.int64)
         topped.append((owners, positions))
     return topped
 

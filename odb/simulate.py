@@ -10,7 +10,7 @@ ranks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from odb.admit import Admission
@@ -65,10 +65,15 @@ def simulate(
     over_budget: str = "error",
     steps_multiple_of: int = 1,
     max_rounds: int | None = None,
+    wrap_exchange: Callable[[Exchange], Exchange] | None = None,
+    timeout: float = 120.0,
 ) -> Simulation:
     """Run one pass for ``len(shards)`` ranks; ``shards[r]`` is rank r's order of (index,
     size) pairs, all indices of one dataset (a rank may read any of them again when a group
-    is handed over). ``max_rounds`` guards tests against a protocol that would not end."""
+    is handed over). ``max_rounds`` guards tests against a protocol that would not end;
+    ``wrap_exchange`` wraps each rank's exchange (a benchmark records what travels);
+    ``timeout``: how long a rank waits for the others in an exchange (one thread per rank:
+    hundreds of ranks on a busy machine need more than the default)."""
     sizes = {int(index): size for shard in shards for index, size in shard}
     if len(sizes) != sum(len(shard) for shard in shards):
         raise ConfigError("simulated shards must not share an index")
@@ -83,6 +88,8 @@ def simulate(
     )
 
     def rank(exchange: Exchange) -> tuple[list[StepInfo], LoaderStats]:
+        if wrap_exchange is not None:
+            exchange = wrap_exchange(exchange)
         source = SizeSource(shards[exchange.rank], sizes)
         engine = RoundEngine(config, exchange, source, epoch=epoch)
         steps = []
@@ -92,5 +99,5 @@ def simulate(
                 raise RuntimeError(f"the simulation did not end within {max_rounds} rounds")
         return steps, engine.stats
 
-    results = run_ranks(len(shards), rank)
+    results = run_ranks(len(shards), rank, timeout=timeout)
     return Simulation([steps for steps, _ in results], [stats for _, stats in results])
