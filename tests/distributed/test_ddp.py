@@ -169,9 +169,16 @@ def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("mode", "split"), [("padded", "uneven"), ("packed", "uneven"), ("packed", "skewed")]
+    ("mode", "split", "wrap"),
+    [
+        ("padded", "uneven", "ddp"),
+        ("packed", "uneven", "ddp"),
+        ("packed", "skewed", "ddp"),
+        ("padded", "uneven", "fsdp2"),  # FSDP2's fully_shard on CPU/gloo, in a plain loop
+        ("packed", "skewed", "fsdp2"),
+    ],
 )
-def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, split):
+def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, split, wrap):
     if split == "uneven":  # rank 0 runs out first: ghost steps
         lengths, shards = capped_lengths(120, seed=7), [list(range(0, 40)), list(range(40, 120))]
     else:  # equal counts, unequal work: groups handed over at the end
@@ -182,11 +189,13 @@ def test_gradients_equal_the_single_process_global_token_mean(tmp_path, mode, sp
         "scenario": "grads",
         "mode": mode,
         "window": 16,
+        "wrap": wrap,
     }
     results = launch(tmp_path, config, 2, timeout=300)
     for r in results:
         assert "error" not in r, r.get("traceback")
     assert results[0]["steps"] == results[1]["steps"]
+    assert all(r["sharded_grads"] == (wrap == "fsdp2") for r in results)
     assert results[0]["miscounted"] == []
     if split == "uneven":
         assert results[0]["ghosts"] > 0

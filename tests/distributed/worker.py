@@ -201,6 +201,23 @@ def token_loss_sum(model, batch):
     )
 
 
+def _wrapped(model, wrap: str):
+    """The model under DDP, or sharded by FSDP2 (``fully_shard`` per decoder layer, then the
+    whole model: the gradients are reduce-scattered and averaged over the ranks as DDP's)."""
+    if wrap == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _full(grad):
+    """A parameter's whole gradient (an FSDP2 gradient is a sharded DTensor)."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
 def run_grads(config, rank, loader, result):
     """DDP gradients with odb's loss scale equal one process's exact global token mean.
 
@@ -212,7 +229,7 @@ def run_grads(config, rank, loader, result):
     vocab = max(512, len(dataset))  # LengthDataset's tokens are the sample's index
     model = tiny_model(vocab=vocab)
     reference = tiny_model(vocab=vocab)  # same init; rank 0 uses it for the one-process gradient
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = _wrapped(model, config.get("wrap", "ddp"))
     pad = odb.PaddedCollator()
     worst, ghosts, shared = 0.0, 0, 0
     records, miscounted = [], []
@@ -246,8 +263,11 @@ def run_grads(config, rank, loader, result):
             # divide by the world as DDP does, so only float64 rounding separates the two.
             world = dist.get_world_size()
             (loss_sum * world / tokens).backward()
-            for mine, ref in zip(model.parameters(), reference.parameters(), strict=True):
-                worst = max(worst, float((mine.grad - ref.grad / world).abs().max()))
+        result["sharded_grads"] = hasattr(next(model.parameters()).grad, "full_tensor")
+        grads = [_full(p.grad) for p in model.parameters()]  # a collective under FSDP2
+        if rank == 0:
+            for mine, ref in zip(grads, reference.parameters(), strict=True):
+                worst = max(worst, float((mine - ref.grad / world).abs().max()))
         result.update(steps=len(records), worst_grad_error=worst, ghosts=ghosts, shared=shared)
 
 
