@@ -116,7 +116,6 @@ class _Run:
     options: dict
     probe_samples: int
     loader: odb.DataLoader | None = None
-    epochs_mode: bool = False
     progress: DataProgress | None = None  # epochs mode: the whole training's samples and rate
     epoch_samples: int | None = None  # one epoch's samples over all ranks (None: not known)
     samples_done: int = 0  # global samples of the windows fetched so far
@@ -125,6 +124,11 @@ class _Run:
     resumed_pass: bool = False  # a pass restored from a checkpoint that has yielded nothing yet
     interval: _Counts | None = None  # since the last log
     session: _Counts | None = None  # since this train() call began
+
+    @property
+    def epochs_mode(self) -> bool:
+        """Trained for ``num_train_epochs`` (not ``max_steps``): the data decides the end."""
+        return self.progress is not None
 
     def data_left(self) -> bool:
         return self.progress.remaining(self.samples_done)
@@ -195,9 +199,9 @@ class OdbTrainerMixin:
         loader = run.loader
         accumulation = args.gradient_accumulation_steps
         total_batch_size = self.get_total_train_batch_size(args)
-        run.epochs_mode = args.max_steps <= 0
-        if loader.streaming and not run.epochs_mode:
-            run.epoch_samples = loader.num_samples or _stream_length(loader)
+        run.progress = None  # set below in epochs mode
+        if loader.streaming and args.max_steps > 0:
+            run.epoch_samples = _stream_length(loader)
             steps = args.max_steps
             _announce(self, loader, f"{steps} optimizer steps (max_steps); no estimate")
             trained = steps * total_batch_size  # the Trainer's figure; logs count real samples
@@ -210,7 +214,7 @@ class OdbTrainerMixin:
         seconds = time.perf_counter() - start
         per_epoch = max(1, estimate // accumulation)
         upper = math.ceil(samples / accumulation) + 2  # every batch holds at least one sample
-        if not run.epochs_mode:
+        if args.max_steps > 0:
             max_steps, epochs = args.max_steps, sys.maxsize
             trained = max_steps * total_batch_size
             plan = f"{max_steps} optimizer steps (max_steps)"
@@ -342,7 +346,7 @@ class OdbTrainerMixin:
             run.interval = _Counts()
         elif run.session is not None and "train_runtime" in logs:
             session = run.session
-            real, _ = _all_ranks(self, session.real_tokens, session.padded_tokens)
+            (real,) = _all_ranks(self, session.real_tokens)
             runtime = max(float(logs["train_runtime"]), 1e-9)
             logs["train_samples_per_second"] = round(session.samples / runtime, 3)
             logs["odb_train_samples"] = session.samples
@@ -446,6 +450,7 @@ def _is_hf_dataset(dataset: Any) -> bool:
 
 
 def _stream_length(loader: odb.DataLoader) -> int | None:
+    """A stream's samples over all ranks (``num_samples`` or its ``len()``); None if unknown."""
     try:
         return loader.epoch_samples()
     except ConfigError:

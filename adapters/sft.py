@@ -18,7 +18,6 @@ class names, so the HF adapter works without TRL installed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -76,11 +75,7 @@ class VisionSamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         batch = self.process([self.dataset[index]])
         width = batch["input_ids"].shape[-1]
-        return {key: _one_row(value, width) for key, value in _items(batch)}
-
-
-def _items(batch: Any):
-    return batch.items() if isinstance(batch, Mapping) else dict(batch).items()
+        return {key: _one_row(value, width) for key, value in batch.items()}
 
 
 def _one_row(value: Any, width: int) -> Any:

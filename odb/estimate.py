@@ -28,22 +28,21 @@ from odb.cost import SampleSize, measure_sample
 from odb.errors import ConfigError
 from odb.simulate import simulate
 
-__all__ = ["estimate_steps", "count_steps", "probe_indices", "probe_sizes"]
+__all__ = ["estimate_steps", "count_steps", "probe_sizes"]
 
 _SIMULATED_SAMPLES = 20_000  # beyond this, simulate a part and scale: steps grow linearly
 
 
-def probe_indices(n: int, count: int, seed: int) -> np.ndarray:
-    """``count`` seeded random indices of a dataset of ``n`` samples (all of them if fewer)."""
-    return np.random.default_rng([seed, 0x0DB]).choice(n, size=min(count, n), replace=False)
-
-
-def probe_sizes(dataset, count: int, seed: int) -> list[SampleSize]:
-    """Sizes of ``count`` seeded random samples, measured in this process;
-    ``dataset.estimate(i)`` when available."""
-    indices = probe_indices(len(dataset), count, seed)
+def probe_sizes(dataset, count: int, seed: int, measure=None) -> list[SampleSize]:
+    """Sizes of ``count`` seeded random samples: ``dataset.estimate(i)`` when available, else
+    ``measure(indices)`` (an odb loader's ``measure``, which processes them in its workers),
+    else processed and measured in this process."""
+    n = len(dataset)
+    indices = np.random.default_rng([seed, 0x0DB]).choice(n, size=min(count, n), replace=False)
     if hasattr(dataset, "estimate"):
         return [dataset.estimate(int(i)) for i in indices]
+    if measure is not None:
+        return measure(indices)
     return [measure_sample(dataset[int(i)], int(i)) for i in indices]
 
 
@@ -80,10 +79,7 @@ def _probe(loader, count: int) -> list[SampleSize]:
     has one, else processed and measured in the loader's workers), or the first ``count``
     samples of a fresh iteration of a stream (it cannot be read at random), read here."""
     if not loader.streaming:
-        dataset = loader.dataset
-        if hasattr(dataset, "estimate"):
-            return probe_sizes(dataset, count, loader.seed)
-        return loader.measure(probe_indices(len(dataset), count, loader.seed))
+        return probe_sizes(loader.dataset, count, loader.seed, measure=loader.measure)
     first = itertools.islice(iter(loader.dataset), count)
     return [measure_sample(sample, i) for i, sample in enumerate(first)]
 
