@@ -200,6 +200,7 @@ class OdbTrainerMixin:
         accumulation = args.gradient_accumulation_steps
         total_batch_size = self.get_total_train_batch_size(args)
         run.progress = None  # set below in epochs mode
+        run.session = run.interval = None  # this train() call's figures start at its first window
         if loader.streaming and args.max_steps > 0:
             run.epoch_samples = _stream_length(loader)
             steps = args.max_steps

@@ -246,6 +246,18 @@ def test_logged_figures_count_the_samples_and_tokens_of_each_optimizer_step(tmp_
     assert final["epoch"] == pytest.approx(samples / 60)
 
 
+@pytest.mark.slow
+def test_a_second_train_call_reports_its_own_samples(tmp_path):
+    trainer, recorder = _train(tmp_path, TokenDataset(lengths(40)), max_steps=2)
+    first = len(recorder.windows)
+    recorder.windows.append([])  # _train dropped the empty window its last step opened
+    trainer.train()
+    second = [w for w in recorder.windows[first:] if w]
+    assert len(second) == 2
+    samples = sum(info.global_samples for window in second for info in window)
+    assert trainer.state.log_history[-1]["odb_train_samples"] == samples
+
+
 class _Underestimated(TokenDataset):
     """A dataset whose cheap length estimate is a third of the truth: the step estimate,
     and so the progress bar's first total, falls far short."""
