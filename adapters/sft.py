@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-import odb
 from odb.errors import ConfigError
 
 __all__ = ["VisionSamples", "check_trainer", "is_vision_collator", "vision_samples"]
@@ -50,14 +49,15 @@ def is_vision_collator(collator: Any) -> bool:
 
 def vision_samples(trainer: Any, dataset: Any, collator: Any, mode: str | None):
     """The dataset as processed samples (each row through ``collator`` alone) and the
-    collator that batches them in ``mode`` (padded by default, as TRL's own)."""
-    if mode == "packed":
-        from odb.adapters import qwen_vl
+    collator that batches them in ``mode`` (padded by default, as TRL's own; see
+    ``odb.adapters.qwen_vl.collator``)."""
+    from odb.adapters import qwen_vl
 
+    if mode == "packed":
         batcher = qwen_vl.collator(trainer.model, "packed")
-    else:
+    else:  # for a Qwen-VL model, with its vision placeholder (FSDP / ZeRO-3 need it)
         pad = collator.processor.tokenizer.pad_token_id
-        batcher = odb.PaddedCollator(pad_token_id=pad if pad is not None else 0)
+        batcher = qwen_vl.collator(trainer.model, "padded", pad_token_id=pad)
     return VisionSamples(dataset, collator), batcher
 
 

@@ -41,7 +41,9 @@ __all__ = [
     "batch_shapes",
     "compare_sets",
     "estimate_run",
+    "placeholder_ranks",
     "run_multimodal",
+    "with_placeholders",
 ]
 
 POLICIES = (
@@ -81,6 +83,9 @@ class Estimate:
     ``balance``: the ranks' compute time over ``world x`` the slowest rank's, summed over
     steps (1 when every rank works as long as the slowest). ``speedup[b]``: samples per second
     over baseline ``b``'s in the same set and world (None when ``b`` did not run).
+    ``placeholder_cost``: how much longer the epoch takes when every rank without an image at
+    a step where another rank has one runs odb's placeholder image (see
+    :func:`with_placeholders`), as FSDP and ZeRO-3 need.
     """
 
     model: str
@@ -89,6 +94,7 @@ class Estimate:
     epoch_seconds: float
     samples_per_second: float
     speedup: dict[str, float | None] = field(default_factory=dict)
+    placeholder_cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class RunResult:
     ``padding_ratio``: padding over computed tokens; ``real_tokens_per_step``: over all ranks;
     ``peak_tokens``: the most tokens one rank's batch computes; ``idle_share``: rank-steps
     without a batch of the epoch (odb's ghost steps, the offline policies' idle last step).
+    ``mixed_steps``: steps where some rank's batch holds an image and another rank's batch
+    holds none (under FSDP or ZeRO-3 these hang unless the rank without one runs the vision
+    tower anyway); ``placeholders``: the rank-steps that then take odb's placeholder image.
     """
 
     set: str
@@ -110,6 +119,8 @@ class RunResult:
     peak_tokens: int
     idle_share: float
     estimates: list[Estimate]
+    mixed_steps: float = 0.0
+    placeholders: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,18 +157,50 @@ def batch_shapes(run: RankedRun, data: MultimodalSet) -> BatchShape:
     )
 
 
+def placeholder_ranks(shape: BatchShape) -> np.ndarray:
+    """``[steps, world]``: the ranks whose batch holds samples but no image at a step where
+    another rank's batch holds one (they run the placeholder image)."""
+    has_images = shape.patches > 0
+    return (shape.samples > 0) & ~has_images & has_images.any(axis=1, keepdims=True)
+
+
+def with_placeholders(shape: BatchShape, packed: bool, merge: int = 2) -> BatchShape:
+    """``shape`` with odb's placeholder image added where :func:`placeholder_ranks` says: one
+    ``merge x merge`` grid of patches and its one token, as one more sequence of a packed row,
+    or after a padded batch's last real token (a wider batch only when it holds one sample:
+    the last row is its shortest)."""
+    added = placeholder_ranks(shape).astype(np.int64)
+    patches = merge * merge
+    return BatchShape(
+        samples=shape.samples,
+        longest=shape.longest if packed else shape.longest + added * (shape.samples == 1),
+        tokens=shape.tokens + added,
+        square_tokens=shape.square_tokens + added,
+        patches=shape.patches + patches * added,
+        image_pairs=shape.image_pairs + patches * patches * added,
+    )
+
+
+def _epoch_seconds(
+    run: RankedRun, shape: BatchShape, model: StepCostModel
+) -> tuple[np.ndarray, float]:
+    """Each step's compute per rank, and the epoch's time (overhead plus slowest ranks)."""
+    compute = model.compute_seconds(shape, run.packed)
+    return compute, float((model.overhead + compute.max(axis=1)).sum())
+
+
 def estimate_run(run: RankedRun, shape: BatchShape, model: StepCostModel, samples: int) -> Estimate:
     """``run``'s time under ``model``: each step costs the overhead plus its slowest rank."""
-    compute = model.compute_seconds(shape, run.packed)
-    slowest = compute.max(axis=1)
-    epoch = float((model.overhead + slowest).sum())
-    busy = float(slowest.sum()) * run.world
+    compute, epoch = _epoch_seconds(run, shape, model)
+    busy = float(compute.max(axis=1).sum()) * run.world
+    _, aligned = _epoch_seconds(run, with_placeholders(shape, run.packed), model)
     return Estimate(
         model=model.model.name,
         balance=float(compute.sum()) / busy if busy else 1.0,
         step_seconds=epoch / len(run.steps),
         epoch_seconds=epoch,
         samples_per_second=samples / epoch,
+        placeholder_cost=aligned / epoch - 1.0,
     )
 
 
@@ -211,6 +254,8 @@ def _measure(
         peak_tokens=int(computed_tokens(shape, run.packed).max()),
         idle_share=float(np.mean(shape.samples == 0)),
         estimates=[estimate_run(run, shape, model, len(data)) for model in models],
+        mixed_steps=float(np.mean(placeholder_ranks(shape).any(axis=1))),
+        placeholders=float(np.mean(placeholder_ranks(shape))),
     )
 
 

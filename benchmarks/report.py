@@ -184,8 +184,9 @@ def multimodal_runs_table(runs: list[RunResult], model: str) -> str:
     """Every run of one set: batching figures, and one model's estimates."""
     lines = [
         "| ranks | policy | steps | padding | real tokens / step | peak tokens | idle "
-        "| balance | step (ms) | samples/s | vs standard | vs GMT | vs BMT |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| balance | step (ms) | samples/s | vs standard | vs GMT | vs BMT "
+        "| mixed image steps | placeholder cost |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         e = next(e for e in r.estimates if e.model == model)
@@ -195,7 +196,8 @@ def multimodal_runs_table(runs: list[RunResult], model: str) -> str:
             f"| {e.balance:.3f} | {1000 * e.step_seconds:,.0f} "
             f"| {_per_second(e.samples_per_second)} "
             f"| {_times(e.speedup.get('standard'))} | {_times(e.speedup.get('gmt'))} "
-            f"| {_times(e.speedup.get('bmt'))} |"
+            f"| {_times(e.speedup.get('bmt'))} | {r.mixed_steps:.1%} "
+            f"| {e.placeholder_cost:+.3%} |"
         )
     return "\n".join(lines)
 
@@ -217,7 +219,11 @@ def multimodal_section(result: MultimodalResult) -> str:
         f"shuffled epoch / shuffled mega-buckets of {BMT_BUCKET}; speedups are against "
         f"`standard` and against the oracles of the same mode (padded or packed). Idle: rank-steps "
         f"without a batch (odb's ghost steps at the tail of the epoch); balance: the ranks' "
-        f"compute time over that of the slowest rank. A `--llava` set holds the data's own "
+        f"compute time over that of the slowest rank. Mixed image steps: steps where some "
+        f"rank's batch has an image and another's has none, which hang under FSDP or ZeRO-3 "
+        f"unless that rank runs the vision tower anyway; placeholder cost: the estimated "
+        f"epoch time added when each such rank runs odb's placeholder image (one 2x2 grid of "
+        f"patches, one token; odb does this). A `--llava` set holds the data's own "
         f"records, sized by the given processor.",
         "",
         multimodal_sets_table(result),

@@ -4,14 +4,16 @@ Each round, every rank offers the groups it could emit now and sends ONE fixed-s
 report to all ranks (``all_gather``); every rank then computes the same :func:`decide` from the
 gathered table, so no rank can skip a collective::
 
-    rank 0 report: [status, offered=5, buffered, costs(5) ..., label tokens(5) ..., samples(5) ...]
-    rank 1 report: [status, offered=3, buffered, costs(3) ..., label tokens(3) ..., samples(3) ...]
+    rank 0 report: [status, offered=5, buffered, costs(5) ..., label tokens(5) ..., images(5) ...]
+    rank 1 report: [status, offered=3, buffered, costs(3) ..., label tokens(3) ..., images(3) ...]
                             \\ all_gather: every rank holds the same table /
     decide:  T = min offered over ranks still reading input = 3
              each rank runs T of its offered groups (those that must go now first, then the
              ones closest in cost to the bottleneck rank's), sorted by cost, so step j pairs
              the j-th costliest group of every rank; the T steps then run in one shared random order
-             (seed, epoch, round); a rank with no data left runs ghost steps (weight 0)
+             (seed, epoch, round); a rank with no data left runs ghost steps (weight 0);
+             a step is a vision step when any rank's batch in it holds an image (every rank
+             must then run the vision tower: FSDP and ZeRO-3 gather its weights collectively)
 
 Near the end of the data, ranks that will read no more run other ranks' surplus groups
 instead of ghost steps (``share_tail``); those rounds add two exchanges, the groups' dataset
@@ -48,6 +50,7 @@ __all__ = [
     "Transfer",
     "Decision",
     "decide",
+    "lend_ghost",
     "encode_given",
     "decode_received",
     "encode_verdict",
@@ -91,12 +94,13 @@ def _failed(status: np.ndarray, causes: np.ndarray, when: str) -> AlignmentError
     )
 
 
-_HEADER = 4  # status, offered, buffered, cause
-_COLUMNS = 4  # per offered group: cost, label tokens, samples, must-go-now flag
+_HEADER = 5  # status, offered, buffered, cause, images of the ghost sample
+_GHOST_IMAGES = 4
+_COLUMNS = 5  # per offered group: cost, label tokens, samples, must-go-now flag, images
 
 
 def report_width(max_steps: int) -> int:
-    """Length of one rank's report: a header and four columns of ``max_steps`` entries."""
+    """Length of one rank's report: a header and five columns of ``max_steps`` entries."""
     return _HEADER + _COLUMNS * max_steps
 
 
@@ -108,19 +112,24 @@ def encode_report(
     samples: Sequence[int],
     max_steps: int,
     must: Sequence[bool] = (),
+    images: Sequence[int] = (),
+    ghost_images: int = 0,
 ) -> np.ndarray:
-    """One rank's report for a round; ``costs[i]`` etc. describe its i-th offered group, and
-    ``must[i]`` says it has to go this round (a stale or solo group)."""
+    """One rank's report for a round; ``costs[i]`` etc. describe its i-th offered group,
+    ``must[i]`` says it has to go this round (a stale or solo group), ``images[i]`` counts its
+    images and videos; ``ghost_images`` those of the sample its ghost steps would copy."""
     offered = len(costs)
     if offered > max_steps:
         raise ValueError(f"{offered} groups offered, at most {max_steps} fit in a report")
     row = np.zeros(report_width(max_steps), dtype=np.int64)
     row[:3] = (status, offered, buffered)
+    row[_GHOST_IMAGES] = ghost_images
     columns = row[_HEADER:].reshape(_COLUMNS, max_steps)
     columns[0, :offered] = np.ceil(np.asarray(costs, dtype=np.float64))
     columns[1, :offered] = label_tokens
     columns[2, :offered] = samples
     columns[3, : len(must)] = must
+    columns[4, : len(images)] = images
     return row
 
 
@@ -166,6 +175,10 @@ class Decision:
     pass is over: no rank has data left, or (``stopped``) non-join mode ends it because some
     rank ran out while others still had data; every rank then runs ``padding`` ghost steps
     so the pass ends on a multiple of ``steps_multiple_of``.
+
+    ``vision[j]``: some rank's batch at step j holds an image or video (a group, or the sample a
+    ghost step copies), so every rank must run the vision tower there; ``padding_vision`` the
+    same for the ``padding`` ghost steps.
     """
 
     steps: int
@@ -178,6 +191,8 @@ class Decision:
     stopped: bool
     transfers: tuple[Transfer, ...] = ()
     padding: int = 0
+    vision: np.ndarray | None = None  # [steps]
+    padding_vision: bool = False
 
     def own_picks(self, rank: int) -> list[int]:
         """Positions in ``rank``'s own offer that it runs, in step order."""
@@ -219,7 +234,7 @@ def decide(
     if not active.any() or (not join and not active.all()):
         padding = -steps_so_far % steps_multiple_of
         _check_ghosts(status, np.full(world, padding > 0))
-        return _ended(world, stopped=bool(active.any()), padding=padding)
+        return _ended(table, stopped=bool(active.any()), padding=padding)
 
     exhausted = (status & EXHAUSTED) != 0
     # a non-join pass has no ghost steps for sharing to replace until every rank is exhausted
@@ -235,7 +250,7 @@ def decide(
         else:  # no ghost steps in non-join mode: the remainder is what it drops
             steps = total // world
             if steps == 0:
-                return _ended(world, stopped=True, padding=-steps_so_far % steps_multiple_of)
+                return _ended(table, stopped=True, padding=-steps_so_far % steps_multiple_of)
     runs = _matched_runs(columns, offered, active, pace, steps)
     if sharing:
         runs = _hand_over_surplus(runs, offered, steps)
@@ -255,6 +270,7 @@ def decide(
     costs = np.where(real, picked[..., 0], 0)
     label_tokens = np.where(real, picked[..., 1], 0).sum(axis=0)
     samples = np.where(real, picked[..., 2], 0).sum(axis=0)
+    images = np.where(real, picked[..., 4], table[:, _GHOST_IMAGES, None])
     recipients, steps_at = np.nonzero(real & (owner != np.arange(world)[:, None]))
     transfers = tuple(
         Transfer(
@@ -267,7 +283,18 @@ def decide(
         )
         for r, j in zip(recipients, steps_at, strict=True)
     )
-    return Decision(steps, owner, choice, samples, label_tokens, costs, False, False, transfers)
+    return Decision(
+        steps,
+        owner,
+        choice,
+        samples,
+        label_tokens,
+        costs,
+        False,
+        False,
+        transfers,
+        vision=(images > 0).any(axis=0),
+    )
 
 
 def encode_given(decision: Decision, rank: int, indices: Sequence[Sequence[int]]) -> np.ndarray:
@@ -327,6 +354,16 @@ def read_verdict(table: np.ndarray) -> np.ndarray:
     return table[:, 2:].sum(axis=0)
 
 
+def lend_ghost(table: np.ndarray, donor: int) -> np.ndarray:
+    """The round's reports once the ranks that reported ``NO_GHOST`` took a copy of
+    ``donor``'s ghost sample: their bit cleared, the donor's ghost images as theirs."""
+    table = table.copy()
+    lacking = (table[:, 0] & NO_GHOST) != 0
+    table[lacking, _GHOST_IMAGES] = table[donor, _GHOST_IMAGES]
+    table[:, 0] &= ~NO_GHOST
+    return table
+
+
 def _check_ghosts(status: np.ndarray, runs_ghosts: np.ndarray) -> None:
     """A rank that must run a ghost step needs a sample to copy; one whose dataset is empty
     has none, and all ranks stop together rather than leave the others waiting for it."""
@@ -339,9 +376,13 @@ def _check_ghosts(status: np.ndarray, runs_ghosts: np.ndarray) -> None:
         )
 
 
-def _ended(world: int, stopped: bool, padding: int = 0) -> Decision:
-    empty = np.zeros((world, 0), dtype=np.int64)
-    return Decision(0, empty, empty, empty[0], empty[0], empty, True, stopped, (), padding)
+def _ended(table: np.ndarray, stopped: bool, padding: int = 0) -> Decision:
+    """The decision that ends the pass; every rank runs ``padding`` ghost steps first."""
+    empty = np.zeros((table.shape[0], 0), dtype=np.int64)
+    vision = padding > 0 and bool((table[:, _GHOST_IMAGES] > 0).any())
+    return Decision(
+        0, empty, empty, empty[0], empty[0], empty, True, stopped, (), padding, empty[0] > 0, vision
+    )
 
 
 _Runs = list[tuple[np.ndarray, np.ndarray]]  # per rank: (owner ranks, offer positions)
@@ -423,7 +464,7 @@ def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarr
 UNKNOWN = -1
 """A fingerprint a rank did not or could not take."""
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The layout of every row below; ranks first exchange it alone, in a row whose width never
 changes, so that ranks running different odb versions fail instead of gathering rows of
 different widths (which gloo does not survive)."""

@@ -35,6 +35,12 @@ class StepInfo:
       it offered every group it planned;
     - ``shared``: planned by another rank, run here to even out the end of the data;
     - ``ghost``: a step of weight 0 on a rank with nothing left to run.
+
+    ``vision``: some rank's batch at this step holds an image or video, so every rank runs
+    the vision tower (FSDP and DeepSpeed ZeRO-3 gather its weights collectively: a rank that
+    skipped it would leave the others waiting); ``vision_placeholder``: this rank's batch had
+    none, and odb added the collator's placeholder image (no real token attends to it, its
+    labels are -100).
     """
 
     sample_indices: tuple[int, ...]
@@ -53,6 +59,8 @@ class StepInfo:
     rank: int = 0
     world_size: int = 1
     cost: float = 0.0
+    vision: bool = False
+    vision_placeholder: bool = False
 
     @property
     def token_loss_scale(self) -> float:

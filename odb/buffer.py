@@ -133,6 +133,9 @@ class SampleBuffer:
     def label_tokens(self, group: Group) -> int:
         return int(self._table()[group.members, _LABELS].sum())
 
+    def images(self, group: Group) -> int:
+        return int(self._table()[group.members, _IMAGES].sum())
+
     def take(self, groups: list[Group]) -> list[list[Entry]]:
         """Remove the groups' entries (returned in group order); everything left ages a round."""
         entries = self.entries
@@ -156,8 +159,11 @@ class SampleBuffer:
             self.add(entry)
         return False
 
-    def prepare(self, settings: RoundSettings, *, exhausted: bool) -> tuple[Offer, np.ndarray]:
-        """What this rank can emit this round, in priority order, and its report.
+    def prepare(
+        self, settings: RoundSettings, *, exhausted: bool, ghost_images: int = 0
+    ) -> tuple[Offer, np.ndarray]:
+        """What this rank can emit this round, in priority order, and its report
+        (``ghost_images``: the images of the sample its ghost steps copy).
 
         Ready groups normally; everything once the input is exhausted (the plan is final) or
         the buffer is full (so a rank that cannot pull more never blocks the others). At most
@@ -167,9 +173,13 @@ class SampleBuffer:
         everything = exhausted or len(self.entries) >= settings.window
         count = len(plan.groups) if everything else plan.n_ready
         groups = plan.groups[: min(count, settings.max_steps)]
-        offer = Offer(groups, [self.label_tokens(group) for group in groups])
+        offer = Offer(
+            groups,
+            [self.label_tokens(group) for group in groups],
+            [self.images(group) for group in groups],
+        )
         status = EXHAUSTED * exhausted | FINISHED * (exhausted and not self.entries)
-        return offer, offer.report(status, len(self.entries), settings.max_steps)
+        return offer, offer.report(status, len(self.entries), settings.max_steps, ghost_images)
 
     def commit(
         self, offer: Offer, decision: Decision, rank: int
@@ -183,12 +193,13 @@ class SampleBuffer:
 
 @dataclass(frozen=True)
 class Offer:
-    """The groups one rank offers in a round, and their label tokens."""
+    """The groups one rank offers in a round, their label tokens and images."""
 
     groups: tuple[Group, ...]
     label_tokens: list[int]
+    images: list[int]
 
-    def report(self, status: int, buffered: int, max_steps: int) -> np.ndarray:
+    def report(self, status: int, buffered: int, max_steps: int, ghost_images: int) -> np.ndarray:
         return encode_report(
             status,
             buffered,
@@ -197,4 +208,6 @@ class Offer:
             [len(g.members) for g in self.groups],
             max_steps,
             [g.reason in (Reason.STALE, Reason.SOLO) for g in self.groups],
+            self.images,
+            ghost_images,
         )

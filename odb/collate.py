@@ -19,7 +19,7 @@ the first step instead of training on batches over the budget.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,14 @@ import torch
 from odb.cost import IGNORE_INDEX
 from odb.errors import ConfigError
 
-__all__ = ["PackedCollator", "PaddedCollator", "check_layout", "collator_layout"]
+__all__ = [
+    "PackedCollator",
+    "PaddedCollator",
+    "check_layout",
+    "collator_layout",
+    "collator_placeholder",
+    "split_placeholder",
+]
 
 LAYOUTS = ("padded", "packed")
 
@@ -92,25 +99,75 @@ def _gather_rest(samples: Sequence[Mapping], skip: set[str]) -> dict[str, Any]:
     return out
 
 
+def split_placeholder(
+    samples: Sequence[Mapping], placeholder: Mapping | None
+) -> tuple[Sequence[Mapping], dict[str, Any] | None]:
+    """The real samples, and the vision ``placeholder`` when the loader appended it (it is
+    the last sample, recognised by its very ``input_ids`` object, which the Trainer's
+    column-removing wrapper keeps), with the per-token fields of the real samples: its own
+    where it has them, else ``labels`` -100, ``attention_mask`` 1, ``position_ids`` counting,
+    other fields 0. Its other fields (``pixel_values``, ``image_grid_thw``) are kept."""
+    if (
+        placeholder is None
+        or len(samples) < 2
+        or samples[-1].get("input_ids") is not placeholder["input_ids"]
+    ):
+        return samples, None
+    real = samples[:-1]
+    _, keys = _per_token_keys(real)
+    length = len(torch.as_tensor(placeholder["input_ids"]))
+    fill = {"labels": IGNORE_INDEX, "attention_mask": 1}
+    conformed = {key: value for key, value in placeholder.items() if key not in keys}
+    conformed = {k: v for k, v in conformed.items() if not is_per_token(v, length)}
+    for key in keys:
+        own = placeholder.get(key)
+        dtype = torch.as_tensor(real[0][key]).dtype
+        if is_per_token(own, length):
+            conformed[key] = torch.as_tensor(own).to(dtype)
+        elif key == "position_ids":
+            conformed[key] = torch.arange(length, dtype=dtype)
+        else:
+            conformed[key] = torch.full((length,), fill.get(key, 0), dtype=dtype)
+    return real, conformed
+
+
 class PaddedCollator:
     """Right-pad every per-token field to the longest sample of the group.
 
     ``input_ids`` are padded with ``pad_token_id``, ``labels`` with -100, every other per-token
     field with 0; ``attention_mask`` is added when the samples have none. ``pad_to_multiple_of``
     rounds the row length up (tensor-core friendly shapes on GPUs).
+
+    ``vision_placeholder``: a processed sample holding the smallest image, all labels -100,
+    which the loader appends to a batch without images at a step where another rank's batch
+    has some (see ``odb.DataLoader``). It goes right after the last row's real tokens, where
+    no real token attends to it (causal attention) and no padding column is added unless
+    that row is already the widest; its image comes last, as its tokens do.
     """
 
     layout = "padded"
 
-    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+        vision_placeholder: Mapping | None = None,
+    ):
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ConfigError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.vision_placeholder = vision_placeholder
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
+        samples, placeholder = split_placeholder(samples, self.vision_placeholder)
         ids, keys = _per_token_keys(samples)
-        width = max(len(t) for t in ids)
+        ends = [len(t) for t in ids]  # where each row's tokens end
+        tail = slice(ends[-1], ends[-1])  # the placeholder's place in the last row
+        if placeholder is not None:
+            tail = slice(ends[-1], ends[-1] + len(torch.as_tensor(placeholder["input_ids"])))
+            ends[-1] = tail.stop
+        width = max(ends)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
@@ -124,13 +181,15 @@ class PaddedCollator:
             for row, sample in enumerate(samples):
                 value = torch.as_tensor(sample[key])
                 rows[row, : len(value)] = value
+            if placeholder is not None:
+                rows[-1, tail] = placeholder[key]
             out[key] = rows
         if "attention_mask" not in out:
             mask = torch.zeros((len(samples), width), dtype=torch.long)
-            for row, t in enumerate(ids):
-                mask[row, : len(t)] = 1
+            for row, end in enumerate(ends):
+                mask[row, :end] = 1
             out["attention_mask"] = mask
-        out.update(_gather_rest(samples, set(keys)))
+        out.update(_gather_rest([*samples, *([placeholder] if placeholder else [])], set(keys)))
         return out
 
 
@@ -154,15 +213,26 @@ class PackedCollator:
     The row also carries ``use_cache=False`` (``disable_cache=False`` leaves it out): Hugging
     Face models build a KV cache by default, even in training, and with a cache their masks do
     not look for packed sequences, so samples would silently attend to each other.
+
+    ``vision_placeholder`` (see :class:`PaddedCollator`) becomes the row's last sequence.
     """
 
     layout = "packed"
 
-    def __init__(self, flash_attn_kwargs: bool = False, disable_cache: bool = True):
+    def __init__(
+        self,
+        flash_attn_kwargs: bool = False,
+        disable_cache: bool = True,
+        vision_placeholder: Mapping | None = None,
+    ):
         self.flash_attn_kwargs = flash_attn_kwargs
         self.disable_cache = disable_cache
+        self.vision_placeholder = vision_placeholder
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
+        samples, placeholder = split_placeholder(samples, self.vision_placeholder)
+        if placeholder is not None:
+            samples = [*samples, placeholder]
         ids, keys = _per_token_keys(samples)
         lengths = [len(t) for t in ids]
         out = {}
@@ -195,22 +265,39 @@ def collator_layout(collate_fn: Any) -> str | None:
     ``DataCollatorWithFlattening`` (packed), through wrappers that keep the wrapped collator as
     ``data_collator`` (the Trainer's column-removing wrapper) or ``func`` (``functools.partial``).
     """
-    seen = set()
-    while collate_fn is not None and id(collate_fn) not in seen:
-        seen.add(id(collate_fn))
-        layout = getattr(collate_fn, "layout", None)
+    for collator in _unwrapped(collate_fn):
+        layout = getattr(collator, "layout", None)
         if layout in LAYOUTS:
             return layout
-        padding_free = getattr(collate_fn, "padding_free", None)
+        padding_free = getattr(collator, "padding_free", None)
         if isinstance(padding_free, bool):
             return "packed" if padding_free else "padded"
-        kind = type(collate_fn)
+        kind = type(collator)
         if kind.__name__ == "DataCollatorWithFlattening" and kind.__module__.startswith(
             "transformers"
         ):
             return "packed"
-        collate_fn = getattr(collate_fn, "data_collator", None) or getattr(collate_fn, "func", None)
     return None
+
+
+def collator_placeholder(collate_fn: Any) -> Mapping | None:
+    """The ``vision_placeholder`` sample ``collate_fn`` (or a collator it wraps, as
+    :func:`collator_layout` looks through them) lays out, or None."""
+    for collator in _unwrapped(collate_fn):
+        placeholder = getattr(collator, "vision_placeholder", None)
+        if placeholder is not None:
+            return placeholder
+    return None
+
+
+def _unwrapped(collate_fn: Any) -> Iterator[Any]:
+    """``collate_fn``, then the collators it wraps as ``data_collator`` (the Trainer's
+    column-removing wrapper) or ``func`` (``functools.partial``)."""
+    seen = set()
+    while collate_fn is not None and id(collate_fn) not in seen:
+        seen.add(id(collate_fn))
+        yield collate_fn
+        collate_fn = getattr(collate_fn, "data_collator", None) or getattr(collate_fn, "func", None)
 
 
 def check_layout(batch: Mapping, mode: str, lengths: Sequence[int]) -> None:

@@ -58,6 +58,7 @@ from odb.align import (
     encode_verdict,
     failure_report,
     fingerprint,
+    lend_ghost,
     read_verdict,
 )
 from odb.batch import StepInfo
@@ -194,11 +195,16 @@ class RoundEngine:
         return agreement
 
     # -- intake ---------------------------------------------------------------------------------
-    def _admit(self, index: int, sample: Any, count: bool = True) -> Entry:
+    def _admit(self, index: int, sample: Any, count: bool = True, own: bool = True) -> Entry:
+        """Measure a sample (``count``: into the over-budget statistics). Ghost steps copy
+        the cheapest of this rank's ``own`` samples; a group handed over in a round arrives
+        after the round's report told the others what this rank's ghost holds."""
         entry, verdict = self.config.admission.admit(index, sample)
         if verdict is not None and count:
             self.stats.over_budget_solo += verdict == SOLO
             self.stats.over_budget_truncated += verdict == TRUNCATE
+        if not own:
+            return entry
         ghost = self.ghost  # ghost steps copy the cheapest sample that fits the budget
         if (
             ghost is None
@@ -320,11 +326,14 @@ class RoundEngine:
         try:
             if not self.exhausted:
                 self.exhausted = self.buffer.refill(settings, self._pull)
-            offer, report = self.buffer.prepare(settings, exhausted=self.exhausted)
             if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
                 self._borrow_ghost()  # a rank whose part was empty
-                if self.ghost is None:
-                    report[0] |= NO_GHOST
+            ghost_images = 0 if self.ghost is None else self.ghost.size.images
+            offer, report = self.buffer.prepare(
+                settings, exhausted=self.exhausted, ghost_images=ghost_images
+            )
+            if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
+                report[0] |= NO_GHOST
         except Exception as error:
             self._report_failure(failure_report(error, settings.max_steps))
             raise
@@ -344,7 +353,7 @@ class RoundEngine:
             if decision.stopped:
                 stats.dropped_samples += len(self.buffer) + self.source.size - self.consumed
             for _ in range(decision.padding):
-                self._queue([self.ghost], None, 0, 0)
+                self._queue([self.ghost], None, 0, 0, decision.padding_vision)
             return
         own, given = self.buffer.commit(offer, decision, self.rank)
         shared, label_fix = {}, np.zeros(decision.steps, dtype=np.int64)
@@ -363,7 +372,8 @@ class RoundEngine:
                 stats.stale_groups += group.reason is Reason.STALE
                 stats.pressure_groups += group.reason is Reason.PRESSURE
             global_labels = int(decision.global_label_tokens[j] + label_fix[j])
-            self._queue(entries, group, int(decision.global_samples[j]), global_labels)
+            samples = int(decision.global_samples[j])
+            self._queue(entries, group, samples, global_labels, bool(decision.vision[j]))
         self.round += 1
         if not self.source.rereadable:
             self.source.mark(self._oldest_needed())
@@ -414,9 +424,7 @@ class RoundEngine:
                 self.rank,
                 donor,
             )
-        table = table.copy()
-        table[:, 0] &= ~NO_GHOST
-        return table
+        return lend_ghost(table, donor)
 
     def _take_lent_ghost(self, data: bytes) -> None:
         sample = torch.load(io.BytesIO(data), weights_only=True)
@@ -435,7 +443,9 @@ class RoundEngine:
         shared, failure = {}, None
         try:
             for step, indices in decode_received(decision, gathered, rank).items():
-                shared[step] = [self._admit(i, self.source.read(i), count=False) for i in indices]
+                shared[step] = [
+                    self._admit(i, self.source.read(i), count=False, own=False) for i in indices
+                ]
         except Exception as error:
             failure = error
         labels = {step: sum(e.size.label_tokens for e in group) for step, group in shared.items()}
@@ -451,10 +461,15 @@ class RoundEngine:
         return shared, read_verdict(verdicts)
 
     def _queue(
-        self, entries: list[Entry], group: Group | None, global_samples: int, global_labels: int
+        self,
+        entries: list[Entry],
+        group: Group | None,
+        global_samples: int,
+        global_labels: int,
+        vision: bool,
     ) -> None:
         """Queue one step; ``group`` None makes it a ghost step (computes like one sample,
-        weighs nothing)."""
+        weighs nothing); ``vision``: some rank's batch at this step has an image."""
         sizes = [entry.size for entry in entries]
         real = sum(size.length for size in sizes)
         ghost = group is None
@@ -478,6 +493,7 @@ class RoundEngine:
                     rank=self.rank,
                     world_size=self.exchange.world_size,
                     cost=0.0 if ghost else float(group.cost),
+                    vision=vision,
                 ),
             )
         )

@@ -8,9 +8,10 @@ batches, see odb/align.py and docs/protocol.md.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,26 @@ from torch.utils.data import (
 )
 
 from odb.admit import Admission
-from odb.batch import attach_step_info
+from odb.batch import StepInfo, attach_step_info
 from odb.buffer import RoundSettings
-from odb.collate import LAYOUTS, PackedCollator, PaddedCollator, check_layout, collator_layout
-from odb.cost import Budget, Caps, ComputeCost, PackedCost, PaddedCost, SampleSize
+from odb.collate import (
+    LAYOUTS,
+    PackedCollator,
+    PaddedCollator,
+    check_layout,
+    collator_layout,
+    collator_placeholder,
+)
+from odb.cost import (
+    IGNORE_INDEX,
+    Budget,
+    Caps,
+    ComputeCost,
+    PackedCost,
+    PaddedCost,
+    SampleSize,
+    measure_sample,
+)
 from odb.engine import PassConfig, RoundEngine
 from odb.errors import ConfigError, StateError, positive_int
 from odb.exchange import Exchange, world_exchange
@@ -47,6 +64,9 @@ from odb.stream import StreamSource, is_stream, stream_length
 __all__ = ["DataLoader", "wrap"]
 
 _STATE_VERSION = 2
+
+logger = logging.getLogger("odb")
+_TOLD: set[str] = set()  # warnings already logged by this process
 
 
 class DataLoader:
@@ -113,6 +133,13 @@ class DataLoader:
         steps_multiple_of: end every pass on a multiple of this many steps, with ghost batches
             (loss weight 0) if needed; set it to the gradient-accumulation steps so an epoch
             never ends on a partial accumulation window.
+        vision_placeholder: a processed sample holding the smallest image, all labels -100
+            (default: the collator's ``vision_placeholder``, which ``odb.adapters.qwen_vl``'s
+            collators carry). At a step where another rank's batch has images and this rank's
+            has none, odb appends it to this rank's batch, so every rank runs the vision tower:
+            under FSDP and DeepSpeed ZeRO-3 its weights are gathered collectively, and a rank
+            that skipped it would leave the others waiting forever. The collator lays it out
+            where no real token attends to it; the loss is unchanged.
         num_workers, pin_memory, timeout, worker_init_fn, multiprocessing_context, generator,
         prefetch_factor, persistent_workers: as for ``torch.utils.data.DataLoader``
             (``prefetch_factor`` counts fetch chunks per worker; by default enough for a
@@ -155,6 +182,7 @@ class DataLoader:
         steps_multiple_of: int = 1,
         num_samples: int | None = None,
         exchange: Exchange | None = None,
+        vision_placeholder: Mapping | None = None,
     ):
         self.streaming = is_stream(dataset)
         if not self.streaming and not hasattr(dataset, "__getitem__"):
@@ -201,6 +229,9 @@ class DataLoader:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.collate_fn = collate_fn or (PaddedCollator() if mode == "padded" else PackedCollator())
+        if vision_placeholder is None:
+            vision_placeholder = collator_placeholder(self.collate_fn)
+        self.vision_placeholder = _checked_placeholder(vision_placeholder)
         self.pin_memory = bool(pin_memory) and torch.accelerator.is_available()
         self.num_workers = num_workers
         self._chunks = ChunkSampler(fetch_size if fetch_size is not None else 8)
@@ -270,7 +301,9 @@ class DataLoader:
             stats=self._stats,
             resume=resume,
         )
-        self._iterator = _EpochIterator(engine, self.collate_fn, self.mode, self.pin_memory)
+        self._iterator = _EpochIterator(
+            engine, self.collate_fn, self.mode, self.pin_memory, self.vision_placeholder
+        )
         return self._iterator
 
     def _source(self) -> IndexSource | StreamSource:
@@ -452,11 +485,19 @@ class DataLoader:
 
 
 class _EpochIterator:
-    """One pass (what ``iter(odb.DataLoader)`` returns): the round engine's steps, collated."""
+    """One pass (what ``iter(odb.DataLoader)`` returns): the round engine's steps, collated,
+    with the vision placeholder where another rank's batch of the step has images."""
 
-    def __init__(self, engine: RoundEngine, collate_fn: Callable, mode: str, pin_memory: bool):
+    def __init__(
+        self,
+        engine: RoundEngine,
+        collate_fn: Callable,
+        mode: str,
+        pin_memory: bool,
+        placeholder: Mapping | None,
+    ):
         self.engine, self.collate_fn, self.mode = engine, collate_fn, mode
-        self.pin_memory = pin_memory
+        self.pin_memory, self.placeholder = pin_memory, placeholder
 
     def __iter__(self) -> _EpochIterator:
         return self
@@ -468,7 +509,13 @@ class _EpochIterator:
         entries, info = step
         stats = self.engine.stats
         start = time.perf_counter()
-        batch = self.collate_fn([entry.payload for entry in entries])
+        samples = [entry.payload for entry in entries]
+        lacks_images = not any(entry.size.images for entry in entries)
+        if info.vision and lacks_images and self._can_place(samples, info):
+            samples.append(self.placeholder)
+            info = replace(info, vision_placeholder=True)
+            stats.vision_placeholders += 1
+        batch = self.collate_fn(samples)
         check_layout(batch, self.mode, [entry.size.length for entry in entries])
         if self.pin_memory:
             batch = _pin(batch)
@@ -482,6 +529,43 @@ class _EpochIterator:
             stats.padded_tokens += info.padded_tokens
             stats.label_tokens += info.local_label_tokens
         return batch
+
+    def _can_place(self, samples: list, info: StepInfo) -> bool:
+        """Whether the placeholder can keep this rank in step with the vision tower (or why
+        not, said once)."""
+        if self.placeholder is not None and all("labels" in s for s in samples):
+            return True
+        why = (
+            "the collator has no vision_placeholder (odb.adapters.qwen_vl's collators have "
+            "one; or pass vision_placeholder= to odb.DataLoader)"
+            if self.placeholder is None
+            else "the samples have no labels, so the placeholder's tokens would carry loss"
+        )
+        if why not in _TOLD:
+            _TOLD.add(why)
+            logger.warning(
+                "odb: at step %d another rank's batch has images and rank %d's has none, but %s. "
+                "Under DDP that is fine; under FSDP or DeepSpeed ZeRO-3 this rank skips the "
+                "vision tower whose weights the others gather, and training hangs",
+                info.step,
+                info.rank,
+                why,
+            )
+        return False
+
+
+def _checked_placeholder(placeholder: Mapping | None) -> Mapping | None:
+    """``placeholder`` if it is one: a sample with at least one image and no label token."""
+    if placeholder is None:
+        return None
+    images = measure_sample(placeholder, -1).images
+    labels = placeholder.get("labels")
+    if images < 1 or labels is None or (torch.as_tensor(labels) != IGNORE_INDEX).any():
+        raise ConfigError(
+            f"a vision_placeholder must hold an image (image_grid_thw) and labels that are all "
+            f"-100; this one has {images} image(s) and labels {labels!r}"
+        )
+    return placeholder
 
 
 def _resolve_mode(mode: str | None, collate_fn: Callable | None, cost: Any) -> str:

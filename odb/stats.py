@@ -17,7 +17,9 @@ class LoaderStats:
     ``collate_seconds`` collating. ``ghost_steps`` are steps a rank ran on a copy with loss
     weight 0 because it had no data left while others had; ``shared_groups`` groups it ran
     that another rank had planned (the end of the data is shared out, see ``share_tail``);
-    ``dropped_samples`` what non-join mode left out when the first rank ran out.
+    ``dropped_samples`` what non-join mode left out when the first rank ran out;
+    ``vision_placeholders`` steps to which it added the placeholder image, because another
+    rank's batch had images and its own had none (see ``vision_placeholder``).
     """
 
     token_budget: float
@@ -35,6 +37,7 @@ class LoaderStats:
     over_budget_solo: int = 0
     over_budget_truncated: int = 0
     dropped_samples: int = 0
+    vision_placeholders: int = 0
     wait_seconds: float = 0.0
     plan_seconds: float = 0.0
     collate_seconds: float = 0.0

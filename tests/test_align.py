@@ -8,12 +8,14 @@ from odb.align import (
     EXHAUSTED,
     FAILED,
     FINISHED,
+    NO_GHOST,
     PROTOCOL_VERSION,
     check_versions,
     decide,
     decode_received,
     encode_given,
     encode_report,
+    lend_ghost,
     report_width,
 )
 from odb.errors import AlignmentError, ConfigError
@@ -25,10 +27,12 @@ def _table(*rows):
     return np.stack(rows)
 
 
-def _row(status=0, costs=(), labels=None, samples=None, buffered=0):
+def _row(status=0, costs=(), labels=None, samples=None, buffered=0, images=(), ghost_images=0):
     labels = labels if labels is not None else [1] * len(costs)
     samples = samples if samples is not None else [1] * len(costs)
-    return encode_report(status, buffered, costs, labels, samples, MAX_STEPS)
+    return encode_report(
+        status, buffered, costs, labels, samples, MAX_STEPS, (), images, ghost_images
+    )
 
 
 def test_steps_are_the_fewest_offered_by_a_rank_with_data():
@@ -56,17 +60,16 @@ def test_a_finished_rank_runs_groups_other_ranks_leave_for_later():
 
 
 def test_step_j_pairs_the_jth_costliest_groups_and_sums_global_counts():
+    labels = [1, 3, 2]
     table = _table(
-        _row(costs=[10, 30, 20], labels=[1, 3, 2], samples=[4, 4, 4]),
+        _row(costs=[10, 30, 20], labels=labels, samples=[4, 4, 4]),
         _row(costs=[300, 100, 200], labels=[30, 10, 20], samples=[1, 1, 1]),
     )
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
     for j in range(decision.steps):
         # rank 0's k-th costliest is paired with rank 1's k-th costliest
         assert decision.costs[1, j] == 10 * decision.costs[0, j]
-        assert (
-            decision.global_label_tokens[j] == 11 * table[0, 4 + MAX_STEPS + decision.choice[0, j]]
-        )
+        assert decision.global_label_tokens[j] == 11 * labels[decision.choice[0, j]]
         assert decision.global_samples[j] == 5
 
 
@@ -173,3 +176,53 @@ def test_ranks_of_different_odb_versions_are_refused():
     check_versions(np.array([[PROTOCOL_VERSION], [PROTOCOL_VERSION]]))
     with pytest.raises(ConfigError, match="different odb versions"):
         check_versions(np.array([[PROTOCOL_VERSION], [PROTOCOL_VERSION + 1]]))
+
+
+def _vision_by_cost(decision, rank=0):
+    """Each step's vision flag, keyed by the cost rank ``rank`` runs there."""
+    return {int(c): bool(v) for c, v in zip(decision.costs[rank], decision.vision, strict=True)}
+
+
+def test_a_step_is_a_vision_step_when_any_ranks_batch_has_an_image():
+    table = _table(
+        _row(costs=[30, 20, 10], images=[0, 2, 0]),
+        _row(costs=[31, 21, 11], images=[0, 0, 1]),
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(1))
+    assert _vision_by_cost(decision) == {30: False, 20: True, 10: True}
+
+
+def test_a_ghost_step_copying_a_sample_with_an_image_is_a_vision_step():
+    for ghost_images, expected in ((1, True), (0, False)):
+        table = _table(
+            _row(costs=[9, 8]),
+            _row(FINISHED | EXHAUSTED, ghost_images=ghost_images),
+        )
+        rng = np.random.default_rng(0)
+        decision = decide(table, max_steps=MAX_STEPS, join=True, rng=rng, share_tail=False)
+        assert (decision.choice[1] == -1).all()
+        assert decision.vision.tolist() == [expected] * decision.steps
+        # the ghost steps that pad the pass to a multiple of the accumulation steps
+        done = decide(
+            _table(
+                _row(FINISHED | EXHAUSTED), _row(FINISHED | EXHAUSTED, ghost_images=ghost_images)
+            ),
+            max_steps=MAX_STEPS,
+            join=True,
+            rng=np.random.default_rng(0),
+            steps_so_far=3,
+            steps_multiple_of=2,
+        )
+        assert done.done and done.padding == 1 and done.padding_vision == expected
+
+
+def test_a_lent_ghost_sample_brings_its_images_along():
+    table = _table(
+        _row(costs=[9, 8], ghost_images=1),
+        _row(FINISHED | EXHAUSTED | NO_GHOST),
+    )
+    lent = lend_ghost(table, donor=0)
+    assert not (lent[:, 0] & NO_GHOST).any()
+    rng = np.random.default_rng(0)
+    decision = decide(lent, max_steps=MAX_STEPS, join=True, rng=rng, share_tail=False)
+    assert (decision.choice[1] == -1).all() and decision.vision.all()

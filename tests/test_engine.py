@@ -26,8 +26,12 @@ from odb.simulate import simulate
 
 def _size(index: int, length: int) -> SampleSize:
     """Label tokens that differ from sample to sample, so a count taken from the wrong
-    sample or the wrong rank shows."""
-    return SampleSize(length, max(0, length - 1 - index % 7))
+    sample or the wrong rank shows; an image in every third sample, so steps mix ranks with
+    and without images."""
+    image = index % 3 == 0
+    return SampleSize(
+        length, max(0, length - 1 - index % 7), vision_patches=4 * image, images=image
+    )
 
 
 def _shards(counts, lengths) -> list[list[tuple[int, SampleSize]]]:
@@ -45,7 +49,9 @@ def check_steps(steps, shards, *, join=True, multiple=1, share_tail=True, droppe
     ``multiple``); per step, global label tokens and samples equal to the sums of the ranks'
     non-ghost local counts, and local counts equal to those of the step's samples; ghosts
     weigh 0; in join mode every sample once, else once at most with the rest dropped;
-    without ``share_tail`` every rank runs only its own samples."""
+    without ``share_tail`` every rank runs only its own samples. A step is a vision step on
+    every rank alike, exactly when some rank's batch in it (a ghost's copied sample included)
+    holds an image."""
     sizes = {i: size for shard in shards for i, size in shard}
     counts = {len(rank_steps) for rank_steps in steps}
     assert len(counts) == 1, f"unequal steps {[len(s) for s in steps]}"
@@ -58,6 +64,11 @@ def check_steps(steps, shards, *, join=True, multiple=1, share_tail=True, droppe
             assert s.step == j
             assert (s.global_label_tokens, s.global_samples) == (labels, samples), (j, step)
             assert s.loss_weight == (0.0 if s.ghost else 1.0)
+        vision = {s.vision for s in step}
+        assert len(vision) == 1, (j, step)
+        images = any(sizes[i].images for s in step for i in s.sample_indices if i >= 0)
+        lent = any(s.sample_indices == (-1,) for s in step)  # a ghost copying another's sample
+        assert vision == {True} if images else (lent or vision == {False}), (j, step)
         for s in real:
             assert s.local_label_tokens == sum(sizes[i].label_tokens for i in s.sample_indices)
             assert s.local_samples == len(s.sample_indices)

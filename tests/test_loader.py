@@ -353,3 +353,87 @@ def test_a_batch_of_the_other_layout_is_refused_before_it_is_yielded(num_workers
         next(iter(loader))
     packed = odb.DataLoader(dataset, 2048, mode="packed", collate_fn=odb.PackedCollator())
     assert all(batch["input_ids"].shape[1] <= 2048 for batch in packed)
+
+
+def _vision_samples(count: int, image_every: int) -> list[dict]:
+    """Samples of 10 to 40 tokens; every ``image_every``-th one (0: none) holds a 2x2-patch
+    image whose token id is 99."""
+    samples = []
+    for i in range(count):
+        length = 10 + (7 * i) % 31
+        image = image_every and i % image_every == 0
+        ids = torch.full((length,), i % 90)
+        sample = {"input_ids": ids, "labels": ids.clone()}
+        if image:
+            ids[1] = 99
+            sample["pixel_values"] = torch.full((4, 6), float(i))
+            sample["image_grid_thw"] = torch.tensor([[1, 2, 2]])
+        samples.append(sample)
+    return samples
+
+
+PLACEHOLDER = {
+    "input_ids": torch.tensor([99]),
+    "labels": torch.tensor([-100]),
+    "pixel_values": torch.zeros(4, 6),
+    "image_grid_thw": torch.tensor([[1, 2, 2]]),
+}
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_a_rank_without_images_gets_the_placeholder_where_another_has_some(mode):
+    """Rank 0 reads image samples, rank 1 none: at every step where rank 0's batch has an
+    image, rank 1's batch holds exactly the placeholder's, after its last real token."""
+    from odb.exchange import run_ranks
+
+    collate = (odb.PaddedCollator if mode == "padded" else odb.PackedCollator)(
+        vision_placeholder=PLACEHOLDER
+    )
+    datasets = [_vision_samples(30, 2), _vision_samples(30, 0)]
+
+    def work(exchange):
+        dataset = datasets[exchange.rank]
+        loader = odb.DataLoader(dataset, 160, collate_fn=collate, window=8, exchange=exchange)
+        steps = []
+        for batch in loader:
+            info = odb.step_info(batch)
+            steps.append((info, batch))
+        return steps, loader.stats()
+
+    (first, _), (second, stats) = run_ranks(2, work, timeout=60)
+    assert len(first) == len(second)
+    placed = 0
+    for (info0, batch0), (info1, batch1) in zip(first, second, strict=True):
+        has_image = "image_grid_thw" in batch0
+        assert info0.vision == info1.vision == has_image
+        assert ("image_grid_thw" in batch1) == has_image == info1.vision_placeholder
+        if not has_image:
+            continue
+        placed += 1
+        assert batch1["image_grid_thw"].tolist() == [[1, 2, 2]]
+        assert torch.equal(batch1["pixel_values"], PLACEHOLDER["pixel_values"])
+        lengths = [len(datasets[1][i]["input_ids"]) for i in info1.sample_indices]
+        row, end = (-1, lengths[-1]) if mode == "padded" else (0, sum(lengths))
+        assert batch1["input_ids"][row, end] == 99 and batch1["labels"][row, end] == -100
+        assert (batch1["labels"] != -100).sum() == sum(n - (mode == "packed") for n in lengths)
+        assert batch1["input_ids"].shape[0] == (len(lengths) if mode == "padded" else 1)
+    assert placed == stats.vision_placeholders > 0
+
+
+def test_vision_steps_without_a_placeholder_warn_once_and_bad_placeholders_are_refused(caplog):
+    from odb.exchange import run_ranks
+
+    datasets = [_vision_samples(12, 1), _vision_samples(12, 0)]
+
+    def work(exchange):
+        loader = odb.DataLoader(datasets[exchange.rank], 160, window=8, exchange=exchange)
+        return [odb.step_info(batch).vision_placeholder for batch in loader]
+
+    with caplog.at_level("WARNING", logger="odb"):
+        results = run_ranks(2, work, timeout=60)
+    assert not any(any(placed) for placed in results)
+    warned = [r for r in caplog.records if "the collator has no vision_placeholder" in r.message]
+    assert len(warned) == 1 and "hangs" in warned[0].message
+    for bad in ({**PLACEHOLDER, "labels": torch.tensor([5])}, {"input_ids": torch.tensor([1])}):
+        with pytest.raises(ConfigError, match="vision_placeholder must hold an image"):
+            odb.DataLoader(datasets[0], 160, vision_placeholder=bad)

@@ -24,7 +24,7 @@ kept so that the estimate follows both rules exactly). The image becomes a grid 
 text.
 """
 
-from odb.adapters.qwen_vl.collators import QwenVLPackedCollator, collator
+from odb.adapters.qwen_vl.collators import QwenVLPackedCollator, collator, vision_placeholder
 from odb.adapters.qwen_vl.dataset import CHAT_TEMPLATE, LlavaDataset
 from odb.adapters.qwen_vl.errors import (
     ImageCountError,
@@ -52,4 +52,5 @@ __all__ = [
     "collator",
     "compute_cost",
     "model_flops",
+    "vision_placeholder",
 ]

@@ -14,6 +14,7 @@ import torch
 
 import odb
 from odb.adapters.qwen_vl.config import _config_of, _text_config
+from odb.collate import split_placeholder
 from odb.errors import ConfigError
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -82,6 +83,31 @@ class _RopeIndex:
         return positions[:, 0]
 
 
+def vision_placeholder(model_or_config: Any) -> dict[str, torch.Tensor]:
+    """The smallest image a Qwen-VL model takes, as a processed sample whose labels are all
+    -100: one ``merge x merge`` grid of blank patches, i.e. one ``<|image_pad|>`` token.
+
+    odb's loader adds it to a batch without images at a step where another rank's batch has
+    some, so that every rank runs the vision tower (FSDP and ZeRO-3 gather its weights
+    collectively); the collators lay it out where no real token attends to it. It costs the
+    vision tower's pass over 4 patches and one token of the language model."""
+    config = _config_of(model_or_config)
+    vision = getattr(config, "vision_config", None)
+    if vision is None or getattr(config, "image_token_id", None) is None:
+        raise ConfigError(f"{type(config).__name__} has no vision tower to keep in step")
+    merge = vision.spatial_merge_size
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+    features = channels * vision.temporal_patch_size * vision.patch_size**2
+    return {
+        "input_ids": torch.tensor([config.image_token_id]),
+        "labels": torch.tensor([-100]),
+        "attention_mask": torch.tensor([1]),
+        "mm_token_type_ids": torch.tensor([1]),
+        "pixel_values": torch.zeros(merge * merge, features),
+        "image_grid_thw": torch.tensor([[1, merge, merge]]),
+    }
+
+
 class QwenVLPackedCollator:
     """One padding-free row for Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
@@ -111,6 +137,9 @@ class QwenVLPackedCollator:
     their attention layers as ``position_ids``, from which transformers' flash path derives the
     varlen sequence boundaries. No ``cu_seq_lens_*`` are added: Qwen-VL models forward extra
     keyword arguments to their vision tower too, whose own flash call sets them.
+
+    ``vision_placeholder`` (:func:`vision_placeholder`), when the loader appends it, is the
+    row's last sequence.
     """
 
     layout = "packed"
@@ -119,6 +148,7 @@ class QwenVLPackedCollator:
         self._rope = _RopeIndex(model_or_config)
         self._pack = odb.PackedCollator()
         self.disable_cache = disable_cache
+        self.vision_placeholder = vision_placeholder(model_or_config)
         config = self._rope.config
         self._vision_ids = {
             getattr(config, "image_token_id", None): 1,
@@ -137,7 +167,10 @@ class QwenVLPackedCollator:
         return {**sample, "mm_token_type_ids": types}
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
-        samples = [self._with_token_types(sample) for sample in samples]
+        samples, placeholder = split_placeholder(samples, self.vision_placeholder)
+        samples = [
+            self._with_token_types(s) for s in [*samples, *([placeholder] * bool(placeholder))]
+        ]
         batch = self._pack(samples)
         rope = torch.cat([self._rope(sample) for sample in samples], dim=1)
         batch["position_ids"] = torch.cat([batch["position_ids"][None], rope[:, None, :]], dim=0)
@@ -157,7 +190,8 @@ def collator(
     """The collator for a model (or its config) in odb's ``mode``.
 
     ``"padded"``: ``odb.PaddedCollator`` (right padding, ``attention_mask``; pads
-    ``mm_token_type_ids`` with 0 and concatenates the vision fields), for any model.
+    ``mm_token_type_ids`` with 0 and concatenates the vision fields), for any model; for a
+    Qwen-VL model it carries :func:`vision_placeholder`.
     ``"packed"``: :class:`QwenVLPackedCollator` for Qwen2-VL / Qwen2.5-VL / Qwen3-VL, and
     ``odb.PackedCollator`` for text causal LMs (Qwen2, Qwen3: their 1-D positions restarting
     at 0 are all the model needs; call the model with ``use_cache=False`` there too, and
@@ -171,7 +205,11 @@ def collator(
             pad_token_id = getattr(_text_config(config), "pad_token_id", None)
             if pad_token_id is None:
                 pad_token_id = getattr(config, "pad_token_id", None) or 0
-        return odb.PaddedCollator(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        return odb.PaddedCollator(
+            pad_token_id=pad_token_id,
+            pad_to_multiple_of=pad_to_multiple_of,
+            vision_placeholder=vision_placeholder(config) if model_type in VL_MODEL_TYPES else None,
+        )
     if mode != "packed":
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
     if pad_to_multiple_of is not None:

@@ -314,3 +314,72 @@ def test_the_qwen_vl_collators_set_the_loaders_mode_and_refuse_the_other(small_t
         assert loader.mode == mode
     with pytest.raises(odb.ConfigError, match="mode='packed' but the collate_fn"):
         odb.DataLoader(dataset, 2048, mode="packed", collate_fn=qwen_vl.collator(config, "padded"))
+
+
+def _vision_grads(grads: dict) -> dict:
+    return {name: grad for name, grad in grads.items() if ".visual." in f".{name}"}
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+@pytest.mark.parametrize("family", qwen_vl_tiny.FAMILIES)
+def test_the_vision_placeholder_runs_the_vision_tower_and_changes_no_loss(
+    family, mode, small_tokenizer, folder
+):
+    """A text-only batch with the placeholder appended: the vision tower runs (its weights get
+    gradients, as FSDP needs every rank to gather them), and the loss and every gradient are
+    those of the batch without it (the vision tower's are exactly 0)."""
+    samples = _samples(family, small_tokenizer, folder, TEXT)
+    model = qwen_vl_tiny.tiny_model(family, small_tokenizer).train()
+    collate = qwen_vl.collator(model, mode)
+    placeholder = collate.vision_placeholder
+    plain, batch = collate(samples), collate([*samples, placeholder])
+    assert "image_grid_thw" not in plain
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 2]]
+    lengths = [len(s["input_ids"]) for s in samples]
+    if mode == "padded":  # in the last row's padding: no row and no column added
+        assert lengths[-1] + 1 <= max(lengths)
+        assert batch["input_ids"].shape == plain["input_ids"].shape
+    else:
+        assert batch["input_ids"].shape == (1, sum(lengths) + 1)
+    hf, loss, grads = _run(model, plain)
+    hf_with, loss_with, grads_with = _run(model, batch)
+    torch.testing.assert_close(loss_with, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(hf_with, hf, rtol=1e-12, atol=0)
+    vision = _vision_grads(grads_with)
+    assert vision and not _vision_grads(grads)
+    assert grads_with.keys() - vision.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_with[name], grad, rtol=1e-10, atol=1e-14, msg=name)
+    assert all(not grad.any() for grad in vision.values())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_placeholder_after_the_widest_row_adds_columns_not_rows(family, small_tokenizer, folder):
+    samples = _samples(family, small_tokenizer, folder, TEXT[:1])
+    model = qwen_vl_tiny.tiny_model(family, small_tokenizer).train()
+    collate = qwen_vl.collator(model, "padded")
+    batch = collate([*samples, collate.vision_placeholder])
+    length = len(samples[0]["input_ids"])
+    assert batch["input_ids"].shape == (1, length + 1)
+    assert batch["attention_mask"][0].tolist() == [1] * (length + 1)
+    assert batch["labels"][0, -1] == -100
+    _, loss, _ = _run(model, collate(samples))
+    _, loss_with, grads = _run(model, batch)
+    torch.testing.assert_close(loss_with, loss, rtol=1e-12, atol=0)
+    assert _vision_grads(grads)
+
+
+def test_the_placeholder_is_recognised_through_the_trainers_column_removal(small_tokenizer, folder):
+    """The Trainer's wrapper copies every sample into a new dict; the tensor that marks the
+    placeholder survives, so it still lands in the last row's padding."""
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    samples = _samples("qwen2_5_vl", small_tokenizer, folder, TEXT)
+    samples = [{**s, "source": torch.tensor(7)} for s in samples]  # a column the model lacks
+    collate = qwen_vl.collator(qwen_vl_tiny.tiny_config("qwen2_5_vl", small_tokenizer), "padded")
+    columns = ["input_ids", "labels", "attention_mask", "mm_token_type_ids", "pixel_values"]
+    wrapped = RemoveColumnsCollator(collate, [*columns, "image_grid_thw"])
+    assert odb.collate.collator_placeholder(wrapped) is collate.vision_placeholder
+    batch = wrapped([*samples, collate.vision_placeholder])
+    assert batch["input_ids"].shape[0] == len(samples) and "source" not in batch
+    assert (batch["input_ids"] == collate.vision_placeholder["input_ids"][0]).sum() == 1
