@@ -289,6 +289,9 @@ def _checkpoint(config, rank, loader, model, optimizer, action: str) -> None:
         (folder / f"loader{rank}.json").write_text(json.dumps(loader.state_dict()))
         return
     dcp.load(state, checkpoint_id=folder)
+    # The load fills FSDP2's sharded parameters and optimizer states in place already (a test
+    # that leaves set_state_dict out still passes); set_state_dict is the documented step, and
+    # the one that matters when get_state_dict returns copies (full_state_dict, cpu_offload).
     set_state_dict(
         model,
         optimizer,
