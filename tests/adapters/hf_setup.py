@@ -71,6 +71,7 @@ class Recorder(transformers.TrainerCallback):
         self.windows: list[list] = [[]]
         self.first_grads = None
         self.lrs: list[float] = []
+        self.sharded: list[bool] = []  # per optimizer step: did it train an FSDP2 model?
         original = trainer.training_step
 
         def training_step(model, inputs, num_items_in_batch=None):
@@ -81,6 +82,7 @@ class Recorder(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.sharded.append(sharded(self.trainer.model))
         if self.first_grads is None:
             self.first_grads = grads(self.trainer.model)
         self.lrs.append(self.trainer.optimizer.param_groups[0]["lr"])  # the LR this step uses
@@ -90,8 +92,22 @@ class Recorder(transformers.TrainerCallback):
 
 
 def grads(model) -> list[torch.Tensor]:
-    """Each parameter's gradient, zeros for parameters the batch did not reach."""
+    """Each parameter's whole gradient, zeros for parameters the batch did not reach (an FSDP2
+    gradient is gathered from its shards: a collective, so every rank must call this)."""
     return [
-        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        torch.zeros_like(whole(p)) if p.grad is None else whole(p.grad).detach().clone()
         for p in model.parameters()
     ]
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor, or the whole of an FSDP2 parameter or gradient (a sharded DTensor)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def sharded(model) -> bool:
+    """The model is sharded by FSDP2: an ``FSDPModule`` whose parameters are all DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = list(model.parameters())
+    return isinstance(model, FSDPModule) and all(hasattr(p, "full_tensor") for p in params)

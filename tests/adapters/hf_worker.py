@@ -1,12 +1,17 @@
 """One rank of a multi-process Hugging Face Trainer test (torchrun or accelerate launch).
 
 Reads a JSON config (argv[1]); trains a tiny model with odb enabled; writes what this rank saw
-to ``<out>/rank<r>.json`` (and rank 0's first accumulated gradient to ``grads.pt``).
+to ``<out>/rank<r>.json`` (and rank 0's first accumulated gradient to ``grads.pt``, its final
+parameters to ``params.pt``). With ``sharded_from`` (a saved tiny model), the model is loaded
+sharded by FSDP2 over all ranks, by transformers itself
+(``from_pretrained(distributed_config=DistributedConfig(fsdp_size=world))``), instead of being
+wrapped in DDP by the Trainer.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,18 +21,30 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
 
-from hf_setup import Recorder, TokenDataset, tiny_model, training_args  # the script's folder
+from hf_setup import Recorder, TokenDataset, tiny_model, training_args, whole  # script's folder
 from tiny import leave_distributed
 
 from odb.adapters.hf import enable
+
+
+def make_model(config: dict) -> torch.nn.Module:
+    if config.get("sharded_from") is None:
+        return tiny_model()
+    from transformers.distributed import DistributedConfig
+
+    sharding = DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
+    return transformers.Qwen2ForCausalLM.from_pretrained(
+        config["sharded_from"], distributed_config=sharding, dtype=torch.float64
+    )
 
 
 def main() -> None:
     config = json.loads(Path(sys.argv[1]).read_text())
     out = Path(config["out"])
     dataset = TokenDataset(config["lengths"])
+    model = make_model(config)  # before the Trainer's arguments: it may start the process group
     args = training_args(out / config.get("run", "run"), **config["args"])
-    trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=dataset)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
     enable(trainer, config["budget"])
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
@@ -57,10 +74,13 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "final": trainer.state.log_history[-1],
+        "sharded": recorder.sharded,
     }
+    params = {name: whole(p.detach()) for name, p in trainer.model.named_parameters()}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0 and recorder.first_grads is not None:
         torch.save(recorder.first_grads, out / "grads.pt")
+        torch.save(params, out / "params.pt")
     dist.barrier()
     leave_distributed()
 

@@ -1,5 +1,6 @@
 """The Hugging Face adapter with the real Trainer in 2 processes: torchrun and
-``accelerate launch --multi_gpu`` (``--cpu`` would silently run one process)."""
+``accelerate launch --multi_gpu`` (``--cpu`` would silently run one process); DDP, and FSDP2 as
+far as it runs on CPU (docs/hf-trainer.md, "FSDP")."""
 
 from __future__ import annotations
 
@@ -135,3 +136,36 @@ def test_two_process_resume_continues_with_the_same_batches(tmp_path):
     )
     for rank in range(2):
         assert resumed[rank]["windows"] == full[rank]["windows"][6:]
+
+
+def test_fsdp2_sharded_by_transformers_trains_as_ddp(tmp_path):
+    """The Trainer's FSDP2 path that runs on CPU: a model sharded at load time by transformers
+    (``DistributedConfig(fsdp_size=2)``; ``TrainingArguments(fsdp=...)`` and accelerate's FSDP
+    plugin fall back to DDP on CPU). Every optimizer step trains the sharded model, and the run
+    sees the batches, first gradient and final parameters of the same training under DDP,
+    accumulation windows included."""
+    dataset_lengths = lengths(75, seed=4)
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    config = {
+        "lengths": dataset_lengths,
+        "budget": BUDGET,
+        "args": {"num_train_epochs": 2, "gradient_accumulation_steps": 2},
+    }
+    ddp = _launch(tmp_path / "ddp", config, "torchrun")
+    fsdp2 = _launch(
+        tmp_path / "fsdp2", {**config, "sharded_from": str(tmp_path / "tiny")}, "torchrun"
+    )
+    assert all(r["sharded"] and all(r["sharded"]) for r in fsdp2), "FSDP2 at every step"
+    assert not any(any(r["sharded"]) for r in ddp)
+    dataset = TokenDataset(dataset_lengths)
+    _check(fsdp2, dataset, epochs=2)
+    _check_first_gradient(tmp_path / "fsdp2", fsdp2, dataset)
+    for a, b in zip(ddp, fsdp2, strict=True):
+        assert a["windows"] == b["windows"] and a["lrs"] == b["lrs"]
+    want = torch.load(tmp_path / "ddp" / "params.pt")
+    got = torch.load(tmp_path / "fsdp2" / "params.pt")
+    initial = dict(tiny_model().named_parameters())
+    assert got.keys() == want.keys() == initial.keys()
+    for name, value in got.items():
+        assert float((value - initial[name].detach()).abs().max()) > 1e-3, f"{name} was trained"
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-12, msg=name)  # bitwise here

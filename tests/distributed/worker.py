@@ -9,6 +9,10 @@ Scenarios:
   global counts with those samples'; record every batch's step info.
 - ``resume``: iterate; at ``save_at`` write the state to ``<out>/<state><r>.json`` and stop
   (or, with ``load``, restore it first and iterate to the end).
+- ``train``: train the tiny causal LM under ``wrap`` (DDP or FSDP2) with AdamW; at ``save_at``
+  checkpoint the loader's state and the model's and optimizer's (``torch.distributed.checkpoint``)
+  in ``<out>/<checkpoint>/`` and stop (or, with ``load``, restore them first and train to the
+  end); rank 0 writes the final parameters to ``<out>/<params>.pt``; records every step.
 - ``die``: rank ``victim`` exits abruptly after ``after`` batches; the others keep iterating.
 
 The dataset is a ``LengthDataset`` of ``lengths`` that every rank reads, or with
@@ -213,9 +217,9 @@ def _wrapped(model, wrap: str):
     return fully_shard(model)
 
 
-def _full(grad):
-    """A parameter's whole gradient (an FSDP2 gradient is a sharded DTensor)."""
-    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+def _full(tensor):
+    """A parameter's or gradient's whole tensor (under FSDP2 both are sharded DTensors)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def run_grads(config, rank, loader, result):
@@ -271,6 +275,57 @@ def run_grads(config, rank, loader, result):
         result.update(steps=len(records), worst_grad_error=worst, ghosts=ghosts, shared=shared)
 
 
+def _checkpoint(config, rank, loader, model, optimizer, action: str) -> None:
+    """Save or load (``action``) the loader's state (one json per rank) and the model's and
+    optimizer's (sharded, through ``torch.distributed.checkpoint``) in one folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(config["out"]) / config.get("checkpoint", "checkpoint")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if action == "save":
+        dcp.save(state, checkpoint_id=folder)
+        (folder / f"loader{rank}.json").write_text(json.dumps(loader.state_dict()))
+        return
+    dcp.load(state, checkpoint_id=folder)
+    # The load fills FSDP2's sharded parameters and optimizer states in place already (a test
+    # that leaves set_state_dict out still passes); set_state_dict is the documented step, and
+    # the one that matters when get_state_dict returns copies (full_state_dict, cpu_offload).
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    loader.load_state_dict(json.loads((folder / f"loader{rank}.json").read_text()))
+
+
+def run_train(config, rank, loader, result):
+    """Real training with odb's exact loss scale under DDP or FSDP2, checkpointed and resumed
+    as a user would: the loader's ``state_dict`` beside a distributed checkpoint of the model
+    and the optimizer."""
+    model = tiny_model(vocab=max(512, len(loader.dataset)))
+    wrapped = _wrapped(model, config.get("wrap", "ddp"))
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=config.get("lr", 1e-2))
+    if config.get("load"):
+        _checkpoint(config, rank, loader, wrapped, optimizer, "load")
+    records = []
+    result["epochs"] = [records]
+    for batch in loader:
+        records.append(info_record(batch))
+        optimizer.zero_grad()
+        odb.scale_loss(token_loss_sum(wrapped, batch), batch, reduction="token").backward()
+        optimizer.step()
+        if len(records) == config.get("save_at"):
+            _checkpoint(config, rank, loader, wrapped, optimizer, "save")
+            return
+    result["sharded"] = hasattr(next(model.parameters()), "full_tensor")
+    final = {name: _full(p.detach()) for name, p in model.named_parameters()}  # collectives
+    if rank == 0:
+        torch.save(final, Path(config["out"]) / f"{config['params']}.pt")
+
+
 def run(config, rank, result):
     """One loader's scenario, its outcome in ``result``; returns the loader (whose workers live
     as long as it does)."""
@@ -278,7 +333,13 @@ def run(config, rank, result):
     try:
         loader = make_loader(config, rank)
         scenario = config.get("scenario", "epoch")
-        runner = {"epoch": run_epochs, "die": run_die, "resume": run_resume, "grads": run_grads}
+        runner = {
+            "epoch": run_epochs,
+            "die": run_die,
+            "resume": run_resume,
+            "grads": run_grads,
+            "train": run_train,
+        }
         runner[scenario](config, rank, loader, result)
     except Exception as error:  # reported to the test, which decides what was expected
         result["error"] = f"{type(error).__name__}: {error}"
