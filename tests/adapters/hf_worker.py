@@ -1,7 +1,12 @@
 """One rank of a multi-process Hugging Face Trainer test (torchrun or accelerate launch).
 
 Reads a JSON config (argv[1]); trains a tiny model with odb enabled; writes what this rank saw
-to ``<out>/rank<r>.json`` (and rank 0's first accumulated gradient to ``grads.pt``).
+to ``<out>/rank<r>.json`` (and rank 0's first accumulated gradient to ``grads.pt``, or with
+DeepSpeed, whose engine keeps the gradients in its own partitions, rank 0's final parameters to
+``params-<run>.pt``). Config keys: ``lengths``, ``budget``, ``args`` (``TrainingArguments``,
+``deepspeed`` included: a ZeRO config, launched with ``DS_ACCELERATOR=cpu``), ``run``,
+``resume``, ``dtype`` (the tiny model's, float64 by default; ZeRO takes float32 at most) and
+``params`` (write the final parameters without DeepSpeed too).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ def main() -> None:
     out = Path(config["out"])
     dataset = TokenDataset(config["lengths"])
     args = training_args(out / config.get("run", "run"), **config["args"])
-    trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=dataset)
+    dtype = getattr(torch, config.get("dtype", "float64"))
+    model = tiny_model(dtype=dtype)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
     enable(trainer, config["budget"])
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
@@ -59,10 +66,25 @@ def main() -> None:
         "final": trainer.state.log_history[-1],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    if rank == 0 and recorder.first_grads is not None:
+    if args.deepspeed or config.get("params"):
+        params = _final_parameters(model, bool(args.deepspeed))
+        if rank == 0:
+            torch.save(params, out / f"params-{config.get('run', 'run')}.pt")
+    elif rank == 0 and recorder.first_grads is not None:
         torch.save(recorder.first_grads, out / "grads.pt")
     dist.barrier()
     leave_distributed()
+
+
+def _final_parameters(model, zero: bool) -> list[torch.Tensor]:
+    """Every parameter whole, also under ZeRO-3 (which leaves each rank a partition)."""
+    parameters = list(model.parameters())
+    if not zero:
+        return [p.detach().clone() for p in parameters]
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters):
+        return [p.detach().clone() for p in parameters]
 
 
 if __name__ == "__main__":
