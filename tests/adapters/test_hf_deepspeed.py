@@ -48,7 +48,7 @@ def _zero(stage: int) -> dict:
     }
 
 
-def _launch(out: Path, config: dict) -> list[dict]:
+def _launch(out: Path, config: dict, stderr: list | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     config = {"lengths": lengths(75, seed=4), "budget": BUDGET, "dtype": "float32", **config}
     config["out"] = str(out)
@@ -63,6 +63,8 @@ def _launch(out: Path, config: dict) -> list[dict]:
         timeout=600,  # the first DeepSpeed run on a machine JIT-builds its shm op (~1 min)
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -133,3 +135,29 @@ def test_zero3_resume_continues_as_ddp(tmp_path, ddp):
         for a, b in zip(mine["logs"], theirs["logs"], strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
     _assert_same_update(_params(tmp_path), start, want_params)
+
+
+def test_zero_with_deepspeed_optimizer_follows_the_data_schedule(tmp_path, ddp):
+    """An optimizer in the DeepSpeed config: the engine steps the Trainer's scheduler, which the
+    trainer then holds inside accelerate's wrapper; odb still sets each window's learning rate
+    at its middle (the LRs equal the DDP run's, whatever the optimizer)."""
+    want, _, _ = ddp
+    optimizer = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
+    config = {**_zero(2), "optimizer": optimizer}
+    got = _launch(tmp_path, {"args": {**ARGS, "deepspeed": config}})
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine["windows"] == theirs["windows"]
+        assert mine["lrs"] == pytest.approx(theirs["lrs"], rel=1e-6)
+        assert mine["lrs"][-1] > 0
+
+
+def test_deepspeed_scheduler_is_warned_about_in_epochs_mode(tmp_path):
+    """DeepSpeed's own scheduler counts to the estimated steps: odb says so."""
+    scheduler = {
+        "type": "WarmupDecayLR",
+        "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"},
+    }
+    stderr = []
+    args = {**ARGS, "num_train_epochs": 1, "deepspeed": {**_zero(2), "scheduler": scheduler}}
+    _launch(tmp_path, {"args": args}, stderr)
+    assert "the DeepSpeed config's scheduler steps over the estimated" in stderr[0]
