@@ -246,6 +246,8 @@ class OdbTrainerMixin:
 
             scheduler = ProgressSchedule(scheduler, num_training_steps, after_this_step)
             self.lr_scheduler = scheduler
+        elif run.epochs_mode and _progress_schedule(scheduler) is None:
+            _warn_deepspeed_scheduler(self, num_training_steps)
         return scheduler
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
@@ -270,9 +272,10 @@ class OdbTrainerMixin:
         run.session.add(infos)
         run.interval.add(infos)
         window_samples = sum(info.global_samples for info in infos)
-        if isinstance(self.lr_scheduler, ProgressSchedule):  # train this window at its middle
+        schedule = _progress_schedule(self.lr_scheduler)
+        if schedule is not None:  # train this window at its middle
             step, done = self.state.global_step + 0.5, run.samples_done + window_samples / 2
-            self.lr_scheduler.jump(run.progress.at(step, done))
+            schedule.jump(run.progress.at(step, done))
         run.samples_done += window_samples
         return batches, None
 
@@ -456,6 +459,34 @@ def _stream_length(loader: odb.DataLoader) -> int | None:
         return loader.epoch_samples()
     except ConfigError:
         return None
+
+
+def _progress_schedule(scheduler: Any) -> ProgressSchedule | None:
+    """The ``ProgressSchedule`` inside ``scheduler``, also when wrapped: with an optimizer in
+    the DeepSpeed config, the engine steps it and the trainer holds accelerate's
+    ``DeepSpeedSchedulerWrapper`` around it (its ``scheduler``)."""
+    for _ in range(4):
+        if scheduler is None or isinstance(scheduler, ProgressSchedule):
+            return scheduler
+        scheduler = getattr(scheduler, "scheduler", None)
+    return None
+
+
+def _warn_deepspeed_scheduler(trainer: Trainer, steps: int) -> None:
+    """A ``scheduler`` in the DeepSpeed config is DeepSpeed's own, stepped by its engine over
+    ``total_num_steps`` (the Trainer's estimate in epochs mode): odb cannot make it follow the
+    data, so it ends at the estimate rather than with the last sample."""
+    config = getattr(trainer.args, "hf_deepspeed_config", None)
+    if not trainer.is_deepspeed_enabled or "scheduler" not in getattr(config, "config", {}):
+        return
+    warnings.warn(
+        f"the DeepSpeed config's scheduler steps over the estimated {steps} optimizer steps, "
+        "while the number of steps of an odb epoch is only known at its end: the learning "
+        "rate will not end with the data (it reaches its end early or late). Remove "
+        "'scheduler' from the DeepSpeed config to use the Trainer's lr_scheduler_type, which "
+        "odb drives by the data consumed, or train for max_steps",
+        stacklevel=2,
+    )
 
 
 def _end_training(trainer: Trainer) -> None:

@@ -191,11 +191,6 @@ class _Batcher:
                 f"loss_type {trainer.loss_type!r} is not supported by odb's GRPO adapter "
                 f"(supported: {', '.join(sorted(_NORMALISATION))})"
             )
-        if trainer.is_deepspeed_enabled:
-            raise ConfigError(
-                "odb's GRPO adapter does not support DeepSpeed: the DeepSpeed engine counts "
-                "micro-steps itself and would step the optimizer inside odb's passes"
-            )
         per_forward = []
         if trainer._entropy_bonus_enabled:
             per_forward.append("the entropy bonus (entropy_coef, use_adaptive_entropy)")
@@ -252,7 +247,7 @@ class _Batcher:
             # DDP decides at forward time whether the backward all-reduces: both inside no_sync.
             with accelerator.no_sync(model):
                 loss = stock(model, item.inputs()) * item.scale
-                accelerator.backward(loss)
+                _inner_backward(accelerator, loss)
             earlier = loss.detach() if earlier is None else earlier + loss.detach()
         loss = stock(model, last.inputs()) * last.scale  # the Trainer runs this backward
         return loss if earlier is None else loss + earlier
@@ -465,6 +460,27 @@ class _Batcher:
         if self._exchange is None:
             self._exchange = world_exchange(self.config.align_timeout)
         return self._exchange
+
+
+def _inner_backward(accelerator: Any, loss: torch.Tensor) -> None:
+    """The backward of a pass before the accumulation call's last one (whose backward the
+    Trainer runs).
+
+    Under DeepSpeed, ``accelerator.backward`` would mark this pass as the end of the window
+    whenever the call is the window's last (``set_gradient_accumulation_boundary`` from
+    ``sync_gradients``) and run ``engine.step()`` after it: the optimizer would step before the
+    call's other passes, then once more after them. It would also let the engine divide the
+    loss by the accumulation steps, which the Trainer turns off for its own backward
+    (``scale_wrt_gas=False``; TRL's loss is already normalised). So the pass goes to the engine
+    as a micro-step that is no boundary, unscaled. Every rank runs the same passes, so ZeRO's
+    per-backward reductions and ZeRO-3's parameter gathers stay matched.
+    """
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        accelerator.backward(loss)
+        return
+    wrapped.engine.set_gradient_accumulation_boundary(False)
+    wrapped.engine.backward(loss, scale_wrt_gas=False)
 
 
 class OdbGRPOTrainer(GRPOTrainer):

@@ -62,8 +62,8 @@ def training_args(output_dir, **overrides) -> transformers.TrainingArguments:
 
 
 class Recorder(transformers.TrainerCallback):
-    """Records every micro-batch's step info (via the trainer's training_step) and, at the
-    first optimizer step, the accumulated gradients."""
+    """Records every micro-batch's step info (via the trainer's training_step), each window's
+    learning rate and, at the first optimizer step, the accumulated gradients."""
 
     def __init__(self, trainer):
         import odb
@@ -75,6 +75,11 @@ class Recorder(transformers.TrainerCallback):
         original = trainer.training_step
 
         def training_step(model, inputs, num_items_in_batch=None):
+            if not self.windows[-1]:
+                # The LR this window trains with, read before its first backward: with an
+                # optimizer in the DeepSpeed config, the engine steps the optimizer and the
+                # scheduler inside the last backward, before on_pre_optimizer_step.
+                self.lrs.append(self.trainer.optimizer.param_groups[0]["lr"])
             self.windows[-1].append(odb.step_info(inputs))
             return original(model, inputs, num_items_in_batch)
 
@@ -85,7 +90,6 @@ class Recorder(transformers.TrainerCallback):
         self.sharded.append(sharded(self.trainer.model))
         if self.first_grads is None:
             self.first_grads = grads(self.trainer.model)
-        self.lrs.append(self.trainer.optimizer.param_groups[0]["lr"])  # the LR this step uses
 
     def on_step_end(self, args, state, control, **kwargs):
         self.windows.append([])

@@ -113,6 +113,7 @@ def test_two_processes_equal_steps_coverage_exact_gradient(tmp_path, launcher):
         "lengths": dataset_lengths,
         "budget": BUDGET,
         "args": {"num_train_epochs": 2, "gradient_accumulation_steps": 2},
+        "params": True,
     }
     results = _launch(tmp_path, config, launcher)
     dataset = TokenDataset(dataset_lengths)
@@ -150,6 +151,7 @@ def test_fsdp2_sharded_by_transformers_trains_as_ddp(tmp_path):
         "lengths": dataset_lengths,
         "budget": BUDGET,
         "args": {"num_train_epochs": 2, "gradient_accumulation_steps": 2},
+        "params": True,
     }
     ddp = _launch(tmp_path / "ddp", config, "torchrun")
     fsdp2 = _launch(
@@ -162,8 +164,8 @@ def test_fsdp2_sharded_by_transformers_trains_as_ddp(tmp_path):
     _check_first_gradient(tmp_path / "fsdp2", fsdp2, dataset)
     for a, b in zip(ddp, fsdp2, strict=True):
         assert a["windows"] == b["windows"] and a["lrs"] == b["lrs"]
-    want = torch.load(tmp_path / "ddp" / "params.pt")
-    got = torch.load(tmp_path / "fsdp2" / "params.pt")
+    want = torch.load(tmp_path / "ddp" / "params-run.pt")
+    got = torch.load(tmp_path / "fsdp2" / "params-run.pt")
     initial = dict(tiny_model().named_parameters())
     assert got.keys() == want.keys() == initial.keys()
     for name, value in got.items():
