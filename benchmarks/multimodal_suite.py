@@ -85,7 +85,8 @@ class Estimate:
     over baseline ``b``'s in the same set and world (None when ``b`` did not run).
     ``placeholder_cost``: how much longer the epoch takes when every rank without an image at
     a step where another rank has one runs odb's placeholder image (see
-    :func:`with_placeholders`), as FSDP and ZeRO-3 need.
+    :func:`with_placeholders`; its FLOPs, plus :data:`PLACEHOLDER_LATENCY`), as FSDP and
+    ZeRO-3 need.
     """
 
     model: str
@@ -181,11 +182,18 @@ def with_placeholders(shape: BatchShape, packed: bool, merge: int = 2) -> BatchS
     )
 
 
+PLACEHOLDER_LATENCY = 0.005
+"""Seconds the vision tower's forward and backward over the placeholder's 4 patches take on a
+GPU, an assumption: the pass is launch-bound (Qwen3-VL-8B: 27 blocks of about 20 kernels
+forward and backward at ~10 us each), which the FLOP-based step model does not see."""
+
+
 def _epoch_seconds(
-    run: RankedRun, shape: BatchShape, model: StepCostModel
+    run: RankedRun, shape: BatchShape, model: StepCostModel, extra: np.ndarray | float = 0.0
 ) -> tuple[np.ndarray, float]:
-    """Each step's compute per rank, and the epoch's time (overhead plus slowest ranks)."""
-    compute = model.compute_seconds(shape, run.packed)
+    """Each step's compute per rank (plus ``extra`` seconds), and the epoch's time (overhead
+    plus slowest ranks)."""
+    compute = model.compute_seconds(shape, run.packed) + extra
     return compute, float((model.overhead + compute.max(axis=1)).sum())
 
 
@@ -193,7 +201,8 @@ def estimate_run(run: RankedRun, shape: BatchShape, model: StepCostModel, sample
     """``run``'s time under ``model``: each step costs the overhead plus its slowest rank."""
     compute, epoch = _epoch_seconds(run, shape, model)
     busy = float(compute.max(axis=1).sum()) * run.world
-    _, aligned = _epoch_seconds(run, with_placeholders(shape, run.packed), model)
+    latency = PLACEHOLDER_LATENCY * placeholder_ranks(shape)
+    _, aligned = _epoch_seconds(run, with_placeholders(shape, run.packed), model, latency)
     return Estimate(
         model=model.model.name,
         balance=float(compute.sum()) / busy if busy else 1.0,

@@ -15,7 +15,7 @@ import odb
 
 from .alignment_scale import ScaleConfig, ScaleResult, alignment_scale_table
 from .alignment_suite import AlignmentConfig, AlignmentResult, alignment_table
-from .multimodal_suite import MultimodalResult, RunResult
+from .multimodal_suite import PLACEHOLDER_LATENCY, MultimodalResult, RunResult
 from .overhead import OverheadResult
 from .planner_suite import PlannerConfig, SetResult
 from .policies import BMT_BUCKET
@@ -223,7 +223,8 @@ def multimodal_section(result: MultimodalResult) -> str:
         f"rank's batch has an image and another's has none, which hang under FSDP or ZeRO-3 "
         f"unless that rank runs the vision tower anyway; placeholder cost: the estimated "
         f"epoch time added when each such rank runs odb's placeholder image (one 2x2 grid of "
-        f"patches, one token; odb does this). A `--llava` set holds the data's own "
+        f"patches, one token, and an assumed {PLACEHOLDER_LATENCY * 1000:.0f} ms for the "
+        f"vision tower's launch-bound pass; odb does this). A `--llava` set holds the data's own "
         f"records, sized by the given processor.",
         "",
         multimodal_sets_table(result),
