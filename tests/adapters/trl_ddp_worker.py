@@ -7,7 +7,6 @@ of passes. The rank trains a stock GRPOTrainer, then an odb one, on the same fix
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch.distributed as dist
 import trl_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
-from tiny import leave_distributed
 
 OUT = sys.argv[1]
 BUDGET = int(sys.argv[2])
@@ -67,10 +65,7 @@ def main() -> None:
         "max_stock_tokens": stats.max_stock_tokens,
         "ghost_rows": stats.ghost_rows,
     }
-    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as file:
-        json.dump(record, file)
-    dist.barrier()
-    leave_distributed()
+    trl_tiny.finish_rank(OUT, record)
 
 
 if __name__ == "__main__":

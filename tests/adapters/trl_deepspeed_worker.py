@@ -10,7 +10,6 @@ partitions, so the parameters (gathered under ZeRO-3) are what is compared.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ import torch.distributed as dist
 import trl_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
-from tiny import leave_distributed
 
 OUT = sys.argv[1]
 STAGE = int(sys.argv[2])
@@ -93,10 +91,7 @@ def main() -> None:
         "max_forward_tokens": stats.max_forward_tokens,
         "max_stock_tokens": stats.max_stock_tokens,
     }
-    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as file:
-        json.dump(record, file)
-    dist.barrier()
-    leave_distributed()
+    trl_tiny.finish_rank(OUT, record)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ is TRL's own code. :class:`GradRecorder` keeps the gradients the optimizer is ab
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import numpy as np
 import qwen_vl_tiny
@@ -219,3 +221,15 @@ def vlm_processor(tokenizer, family: str = "qwen2_vl"):
     return qwen_vl_tiny.make_processor(
         family, tokenizer, min_pixels=2 * side * 2 * side, max_pixels=4 * side * 6 * side
     )
+
+
+def finish_rank(out: str, record: dict) -> None:
+    """End one rank of a multi-process test: write its record, wait for every rank, leave the
+    process group."""
+    import torch.distributed as dist
+    from tiny import leave_distributed
+
+    with open(os.path.join(out, f"rank{record['rank']}.json"), "w") as file:
+        json.dump(record, file)
+    dist.barrier()
+    leave_distributed()
