@@ -125,3 +125,28 @@ def compute_cost(
         vision_weight=(flops.patch + window * flops.vision_window_patches) / flops.token,
         vision_attention_weight=pair / flops.token,
     )
+
+
+COMPUTE_HEADROOM = 1.5
+"""How much more compute than ``token_budget`` text tokens a batch may cost by default under
+:func:`compute_budget`: images and long rows cost more per token than short text, and a limit
+of exactly ``token_budget`` would hold image-heavy batches far below the memory the token cap
+allows (more, smaller steps); at 1.5 most batches are full in tokens or in compute."""
+
+
+def compute_budget(
+    model_or_config: Any,
+    token_budget: float,
+    mode: str = "padded",
+    *,
+    headroom: float = COMPUTE_HEADROOM,
+) -> odb.Budget:
+    """The budget odb plans Qwen-VL batches with by default: priced by :func:`compute_cost`
+    (estimated step time, in text-token units) up to the compute of ``headroom *
+    token_budget`` text tokens, and never more than ``token_budget`` tokens per batch
+    (``max_tokens``, the memory bound). A sample within the token cap whose compute alone is
+    over the limit runs alone (``odb.Budget.why_over``)."""
+    if not (isinstance(headroom, int | float) and headroom >= 1):
+        raise ConfigError(f"headroom must be a number >= 1, got {headroom!r}")
+    cap = int(odb.Budget(token_budget).limit)  # validated; the cap counts whole tokens
+    return odb.Budget(headroom * cap, compute_cost(model_or_config, mode), odb.Caps(max_tokens=cap))
