@@ -52,8 +52,10 @@ from transformers.data.data_collator import DataCollatorWithPadding, default_dat
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, seed_worker
 
 import odb
-from odb.adapters import sft
+from odb.adapters import qwen_vl, sft
+from odb.adapters.qwen_vl.collators import VL_MODEL_TYPES
 from odb.batch import StepInfo, find_step_info
+from odb.collate import collator_layout
 from odb.errors import ConfigError, StateError, positive_int
 from odb.estimate import estimate_steps
 from odb.loss import window_label_tokens, window_loss_share
@@ -115,6 +117,7 @@ class _Run:
     token_budget: float
     options: dict
     probe_samples: int
+    compute: bool = True  # a Qwen-VL model is budgeted by compute unless this is False
     loader: odb.DataLoader | None = None
     progress: DataProgress | None = None  # epochs mode: the whole training's samples and rate
     epoch_samples: int | None = None  # one epoch's samples over all ranks (None: not known)
@@ -180,7 +183,15 @@ class OdbTrainerMixin:
         if not streaming:  # a stream is read in its own order, its workers restarted each pass
             options.update(shuffle=True, persistent_workers=args.dataloader_persistent_workers)
         options.update(run.options)
-        run.loader = odb.DataLoader(dataset, run.token_budget, **options)
+        limit = run.token_budget
+        if run.compute and "cost" not in options and _is_qwen_vl(self.model):
+            # compute shapes the batches, token_budget stays the memory cap (docs/planning.md)
+            layout = options.get("mode") or collator_layout(collate_fn) or "padded"
+            budget = qwen_vl.compute_budget(self.model, run.token_budget, layout)
+            limit = budget.limit
+            options.update(cost=budget.cost, mode=layout)
+            options.setdefault("max_tokens", budget.caps.max_tokens)
+        run.loader = odb.DataLoader(dataset, limit, **options)
         return run.loader
 
     # -- steps and the LR schedule ----------------------------------------------------------
@@ -373,24 +384,36 @@ class OdbTrainer(OdbTrainerMixin, Trainer):
         token_budget: float,
         odb_options: dict | None = None,
         probe_samples: int = _PROBE_SAMPLES,
+        compute: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        _attach(self, _new_run(self, token_budget, probe_samples, dict(odb_options or {})))
+        options = dict(odb_options or {})
+        _attach(self, _new_run(self, token_budget, probe_samples, options, compute))
 
 
 def enable(
-    trainer: Trainer, token_budget: float, *, probe_samples: int = _PROBE_SAMPLES, **options: Any
+    trainer: Trainer,
+    token_budget: float,
+    *,
+    probe_samples: int = _PROBE_SAMPLES,
+    compute: bool = True,
+    **options: Any,
 ) -> Trainer:
     """Make ``trainer`` (a ``Trainer`` or subclass, e.g. TRL's ``SFTTrainer``) batch its
     training data with odb; returns the same trainer, now an instance of an odb subclass of
     its class. ``options`` are ``odb.DataLoader`` options; ``probe_samples`` is how many
-    samples the step estimate measures (in the loader's workers)."""
+    samples the step estimate measures (in the loader's workers).
+
+    For a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) odb balances estimated compute by
+    default: batches cost at most the compute of ``qwen_vl.COMPUTE_HEADROOM * token_budget``
+    text tokens (``qwen_vl.compute_budget``) and hold at most ``token_budget`` tokens;
+    ``compute=False``, or a ``cost`` option, budgets tokens instead."""
     if not isinstance(trainer, Trainer):
         raise ConfigError(f"enable expects a transformers.Trainer, got {type(trainer).__name__}")
     if getattr(trainer, "_odb", None) is not None:
         raise ConfigError("odb is already enabled on this trainer")
-    run = _new_run(trainer, token_budget, probe_samples, options)
+    run = _new_run(trainer, token_budget, probe_samples, options, compute)
     trainer.__class__ = _odb_class(type(trainer))
     _attach(trainer, run)
     return trainer
@@ -410,7 +433,9 @@ def _odb_class(cls: type) -> type:
     return _ODB_CLASSES[cls]
 
 
-def _new_run(trainer: Trainer, token_budget: float, probe_samples: int, options: dict) -> _Run:
+def _new_run(
+    trainer: Trainer, token_budget: float, probe_samples: int, options: dict, compute: bool
+) -> _Run:
     """The adapter's state for ``trainer``, once everything it can check before training is
     checked."""
     for reserved in ("shuffle", "sampler", "steps_multiple_of"):
@@ -419,7 +444,7 @@ def _new_run(trainer: Trainer, token_budget: float, probe_samples: int, options:
     _check_internals(type(trainer))
     sft.check_trainer(trainer)
     odb.Budget(token_budget)  # validate early, before training starts
-    return _Run(token_budget, options, positive_int("probe_samples", probe_samples))
+    return _Run(token_budget, options, positive_int("probe_samples", probe_samples), compute)
 
 
 def _attach(trainer: Trainer, run: _Run) -> None:
@@ -447,6 +472,11 @@ def _default_collator(trainer: Trainer, mode: str):
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     pad = getattr(tokenizer, "pad_token_id", None)
     return odb.PaddedCollator(pad_token_id=pad if pad is not None else 0)
+
+
+def _is_qwen_vl(model: Any) -> bool:
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "model_type", None) in VL_MODEL_TYPES
 
 
 def _is_hf_dataset(dataset: Any) -> bool:
@@ -514,6 +544,11 @@ def _announce(trainer: Trainer, loader: odb.DataLoader, plan: str) -> None:
     budget = loader.budget
     caps = [f"{name}={value}" for name, value in vars(budget.caps).items() if value is not None]
     cost = type(budget.cost).__name__
+    if budget.cost.prices_compute:
+        cost = (
+            f"{cost}: the limit is the estimated compute of this many text tokens; pass "
+            f"compute=False to budget tokens"
+        )
     logger.info(
         "odb: %d rank(s), %s mode, token budget %g (%s)%s, gradient accumulation %d; %s",
         trainer.args.world_size,

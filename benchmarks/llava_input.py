@@ -54,12 +54,6 @@ _WORDS = [
 ]
 
 
-def _image_paths(record: dict, folder: str | None) -> list[str]:
-    images = record.get("image") or []
-    images = [images] if isinstance(images, str) else images
-    return [os.path.join(folder, name) if folder else name for name in images]
-
-
 def llava_set(
     source: str | os.PathLike, image_folder: str | os.PathLike | None, processor: Any, budget: int
 ) -> MultimodalSet:
@@ -68,14 +62,6 @@ def llava_set(
     dataset = LlavaDataset(source, image_folder, processor)
     sizes = dataset.estimate_all()
     geometry = dataset.geometry
-    pairs = []
-    for record in dataset.records:
-        patches = []
-        for path in _image_paths(record, dataset.image_folder):
-            with Image.open(path) as image:
-                t, h, w = geometry.grid(image.height, image.width)
-            patches.append(t * h * w)
-        pairs.append(sum(p * p for p in patches))
     lengths = np.array([s.length for s in sizes], dtype=np.int64)
     fits = lengths <= budget
     if not fits.any():
@@ -91,7 +77,7 @@ def llava_set(
         label_tokens=column([s.label_tokens for s in sizes]),
         patches=column([s.vision_patches for s in sizes]),
         images=column([s.images for s in sizes]),
-        vision_pairs=column(pairs),
+        vision_pairs=column([s.vision_pairs for s in sizes]),
         filtered=int(np.count_nonzero(~fits)),
         vision=VisionSettings(
             geometry.patch_size, geometry.merge_size, geometry.min_pixels, geometry.max_pixels

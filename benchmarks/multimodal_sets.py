@@ -180,7 +180,7 @@ class MultimodalSet:
 
     def sizes(self) -> list[SampleSize]:
         """The samples as odb measures them."""
-        columns = (self.lengths, self.label_tokens, self.patches, self.images)
+        columns = (self.lengths, self.label_tokens, self.patches, self.images, self.vision_pairs)
         return [SampleSize(*map(int, row)) for row in zip(*columns, strict=True)]
 
     def summary(self) -> dict[str, float]:

@@ -103,9 +103,15 @@ def _world_bars(
     for k, policy in enumerate(policies):
         heights = []
         for world in worlds:
-            run = next(r for r in runs if r.policy == policy and r.world == world)
-            estimate = next(e for e in run.estimates if e.model == model)
-            heights.append(value(estimate) or 0.0)
+            # an odb compute policy runs once per model, each run with its model's estimate
+            estimates = [
+                e
+                for r in runs
+                if r.policy == policy and r.world == world
+                for e in r.estimates
+                if e.model == model
+            ]
+            heights.append(value(estimates[0]) or 0.0)
         ax.bar(x + (k - (len(policies) - 1) / 2) * width, heights, width, label=policy)
     ax.set_xticks(x, [f"{w} rank{'s' * (w > 1)}" for w in worlds])
     ax.set_title(name)

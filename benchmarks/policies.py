@@ -169,7 +169,8 @@ def text_sizes(lengths: np.ndarray, label_tokens: np.ndarray | None = None) -> l
 
 
 def odb_name(budget: Budget) -> str:
-    return "odb padded" if budget.cost.padded else "odb packed"
+    mode = "padded" if budget.cost.padded else "packed"
+    return f"odb compute {mode}" if budget.cost.prices_compute else f"odb {mode}"
 
 
 def odb_simulation(

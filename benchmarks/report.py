@@ -184,21 +184,61 @@ def multimodal_runs_table(runs: list[RunResult], model: str) -> str:
     """Every run of one set: batching figures, and one model's estimates."""
     lines = [
         "| ranks | policy | steps | padding | real tokens / step | peak tokens | idle "
-        "| balance | step (ms) | samples/s | vs standard | vs GMT | vs BMT "
+        "| balance | step (ms) | samples/s | vs standard | vs GMT | vs BMT | vs best oracle "
         "| mixed image steps | placeholder cost |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
-        e = next(e for e in r.estimates if e.model == model)
+        e = next((e for e in r.estimates if e.model == model), None)
+        if e is None:  # an odb compute run planned for another model
+            continue
         lines.append(
             f"| {r.world} | {r.policy} | {r.steps} | {r.padding_ratio:.2%} "
             f"| {r.real_tokens_per_step:,.0f} | {r.peak_tokens} | {r.idle_share:.1%} "
             f"| {e.balance:.3f} | {1000 * e.step_seconds:,.0f} "
             f"| {_per_second(e.samples_per_second)} "
             f"| {_times(e.speedup.get('standard'))} | {_times(e.speedup.get('gmt'))} "
-            f"| {_times(e.speedup.get('bmt'))} | {r.mixed_steps:.1%} "
+            f"| {_times(e.speedup.get('bmt'))} | {_times(e.speedup.get('best oracle'))} "
+            f"| {r.mixed_steps:.1%} "
             f"| {e.placeholder_cost:+.3%} |"
         )
+    return "\n".join(lines)
+
+
+def multimodal_compute_table(result: MultimodalResult) -> str:
+    """odb's compute policies against the token oracles: per-step compute balance and
+    estimated samples/s over the best oracle of either mode, for every set, world and model."""
+    lines = [
+        "| set | ranks | model | mode | balance odb compute | balance odb tokens "
+        "| balance best oracle | odb compute vs best oracle | odb tokens vs best oracle "
+        "| peak tokens |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = {(r.set, r.world, r.policy, e.model): (r, e) for r in result.runs for e in r.estimates}
+    for s in result.sets:
+        for world in result.config.worlds:
+            for model in result.config.models:
+                oracles = [
+                    found[key][1]
+                    for kind in ("gmt", "bmt")
+                    for mode in ("padded", "packed")
+                    if (key := (s["name"], world, f"{kind} {mode}", model)) in found
+                ]
+                best = max(oracles, key=lambda e: e.samples_per_second, default=None)
+                for mode in ("padded", "packed"):
+                    compute = found.get((s["name"], world, f"odb compute {mode}", model))
+                    if compute is None:
+                        continue
+                    tokens = found.get((s["name"], world, f"odb {mode}", model))
+                    run, e = compute
+                    lines.append(
+                        f"| {s['name']} | {world} | {model} | {mode} | {e.balance:.3f} "
+                        f"| {tokens[1].balance if tokens else float('nan'):.3f} "
+                        f"| {best.balance if best else float('nan'):.3f} "
+                        f"| {_times(e.speedup.get('best oracle'))} "
+                        f"| {_times(tokens[1].speedup.get('best oracle') if tokens else None)} "
+                        f"| {run.peak_tokens} |"
+                    )
     return "\n".join(lines)
 
 
@@ -229,6 +269,19 @@ def multimodal_section(result: MultimodalResult) -> str:
         "",
         multimodal_sets_table(result),
     ]
+    if any(r.policy.startswith("odb compute") for r in result.runs):
+        parts += [
+            "",
+            "### odb compute against the token oracles",
+            "",
+            "`odb compute`: planned with each model's own compute cost "
+            "(`qwen_vl.compute_budget`: up to the compute of 1.5 x the token budget in "
+            "text tokens, at most the token budget in tokens per batch), scored by the "
+            "independent step model above. Best oracle: the fastest of GMT and BMT, padded "
+            "and packed.",
+            "",
+            multimodal_compute_table(result),
+        ]
     for model in config.models:
         parts += [
             "",

@@ -7,9 +7,11 @@ gathered table, so no rank can skip a collective::
     rank 0 report: [status, offered=5, buffered, costs(5) ..., label tokens(5) ..., images(5) ...]
     rank 1 report: [status, offered=3, buffered, costs(3) ..., label tokens(3) ..., images(3) ...]
                             \\ all_gather: every rank holds the same table /
-    decide:  T = min offered over ranks still reading input = 3
+    decide:  T = min offered over ranks still reading input = 3 (with many groups offered,
+             30% fewer, so that every rank has a choice)
              each rank runs T of its offered groups (those that must go now first, then the
-             ones closest in cost to the bottleneck rank's), sorted by cost, so step j pairs
+             ones closest in cost to T targets spread over all offered costs), sorted by
+             cost, so step j pairs
              the j-th costliest group of every rank; the T steps then run in one shared random order
              (seed, epoch, round); a rank with no data left runs ghost steps (weight 0);
              a step is a vision step when any rank's batch in it holds an image (every rank
@@ -216,7 +218,9 @@ def decide(
 ) -> Decision:
     """The round's steps from the gathered reports (one row per rank, see ``encode_report``).
 
-    Steps = the fewest groups offered by a rank that will read more input. With
+    Steps = the fewest groups offered by a rank that will read more input, less a share
+    (``_CHOICE``) while every rank reads input, though never fewer than the groups one rank
+    must send now (stale, solo), so that every rank chooses which groups to run. With
     ``share_tail`` (join mode; non-join once every rank is exhausted), a rank that will read
     no more and has fewer groups than that runs groups other ranks offered but do not run this
     round (see :class:`Transfer`) instead of ghost steps, and a round takes no more steps than
@@ -241,6 +245,9 @@ def decide(
     sharing = share_tail and world > 1 and (join or exhausted.all())
     pace = active & ~exhausted if sharing else active  # ranks that will read more set the pace
     steps = int(offered[pace].min()) if pace.any() else max_steps
+    if world > 1 and pace.any() and not exhausted.any():  # every rank chooses (_CHOICE)
+        must = int(columns[:, 3].sum(axis=1).max())  # those still go this round
+        steps = max(steps - int(steps * _CHOICE), min(steps, must))
     if sharing:  # no more steps than it takes to spread the offered groups over the ranks
         total = int(offered.sum())
         if not exhausted.all():  # the remainder waits for the next round, not a ghost step
@@ -388,16 +395,30 @@ def _ended(table: np.ndarray, stopped: bool, padding: int = 0) -> Decision:
 _Runs = list[tuple[np.ndarray, np.ndarray]]  # per rank: (owner ranks, offer positions)
 
 
+_CHOICE = 0.3
+"""While every rank still reads input, a round runs this share fewer steps than the fewest
+groups a rank offered, so that every rank, that one included, chooses which of its groups to
+run: ranks whose offers differ in shape (more heavy groups on one, more light ones on another)
+then run groups that match in cost, and keep the others for the next round."""
+
+
 def _matched_runs(
     columns: np.ndarray, offered: np.ndarray, active: np.ndarray, pace: np.ndarray, steps: int
 ) -> _Runs:
     """Every active rank runs ``steps`` of its own groups, or all it offered if fewer: those
-    that must go now, then those closest in cost to the groups of the ``pace`` rank offering
-    fewest (in priority order when no rank sets the pace)."""
+    that must go now, then those closest in cost to ``steps`` targets spread evenly over the
+    costs all ranks offered (in priority order when no rank sets the pace).
+
+    The targets are the pooled offered costs at evenly spaced ranks (integers taken from the
+    table, so every rank computes them exactly alike); since step ``j`` then pairs the
+    ``j``-th costliest group of every rank, ranks that pick groups near the same targets run
+    steps of near-equal cost."""
     targets = None
-    if pace.any():
-        bottleneck = int(np.flatnonzero(pace & (offered == offered[pace].min()))[0])
-        targets = columns[bottleneck, 0, :steps]
+    if pace.any() and steps > 0:
+        pooled = np.sort(
+            np.concatenate([columns[r, 0, : int(offered[r])] for r in np.flatnonzero(active)])
+        )
+        targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)]
     runs: _Runs = []
     for rank in range(len(offered)):
         count = int(offered[rank]) if active[rank] else 0
@@ -464,7 +485,7 @@ def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarr
 UNKNOWN = -1
 """A fingerprint a rank did not or could not take."""
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """The layout of every row below; ranks first exchange it alone, in a row whose width never
 changes, so that ranks running different odb versions fail instead of gathering rows of
 different widths (which gloo does not survive)."""

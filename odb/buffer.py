@@ -80,7 +80,8 @@ class Entry:
 
 # Columns of the buffer's numbers, one row per entry (kept as one int64 array so a round's
 # planning reads them without touching the entries).
-_LENGTH, _PATCHES, _IMAGES, _AGE, _SOLO, _LABELS = range(6)
+_LENGTH, _PATCHES, _IMAGES, _AGE, _SOLO, _LABELS, _PAIRS = range(7)
+_COLUMNS = 7
 
 
 class SampleBuffer:
@@ -89,7 +90,7 @@ class SampleBuffer:
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
-        self._columns = np.zeros((0, 6), dtype=np.int64)
+        self._columns = np.zeros((0, _COLUMNS), dtype=np.int64)
         self._new_rows: list[tuple[int, ...]] = []  # added since the columns were last built
 
     def __len__(self) -> int:
@@ -99,12 +100,20 @@ class SampleBuffer:
         size = entry.size
         self.entries.append(entry)
         self._new_rows.append(
-            (size.length, size.vision_patches, size.images, age, entry.solo, size.label_tokens)
+            (
+                size.length,
+                size.vision_patches,
+                size.images,
+                age,
+                entry.solo,
+                size.label_tokens,
+                size.vision_pairs,
+            )
         )
 
     def _table(self) -> np.ndarray:
         if self._new_rows:
-            rows = np.array(self._new_rows, dtype=np.int64).reshape(-1, 6)
+            rows = np.array(self._new_rows, dtype=np.int64).reshape(-1, _COLUMNS)
             self._columns = np.concatenate([self._columns, rows])
             self._new_rows = []
         return self._columns
@@ -128,6 +137,7 @@ class SampleBuffer:
             max_wait=settings.max_wait,
             keep=settings.window - settings.round_size,
             final=final,
+            vision_pairs=table[:, _PAIRS],
         )
 
     def label_tokens(self, group: Group) -> int:

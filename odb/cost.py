@@ -45,13 +45,16 @@ class SampleSize:
 
     ``label_tokens`` counts the labels that carry loss after the causal shift a language model
     applies (``labels[1:] != -100``); without a ``labels`` key every next token is a target, so
-    it is ``length - 1``.
+    it is ``length - 1``. ``vision_pairs`` is the sum over its images (and video frames) of
+    ``patches**2``: a Qwen-VL vision tower attends within each image, so its attention work
+    grows with each image's own patch count, which the total ``vision_patches`` cannot tell.
     """
 
     length: int
     label_tokens: int
     vision_patches: int = 0
     images: int = 0
+    vision_pairs: int = 0
 
 
 def _sequence_length(value: Any, key: str, index: int) -> int:
@@ -113,9 +116,10 @@ def _count_label_tokens(labels: Any) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
-def _vision(sample: Mapping, index: int) -> tuple[int, int]:
-    """(patches, images) from the Qwen-VL style ``*_grid_thw`` rows, one row per image/video."""
-    patches = images = 0
+def _vision(sample: Mapping, index: int) -> tuple[int, int, int]:
+    """(patches, images, pairs) from the Qwen-VL style ``*_grid_thw`` rows, one row per image or
+    video; ``pairs`` sums ``t * (h * w)**2``: the tower attends within each frame."""
+    patches = images = pairs = 0
     for key in _VISION_GRID_KEYS:
         grid = sample.get(key)
         if grid is None:
@@ -125,9 +129,12 @@ def _vision(sample: Mapping, index: int) -> tuple[int, int]:
             raise SampleError(
                 index, f"{key!r} must have shape [images, 3], got {tuple(grid.shape)}"
             )
-        patches += int(grid.prod(dim=-1).sum())
+        grid = grid.to(torch.int64)
+        frame = grid[:, 1] * grid[:, 2]
+        patches += int((grid[:, 0] * frame).sum())
+        pairs += int((grid[:, 0] * frame * frame).sum())
         images += int(grid.shape[0])
-    return patches, images
+    return patches, images, pairs
 
 
 def measure_sample(sample: Any, index: int) -> SampleSize:
@@ -155,34 +162,49 @@ def measure_sample(sample: Any, index: int) -> SampleSize:
     if labels is not None:
         _check_integers(labels, "labels", index)
     label_tokens = length - 1 if labels is None else _count_label_tokens(labels)
-    patches, images = _vision(sample, index)
-    return SampleSize(length, label_tokens, patches, images)
+    patches, images, pairs = _vision(sample, index)
+    return SampleSize(length, label_tokens, patches, images, pairs)
 
 
 @dataclass(frozen=True)
 class ComputeCost:
-    """Price of a group: ``tokens + attention_weight * attention + vision_weight * patches``.
+    """Price of a group: ``tokens + attention_weight * attention + vision_weight * patches +
+    vision_attention_weight * vision_pairs``.
 
     With ``padded=True`` the group is priced as a right-padded batch computes it: ``tokens =
     n * max_len`` and ``attention = n * max_len**2``. With ``padded=False`` (padding-free rows)
-    ``tokens = sum(len)`` and ``attention = sum(len**2)``. The weights are in token units, so
-    the budget stays "tokens" while approximating step time: for a transformer with hidden
-    size ``d``, attention costs about ``1 / (6 * d)`` of a linear-layer token per key, hence
-    ``attention_weight ~ 1 / (6 * d)``; ``vision_weight`` is the ratio of one vision-tower
-    patch to one language-model token.
+    ``tokens = sum(len)`` and ``attention = sum(len**2)``. The vision tower runs on the images'
+    patches without padding in both modes: ``patches`` is their sum and ``vision_pairs`` the
+    sum over images of ``patches**2`` (its attention within each image). The weights are in
+    token units, so the budget stays "tokens" while approximating step time: for a transformer
+    with hidden size ``d``, attention costs about ``1 / (6 * d)`` of a linear-layer token per
+    key, hence ``attention_weight ~ 1 / (6 * d)``; ``vision_weight`` is the ratio of one
+    vision-tower patch to one language-model token. ``odb.adapters.qwen_vl.compute_cost``
+    derives all three from a model's configuration.
     """
 
     padded: bool = True
     attention_weight: float = 0.0
     vision_weight: float = 0.0
+    vision_attention_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("attention_weight", "vision_weight"):
+        for name in ("attention_weight", "vision_weight", "vision_attention_weight"):
             weight = getattr(self, name)
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {weight!r}")
 
-    def group_cost(self, n, max_len, sum_len, sum_sq, patches):
+    @property
+    def prices_compute(self) -> bool:
+        """Whether any term beyond the tokens is priced (the budget then approximates step
+        time rather than counting tokens)."""
+        return bool(self.attention_weight or self.vision_weight or self.vision_attention_weight)
+
+    @property
+    def prices_vision(self) -> bool:
+        return bool(self.vision_weight or self.vision_attention_weight)
+
+    def group_cost(self, n, max_len, sum_len, sum_sq, patches, pairs=0):
         """Cost of groups from their aggregates; numpy arrays in, float array out."""
         if self.padded:
             tokens = np.multiply(n, max_len, dtype=np.float64)
@@ -195,14 +217,16 @@ class ComputeCost:
             cost = cost + self.attention_weight * attention
         if self.vision_weight:
             cost = cost + self.vision_weight * np.asarray(patches, dtype=np.float64)
+        if self.vision_attention_weight:
+            cost = cost + self.vision_attention_weight * np.asarray(pairs, dtype=np.float64)
         return cost
 
-    def sample_cost(self, lengths, patches):
+    def sample_cost(self, lengths, patches, pairs=0):
         """Cost of each sample alone."""
         lengths = np.asarray(lengths, dtype=np.float64)
-        return self.group_cost(1, lengths, lengths, lengths * lengths, patches)
+        return self.group_cost(1, lengths, lengths, lengths * lengths, patches, pairs)
 
-    def one_sample_cost(self, length: int, patches: int) -> float:
+    def one_sample_cost(self, length: int, patches: int, pairs: int = 0) -> float:
         """:meth:`sample_cost` of one sample, in plain Python (checked for every sample the
         loader admits, where numpy's per-call overhead would dominate)."""
         tokens = float(length)
@@ -211,11 +235,14 @@ class ComputeCost:
             cost = cost + self.attention_weight * (tokens * length)
         if self.vision_weight:
             cost = cost + self.vision_weight * float(patches)
+        if self.vision_attention_weight:
+            cost = cost + self.vision_attention_weight * float(pairs)
         return cost
 
-    def longest_within(self, limit: float, patches: int = 0) -> int:
-        """The longest sample (with ``patches``) whose cost alone stays within ``limit``."""
-        rest = limit - self.vision_weight * patches
+    def longest_within(self, limit: float, patches: int = 0, pairs: int = 0) -> int:
+        """The longest sample (with ``patches`` and ``pairs``) whose cost alone stays within
+        ``limit``."""
+        rest = limit - self.vision_weight * patches - self.vision_attention_weight * pairs
         a = self.attention_weight
         if rest < 1:
             return 0
@@ -288,11 +315,16 @@ class Budget:
         return longest
 
     def why_over(self, size: SampleSize) -> str | None:
-        """Why one sample alone cannot form a batch, or None if it can."""
-        cost = self.cost.one_sample_cost(size.length, size.vision_patches)
-        if cost > self.limit:
-            return f"length {size.length} (cost {cost:g}) exceeds the token budget {self.limit:g}"
+        """Why one sample alone cannot form a batch, or None if it can.
+
+        Where the cost prices compute and ``max_tokens`` caps memory, a sample within the cap
+        whose compute alone exceeds the limit is not over budget: it forms a batch by itself
+        (compute shapes batches; the token cap is what a batch cannot exceed)."""
         caps = self.caps
+        cost = self.cost.one_sample_cost(size.length, size.vision_patches, size.vision_pairs)
+        soft = self.cost.prices_compute and caps.max_tokens is not None
+        if cost > self.limit and not (soft and size.length <= caps.max_tokens):
+            return f"length {size.length} (cost {cost:g}) exceeds the token budget {self.limit:g}"
         if caps.max_tokens is not None and size.length > caps.max_tokens:
             return f"length {size.length} exceeds max_tokens={caps.max_tokens}"
         if caps.max_images is not None and size.images > caps.max_images:

@@ -99,15 +99,20 @@ def plan_groups(
     max_wait: int,
     keep: int,
     final: bool,
+    vision_pairs: np.ndarray | None = None,
 ) -> Plan:
     """Plan every buffered sample into a group.
 
-    ``lengths``, ``patches``, ``images`` and ``ages`` (rounds waited) are per buffer position;
-    ``solo`` marks over-budget samples that form a group alone. ``keep`` is how many samples
-    may stay buffered after this round.
+    ``lengths``, ``patches``, ``images``, ``ages`` (rounds waited) and ``vision_pairs`` (sum
+    over a sample's images of ``patches**2``; zeros if None) are per buffer position; ``solo``
+    marks over-budget samples that form a group alone. ``keep`` is how many samples may stay
+    buffered after this round.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     patches = np.asarray(patches, dtype=np.int64)
+    pairs = (
+        np.zeros_like(lengths) if vision_pairs is None else np.asarray(vision_pairs, dtype=np.int64)
+    )
     images = np.asarray(images, dtype=np.int64)
     ages = np.asarray(ages, dtype=np.int64)
     solo = np.asarray(solo, dtype=bool)
@@ -115,15 +120,16 @@ def plan_groups(
     groups: list[Group] = []
     for position in np.flatnonzero(solo):
         members = np.array([position])
-        groups.append(_make_group(members, lengths, patches, budget, 1.0, Reason.SOLO))
+        groups.append(_make_group(members, lengths, patches, pairs, budget, 1.0, Reason.SOLO))
 
     regular = np.flatnonzero(~solo)
     # Longest first; ties keep buffer (arrival) order, so plans are deterministic.
     order = regular[np.lexsort((regular, -lengths[regular]))]
+    vision = (patches, pairs, images)
     if budget.cost.padded:
-        cuts = _cut_padded(order, lengths, patches, images, budget, fill_threshold, final)
+        cuts = _cut_padded(order, lengths, vision, budget, fill_threshold, final)
     else:
-        cuts = _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, final)
+        cuts = _pack_best_fit(order, lengths, vision, budget, fill_threshold, final)
     groups.extend(cuts)
 
     groups = [
@@ -160,10 +166,12 @@ def shared_group(sizes: Sequence[SampleSize], budget: Budget) -> Group:
     rank that runs it."""
     lengths = np.array([size.length for size in sizes], dtype=np.int64)
     patches = np.array([size.vision_patches for size in sizes], dtype=np.int64)
-    return _make_group(np.arange(len(sizes)), lengths, patches, budget, 1.0, Reason.SHARED)
+    pairs = np.array([size.vision_pairs for size in sizes], dtype=np.int64)
+    members = np.arange(len(sizes))
+    return _make_group(members, lengths, patches, pairs, budget, 1.0, Reason.SHARED)
 
 
-def _make_group(members, lengths, patches, budget, quality, reason) -> Group:
+def _make_group(members, lengths, patches, pairs, budget, quality, reason) -> Group:
     member_lengths = lengths[members]
     real = int(member_lengths.sum())
     padded = int(len(members) * member_lengths.max()) if budget.cost.padded else real
@@ -174,21 +182,26 @@ def _make_group(members, lengths, patches, budget, quality, reason) -> Group:
             real,
             int((member_lengths * member_lengths).sum()),
             int(patches[members].sum()),
+            int(pairs[members].sum()),
         )
     )
     return Group(members, real, padded, cost, quality, reason)
 
 
-def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) -> list[Group]:
+def _cut_padded(order, lengths, vision, budget, fill_threshold, final) -> list[Group]:
     """Greedy cut of the length-sorted buffer into maximal runs of adjacent samples."""
     cost_model, caps, limit = budget.cost, budget.caps, budget.limit
+    patches, pairs, images = vision
     sorted_len = lengths[order]
     cum_len = np.concatenate(([0], np.cumsum(sorted_len))).tolist()
-    cum_patches = np.concatenate(([0], np.cumsum(patches[order])))
-    cum_images = np.concatenate(([0], np.cumsum(images[order])))
+    cum = {
+        "patches": np.concatenate(([0], np.cumsum(patches[order]))),
+        "pairs": np.concatenate(([0], np.cumsum(pairs[order]))),
+        "images": np.concatenate(([0], np.cumsum(images[order]))),
+    }
     # Without vision terms a group's cost is n * row_cost(longest): plain scalar arithmetic.
     vision_bound = (
-        bool(cost_model.vision_weight)
+        cost_model.prices_vision
         or caps.max_images is not None
         or (caps.max_vision_patches is not None)
     )
@@ -205,15 +218,17 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
         if max_tokens is not None:
             room = min(room, max_tokens // longest)
         size = max(1, min(total - start, room, max_samples or total))
-        group_patches = int(cum_patches[start + size] - cum_patches[start])
         if vision_bound and size > 1:
-            size, group_patches = _fit_vision(
-                start, size, row_cost, cum_patches, cum_images, budget
-            )
+            size = _fit_vision(start, size, row_cost, cum, budget)
         end = start + size
+        group_patches = int(cum["patches"][end] - cum["patches"][start])
+        group_pairs = int(cum["pairs"][end] - cum["pairs"][start])
         real = cum_len[end] - cum_len[start]
         padded = size * longest
-        grow_cost = float(cost_model.group_cost(size + 1, longest, 0, 0, group_patches))
+        # what one more sample would cost at the least (it adds at least no vision work)
+        grow_cost = float(
+            cost_model.group_cost(size + 1, longest, 0, 0, group_patches, group_pairs)
+        )
         can_grow = (
             (max_samples is None or size < max_samples)
             and (max_tokens is None or (size + 1) * longest <= max_tokens)
@@ -223,31 +238,37 @@ def _cut_padded(order, lengths, patches, images, budget, fill_threshold, final) 
         quality = real / padded
         ready = final or (maximal and quality >= fill_threshold)
         reason = (Reason.FLUSH if final else Reason.FILL) if ready else Reason.HELD
-        cost = float(cost_model.group_cost(size, longest, real, 0, group_patches))
+        cost = float(cost_model.group_cost(size, longest, real, 0, group_patches, group_pairs))
         groups.append(Group(order[start:end], real, padded, cost, quality, reason))
         start = end
     return groups
 
 
-def _fit_vision(start, most, row_cost, cum_patches, cum_images, budget) -> tuple[int, int]:
+def _fit_vision(start, most, row_cost, cum, budget) -> int:
     """Largest group size <= ``most`` from ``start`` within the vision cost and caps."""
-    caps = budget.caps
-    group_patches = cum_patches[start + 1 : start + most + 1] - cum_patches[start]
-    fits = np.arange(1, most + 1) * row_cost + budget.cost.vision_weight * group_patches
+    caps, cost = budget.caps, budget.cost
+    window = slice(start + 1, start + most + 1)
+    group_patches = cum["patches"][window] - cum["patches"][start]
+    group_pairs = cum["pairs"][window] - cum["pairs"][start]
+    fits = (
+        np.arange(1, most + 1) * row_cost
+        + cost.vision_weight * group_patches
+        + cost.vision_attention_weight * group_pairs
+    )
     fits = fits <= budget.limit
     if caps.max_vision_patches is not None:
         fits &= group_patches <= caps.max_vision_patches
     if caps.max_images is not None:
-        fits &= cum_images[start + 1 : start + most + 1] - cum_images[start] <= caps.max_images
+        fits &= cum["images"][window] - cum["images"][start] <= caps.max_images
     fits[0] = True  # a sample that fits alone was admitted; over-budget ones are solo
-    size = most if fits.all() else int(np.argmin(fits))
-    return size, int(group_patches[size - 1])
+    return most if fits.all() else int(np.argmin(fits))
 
 
-def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, final) -> list[Group]:
+def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> list[Group]:
     """Best-fit decreasing of the length-sorted buffer into bins of ``budget.limit``."""
     cost_model, caps, limit = budget.cost, budget.caps, budget.limit
-    item_cost = cost_model.sample_cost(lengths[order], patches[order]).tolist()
+    patches, pairs, images = vision
+    item_cost = cost_model.sample_cost(lengths[order], patches[order], pairs[order]).tolist()
     item_patches = patches[order].tolist()
     item_images = images[order].tolist()
     item_tokens = lengths[order].tolist()
@@ -296,6 +317,8 @@ def _pack_best_fit(order, lengths, patches, images, budget, fill_threshold, fina
         real = int(lengths[members].sum())
         cost = limit - room_of[b]
         quality = cost / limit
+        if max_tokens is not None:  # a row full of tokens is full, whatever it costs
+            quality = max(quality, real / max_tokens)
         ready = final or quality >= fill_threshold
         reason = (Reason.FLUSH if final else Reason.FILL) if ready else Reason.HELD
         groups.append(Group(members, real, real, float(cost), quality, reason))

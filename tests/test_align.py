@@ -226,3 +226,31 @@ def test_a_lent_ghost_sample_brings_its_images_along():
     rng = np.random.default_rng(0)
     decision = decide(lent, max_steps=MAX_STEPS, join=True, rng=rng, share_tail=False)
     assert (decision.choice[1] == -1).all() and decision.vision.all()
+
+
+WIDE = 16
+
+
+def _wide(costs):
+    return encode_report(0, 0, costs, [1] * len(costs), [1] * len(costs), WIDE)
+
+
+def test_every_rank_chooses_so_that_heavy_groups_run_beside_heavy_ones():
+    # rank 0 offers two heavy groups and eight light ones, rank 1 four heavy and six light:
+    # running all ten pairs two heavy groups with light ones. A round of 7 steps lets both
+    # run two heavy and five light, each step pairs equal costs, and the rest waits.
+    table = _table(_wide(costs=[100] * 2 + [10] * 8), _wide(costs=[100] * 4 + [10] * 6))
+    decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 7
+    assert (decision.costs[0] == decision.costs[1]).all()
+    assert sorted(decision.costs[0].tolist()) == [10] * 5 + [100] * 2
+
+
+def test_groups_that_must_go_all_run_although_ranks_choose():
+    must = [True] * 9 + [False]
+    table = _table(
+        _wide(costs=[10] * 10),
+        encode_report(0, 0, [5] * 10, [1] * 10, [1] * 10, WIDE, must=must),
+    )
+    decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
+    assert decision.steps == 9 and sorted(decision.own_picks(1)) == list(range(9))

@@ -41,6 +41,7 @@ from odb.benchmarks.policies import (
     standard_batches,
 )
 from odb.benchmarks.ranks import RankedRun, odb_ranked, round_robin
+from odb.benchmarks.report import multimodal_section
 from odb.cost import Budget, PackedCost, PaddedCost
 
 VISION = VisionSettings()
@@ -362,8 +363,9 @@ def test_suite_speedups_compare_runs_of_the_same_set_world_and_mode():
         sets=("mixed",), samples=800, window=128, worlds=(1, 2), models=("Qwen3-VL-2B",)
     )
     result = run_multimodal(config)
-    assert len(result.runs) == 2 * 8
+    assert len(result.runs) == 2 * 10
     rate = {(r.world, r.policy): r.estimates[0].samples_per_second for r in result.runs}
+    oracles = [f"{kind} {mode}" for kind in ("gmt", "bmt") for mode in ("padded", "packed")]
     for r in result.runs:
         (e,) = r.estimates
         mode = "packed" if r.packed else "padded"
@@ -376,8 +378,12 @@ def test_suite_speedups_compare_runs_of_the_same_set_world_and_mode():
         assert e.speedup["bmt"] == pytest.approx(
             e.samples_per_second / rate[r.world, f"bmt {mode}"]
         )
+        best = max(rate[r.world, oracle] for oracle in oracles)
+        assert e.speedup["best oracle"] == pytest.approx(e.samples_per_second / best)
         assert e.epoch_seconds == pytest.approx(config.samples / e.samples_per_second)
         assert 0 <= r.padding_ratio < 1 and r.peak_tokens > 0
+        if r.policy.startswith("odb compute"):  # the memory cap holds under a compute budget
+            assert r.peak_tokens <= config.budget
         if r.packed:
             assert r.padding_ratio == 0
 
@@ -396,13 +402,20 @@ def test_cli_quick_multimodal_writes_tables_json_and_plots(tmp_path, capsys):
     assert "### Estimated samples/s, Qwen3-VL-2B on H100" in table
     assert "### long-multimodal: Qwen3-VL-2B on H100" in table
     for world in (1, 3):
-        for policy in ("standard", "standard bs=2", "gmt padded", "bmt packed", "odb packed"):
+        for policy in (
+            "standard",
+            "standard bs=2",
+            "gmt padded",
+            "bmt packed",
+            "odb packed",
+            "odb compute padded",
+        ):
             assert f"| {world} | {policy} |" in table
     record = json.loads((out / "results.json").read_text())["multimodal"]
     assert record["config"]["worlds"] == [1, 3]
     assert record["config"]["models"] == ["Qwen3-VL-2B"]
     assert [s["name"] for s in record["sets"]] == ["long-multimodal"]
-    assert len(record["runs"]) == 2 * 9
+    assert len(record["runs"]) == 2 * 11
     assert _png(out / "multimodal_throughput.png") and _png(out / "multimodal_speedup.png")
 
 
@@ -412,3 +425,23 @@ def test_cli_refuses_an_unknown_model_or_set(capsys):
     assert "unknown model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--set", "laion"])
+
+
+def test_odb_compute_runs_once_per_model_and_is_scored_by_the_step_model():
+    config = MultimodalConfig(
+        sets=("mixed",),
+        samples=800,
+        window=128,
+        worlds=(2,),
+        models=("Qwen3-VL-2B", "Qwen3-VL-8B"),
+        policies=("gmt-packed", "odb-compute-packed"),
+    )
+    result = run_multimodal(config)
+    compute = [r for r in result.runs if r.policy == "odb compute packed"]
+    assert sorted(e.model for r in compute for e in r.estimates) == sorted(config.models)
+    assert all(len(r.estimates) == 1 for r in compute)
+    # planned for different models, the two runs batch differently
+    assert compute[0].steps != compute[1].steps or compute[0].real_tokens_per_step != (
+        compute[1].real_tokens_per_step
+    )
+    assert "odb compute against the token oracles" in multimodal_section(result)

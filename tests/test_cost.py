@@ -171,3 +171,37 @@ def test_measure_refuses_token_ids_that_are_not_integers(key, value, kind):
 def test_measure_accepts_integer_token_ids_of_any_integer_type(ids):
     size = measure_sample({"input_ids": ids, "labels": ids}, 0)
     assert size == SampleSize(length=3, label_tokens=2)
+
+
+def test_measure_sums_each_frames_patches_squared():
+    sample = {
+        "input_ids": torch.arange(20),
+        "image_grid_thw": torch.tensor([[1, 4, 6], [1, 2, 2]]),
+        "video_grid_thw": torch.tensor([[2, 2, 2]]),
+    }
+    # the tower attends within each image and each video frame: 24^2 + 4^2 + 2 * 4^2
+    assert measure_sample(sample, 0).vision_pairs == 576 + 16 + 32
+
+
+def test_vision_attention_follows_each_images_own_size():
+    cost = ComputeCost(padded=False, vision_weight=0.5, vision_attention_weight=0.01)
+    # 400 patches as one image (400^2 pairs) or as four of 100 (4 * 100^2): the same patches,
+    # four times less attention
+    one = float(cost.group_cost(1, 10, 10, 100, 400, 400**2))
+    four = float(cost.group_cost(1, 10, 10, 100, 400, 4 * 100**2))
+    assert one == pytest.approx(10 + 200 + 1600) and four == pytest.approx(10 + 200 + 400)
+    assert cost.one_sample_cost(10, 400, 400**2) == pytest.approx(one)
+    longest = cost.longest_within(2000, patches=400, pairs=400**2)
+    assert cost.one_sample_cost(longest, 400, 400**2) <= 2000
+    assert cost.one_sample_cost(longest + 1, 400, 400**2) > 2000
+
+
+def test_a_sample_within_the_token_cap_is_never_over_a_compute_limit():
+    compute = ComputeCost(padded=True, vision_weight=1.0)
+    capped = Budget(1000, compute, Caps(max_tokens=800))
+    # 500 tokens and 900 patches cost 1400 > 1000: alone in its batch, not over budget
+    assert capped.why_over(SampleSize(500, 1, 900, 1)) is None
+    assert "max_tokens=800" in capped.why_over(SampleSize(900, 1))
+    # without a token cap (or a cost that counts tokens only) the limit is the memory bound
+    assert "exceeds the token budget" in Budget(1000, compute).why_over(SampleSize(500, 1, 900, 1))
+    assert "exceeds" in Budget(400, PaddedCost(), Caps(max_tokens=800)).why_over(SampleSize(500, 1))

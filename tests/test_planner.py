@@ -218,3 +218,26 @@ def test_max_tokens_bounds_memory_under_a_compute_priced_budget():
     budget = Budget(3000, cost, Caps(max_tokens=1000))
     assert "max_tokens=1000" in budget.why_over(SampleSize(1200, 1))
     assert budget.longest_text() == 1000
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_vision_attention_splits_groups_of_large_images(padded):
+    # four samples of equal length and patches: as one image each (1600^2 pairs) they cost
+    # far more than as 16 small images (16 * 100^2), and a group of them must split
+    cost = ComputeCost(padded=padded, vision_attention_weight=1e-3)
+    budget = Budget(6000, cost)
+    patches = [1600] * 4
+    small = _plan([100] * 4, budget, patches=patches, vision_pairs=[16 * 100**2] * 4, final=True)
+    assert [len(g.members) for g in small.groups] == [4]
+    large = _plan([100] * 4, budget, patches=patches, vision_pairs=[1600**2] * 4, final=True)
+    assert sorted(len(g.members) for g in large.groups) == [2, 2]
+    for group in large.groups:
+        assert group.cost <= budget.limit
+        assert group.cost == pytest.approx(200 + 2 * 1600**2 * 1e-3)
+
+
+def test_a_packed_row_full_of_tokens_is_ready_whatever_it_costs():
+    # a compute limit far above what the capped rows cost: the token cap fills them
+    cost = ComputeCost(padded=False, attention_weight=1e-4)
+    plan = _plan([500, 500, 500, 500], Budget(10_000, cost, Caps(max_tokens=1000)))
+    assert [g.ready for g in plan.groups] == [True, True]

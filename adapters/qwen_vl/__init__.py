@@ -34,11 +34,18 @@ from odb.adapters.qwen_vl.errors import (
     RecordTooLongError,
     UnreadableImageError,
 )
-from odb.adapters.qwen_vl.flops import ModelFlops, compute_cost, model_flops
+from odb.adapters.qwen_vl.flops import (
+    COMPUTE_HEADROOM,
+    ModelFlops,
+    compute_budget,
+    compute_cost,
+    model_flops,
+)
 from odb.adapters.qwen_vl.geometry import VisionGeometry
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "COMPUTE_HEADROOM",
     "ImageCountError",
     "LlavaDataset",
     "MissingImageError",
@@ -50,6 +57,7 @@ __all__ = [
     "UnreadableImageError",
     "VisionGeometry",
     "collator",
+    "compute_budget",
     "compute_cost",
     "model_flops",
     "vision_placeholder",

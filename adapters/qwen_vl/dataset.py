@@ -317,6 +317,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             label_tokens=int((labels[1:] != IGNORE_INDEX).sum()),
             vision_patches=sum(patches),
             images=len(grids),
+            vision_pairs=sum(t * (h * w) ** 2 for t, h, w in grids),
         )
 
     def estimate_all(self, workers: int = 8) -> list[odb.SampleSize]:

@@ -100,25 +100,53 @@ def compute_cost(
     mode: str = "padded",
     *,
     causal: bool = True,
-    reference_patches: int = 1024,
 ) -> odb.ComputeCost:
     """An ``odb.ComputeCost`` in language-model token units from :func:`model_flops`.
 
     ``attention_weight = attention / token`` (halved when ``causal``: causal kernels skip the
     upper triangle) multiplies ``sum(len**2)`` (``n * max_len**2`` padded);
-    ``vision_weight = (patch + patch_attention(reference_patches)) / token`` multiplies the
-    batch's vision patches. The vision tower's attention grows with each image's own patch
-    count, which a per-patch weight cannot follow: it is priced at ``reference_patches`` per
-    image (1024 patches is about a 448x448 image with patch 14).
+    ``vision_weight = (patch + window attention) / token`` multiplies the batch's vision
+    patches, and ``vision_attention_weight = vision_attention_pair * full layers / token``
+    the sum over its images of ``patches**2`` (``SampleSize.vision_pairs``): the tower's
+    full-attention layers attend over each whole image, so their work grows with the square of
+    its patches. Qwen2.5-VL's window layers attend within windows of a fixed size, a cost per
+    patch (priced at a whole window: images smaller than one window are rare).
     """
     config = _config_of(model_or_config)
     if mode not in ("padded", "packed"):
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
     flops = model_flops(config)
     attention = flops.attention * (0.5 if causal else 1.0)
-    vision = flops.patch + flops.patch_attention(reference_patches)
+    window = flops.vision_attention_pair * flops.vision_window_layers
+    pair = flops.vision_attention_pair * flops.vision_full_layers
     return odb.ComputeCost(
         padded=mode == "padded",
         attention_weight=attention / flops.token,
-        vision_weight=vision / flops.token,
+        vision_weight=(flops.patch + window * flops.vision_window_patches) / flops.token,
+        vision_attention_weight=pair / flops.token,
     )
+
+
+COMPUTE_HEADROOM = 1.5
+"""How much more compute than ``token_budget`` text tokens a batch may cost by default under
+:func:`compute_budget`: images and long rows cost more per token than short text, and a limit
+of exactly ``token_budget`` would hold image-heavy batches far below the memory the token cap
+allows (more, smaller steps); at 1.5 most batches are full in tokens or in compute."""
+
+
+def compute_budget(
+    model_or_config: Any,
+    token_budget: float,
+    mode: str = "padded",
+    *,
+    headroom: float = COMPUTE_HEADROOM,
+) -> odb.Budget:
+    """The budget odb plans Qwen-VL batches with by default: priced by :func:`compute_cost`
+    (estimated step time, in text-token units) up to the compute of ``headroom *
+    token_budget`` text tokens, and never more than ``token_budget`` tokens per batch
+    (``max_tokens``, the memory bound). A sample within the token cap whose compute alone is
+    over the limit runs alone (``odb.Budget.why_over``)."""
+    if not (isinstance(headroom, int | float) and headroom >= 1):
+        raise ConfigError(f"headroom must be a number >= 1, got {headroom!r}")
+    cap = int(odb.Budget(token_budget).limit)  # validated; the cap counts whole tokens
+    return odb.Budget(headroom * cap, compute_cost(model_or_config, mode), odb.Caps(max_tokens=cap))

@@ -429,3 +429,33 @@ def test_trainer_trains_a_tiny_qwen_vl_on_llava_data_with_images(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) >= 10 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("compute", [True, False])
+def test_a_qwen_vl_model_is_budgeted_by_compute_unless_turned_off(tmp_path, compute, caplog):
+    import qwen_vl_tiny
+
+    from odb.adapters import qwen_vl
+    from odb.adapters.hf import _announce
+
+    tokenizer = qwen_vl_tiny.small_tokenizer()
+    model = qwen_vl_tiny.tiny_model("qwen3_vl", tokenizer)
+    samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n)} for n in lengths(20)]
+    trainer = transformers.Trainer(
+        model=model, args=training_args(tmp_path, max_steps=1), train_dataset=samples
+    )
+    enable(trainer, BUDGET, compute=compute)
+    loader = trainer.get_train_dataloader()
+    with caplog.at_level(logging.INFO, logger="odb"):
+        _announce(trainer, loader, "plan")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("odb: ")]
+    if compute:
+        expected = qwen_vl.compute_budget(model, BUDGET, "padded")
+        assert loader.budget == expected
+        assert loader.budget.limit == qwen_vl.COMPUTE_HEADROOM * BUDGET
+        assert loader.budget.caps.max_tokens == BUDGET
+        assert "estimated compute of this many text tokens" in line
+        assert "compute=False" in line and f"max_tokens={BUDGET}" in line
+    else:
+        assert loader.budget == odb.Budget(BUDGET)
+        assert line.startswith(f"odb: 1 rank(s), padded mode, token budget {BUDGET} (PaddedCost)")

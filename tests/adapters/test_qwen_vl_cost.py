@@ -47,16 +47,44 @@ def test_model_flops_match_the_flop_counter(family, small_tokenizer):
 def test_compute_cost_prices_attention_and_vision_in_token_units(small_tokenizer):
     config = qwen_vl_tiny.tiny_config("qwen2_vl", small_tokenizer)
     flops = qwen_vl.model_flops(config)
-    packed = qwen_vl.compute_cost(config, "packed", reference_patches=256)
+    packed = qwen_vl.compute_cost(config, "packed")
     assert isinstance(packed, odb.ComputeCost) and not packed.padded
     assert packed.attention_weight == pytest.approx(flops.attention / 2 / flops.token)
-    vision = flops.patch + flops.patch_attention(256)
-    assert packed.vision_weight == pytest.approx(vision / flops.token)
+    assert packed.vision_weight == pytest.approx(flops.patch / flops.token)
+    pair = flops.vision_attention_pair * flops.vision_full_layers / flops.token
+    assert packed.vision_attention_weight == pytest.approx(pair)
     full = qwen_vl.compute_cost(config, "padded", causal=False)
     assert full.padded and full.attention_weight == pytest.approx(2 * packed.attention_weight)
-    # one 100-token sample: its tokens, its attention, and its 400 patches' vision tower
-    expected = 100 + packed.attention_weight * 100**2 + packed.vision_weight * 400
-    assert float(packed.sample_cost([100], [400])[0]) == pytest.approx(expected)
+    # one 100-token sample: its tokens, its attention, and two images of 100 and 300 patches:
+    # the vision tower's attention grows with each image's own patch count
+    expected = (
+        100
+        + packed.attention_weight * 100**2
+        + packed.vision_weight * 400
+        + packed.vision_attention_weight * (100**2 + 300**2)
+    )
+    pairs = 100**2 + 300**2
+    assert float(packed.sample_cost([100], [400], [pairs])[0]) == pytest.approx(expected)
+    # the cost of a whole image is what the flop count of its tower says
+    for patches in (64, 256):
+        image = packed.sample_cost([1], [patches], [patches**2])[0] - packed.sample_cost([1], [0])
+        measured = patches * (flops.patch + flops.patch_attention(patches)) / flops.token
+        assert float(image[0]) == pytest.approx(measured)
+
+
+def test_window_layers_are_priced_per_patch(small_tokenizer):
+    config = qwen_vl_tiny.tiny_config("qwen2_5_vl", small_tokenizer)
+    flops = qwen_vl.model_flops(config)
+    cost = qwen_vl.compute_cost(config, "packed")
+    assert flops.vision_window_layers > 0
+    window = flops.vision_attention_pair * flops.vision_window_layers
+    expected = (flops.patch + window * flops.vision_window_patches) / flops.token
+    assert cost.vision_weight == pytest.approx(expected)
+    # an image of whole windows: what the flop count says
+    patches = 4 * flops.vision_window_patches
+    image = cost.sample_cost([1], [patches], [patches**2]) - cost.sample_cost([1], [0])
+    measured = patches * (flops.patch + flops.patch_attention(patches)) / flops.token
+    assert float(image[0]) == pytest.approx(measured)
 
 
 def test_text_models_have_no_vision_term():
