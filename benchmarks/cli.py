@@ -28,7 +28,14 @@ from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
 from .plots import write_multimodal_plots, write_plots, write_training_plots
 from .qwen_vl_offline import ImageSettings, load_processor
 from .report import BenchResults, markdown, write_report
-from .training_suite import LR_RULES, TrainingConfig, TrainingResult, run_training
+from .training_suite import (
+    COMPUTE_LOADERS,
+    LOADERS,
+    LR_RULES,
+    TrainingConfig,
+    TrainingResult,
+    run_training,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -193,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         "standard's batch size) ** 0.5 or ** 1 (default same)",
     )
     training.add_argument(
+        "--train-loader",
+        choices=(*LOADERS, *COMPUTE_LOADERS),
+        action="append",
+        help=f"loaders to train through; repeat for several (default {' '.join(LOADERS)})",
+    )
+    training.add_argument(
         "--train-world",
         type=_positive,
         action="append",
@@ -310,6 +323,7 @@ def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> Trai
         max_length=args.train_max_length,
         lr_rule=args.train_lr_rule,
         worlds=tuple(args.train_world or defaults.worlds),
+        loaders=tuple(args.train_loader or defaults.loaders),
         seed=args.seed,
     )
     return run_training(config, progress=progress)
@@ -344,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mm_sets = len(multimodal_config.sets) + (args.llava is not None)
     steps += mm_sets * (1 + len(multimodal_config.worlds))
     if args.train:
-        steps += len(TrainingConfig.loaders) * len(args.train_world or TrainingConfig.worlds)
+        loaders = args.train_loader or TrainingConfig.loaders
+        steps += len(loaders) * len(args.train_world or TrainingConfig.worlds)
     overhead_runs = args.overhead + args.overhead_stream
     steps += overhead_runs * (_QUICK if args.quick else _OVERHEAD)["repeats"]
     scale_config = _scale_config(args) if args.alignment_scale else None

@@ -7,7 +7,10 @@ set), the same processor, model initialisation and seed; only the loader differs
   padded tokens fit the budget in 99% of batches of the epoch (a ``DistributedSampler`` under
   torchrun), collating with ``qwen_vl.collator(model, "padded")``;
 - ``odb padded`` / ``odb packed``: ``odb.DataLoader`` under the token budget with
-  ``qwen_vl.collator(model, mode)``.
+  ``qwen_vl.collator(model, mode)``;
+- ``odb compute padded`` / ``odb compute packed`` (on request: ``--train-loader``): the same
+  under the tiny model's own compute budget (``qwen_vl.compute_budget``: estimated compute,
+  the token budget as ``max_tokens``), what the HF adapter uses for Qwen-VL by default.
 
 Each run is its own process (``python -m odb.benchmarks.training_suite``, or several under
 ``torch.distributed.run`` with gloo and a DDP-wrapped model), so that its peak memory is its
@@ -43,9 +46,18 @@ from .llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_l
 from .policies import epoch_order, standard_batch_size
 from .qwen_vl_offline import ImageSettings, small_tokenizer, tiny_model, tiny_processor
 
-__all__ = ["LOADERS", "LR_RULES", "TrainingConfig", "TrainingResult", "TrainingRun", "run_training"]
+__all__ = [
+    "COMPUTE_LOADERS",
+    "LOADERS",
+    "LR_RULES",
+    "TrainingConfig",
+    "TrainingResult",
+    "TrainingRun",
+    "run_training",
+]
 
 LOADERS = ("standard", "odb-padded", "odb-packed")
+COMPUTE_LOADERS = ("odb-compute-padded", "odb-compute-packed")
 # How an odb run's learning rate follows its batches: the base rate (Standard's) times the
 # ratio of mean samples per step to Standard's batch size, to this power.
 LR_RULES = {"same": 0.0, "sqrt": 0.5, "linear": 1.0}
@@ -79,6 +91,8 @@ class TrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if unknown := set(self.loaders) - {*LOADERS, *COMPUTE_LOADERS}:
+            raise ValueError(f"unknown loader(s) {sorted(unknown)}")
         if self.lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule must be one of {tuple(LR_RULES)}, got {self.lr_rule!r}")
         if self.budget < self.max_length:
@@ -158,7 +172,7 @@ class _IndexedCollate:
 
 def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, world: int) -> Any:
     """The named loader over ``dataset``."""
-    mode = "packed" if loader_name == "odb-packed" else "padded"
+    mode = "packed" if loader_name.endswith("-packed") else "padded"
     collate = qwen_vl.collator(model, mode)
     workers, seed = settings["num_workers"], settings["seed"]
     if loader_name == "standard":
@@ -173,15 +187,20 @@ def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, world: i
             collate_fn=_IndexedCollate(collate),
             num_workers=workers,
         )
+    limit, priced = settings["budget"], {}
+    if loader_name in COMPUTE_LOADERS:
+        budget = qwen_vl.compute_budget(model, settings["budget"], mode)
+        limit, priced = budget.limit, {"cost": budget.cost, "max_tokens": budget.caps.max_tokens}
     return odb.DataLoader(
         dataset,
-        settings["budget"],
+        limit,
         mode=mode,
         collate_fn=collate,
         shuffle=True,
         seed=seed,
         window=settings["window"],
         num_workers=workers,
+        **priced,
     )
 
 
@@ -337,7 +356,7 @@ def run_training(
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one epoch of one loader (a run of the suite)")
     parser.add_argument("folder", type=Path)
-    parser.add_argument("loader", choices=LOADERS)
+    parser.add_argument("loader", choices=(*LOADERS, *COMPUTE_LOADERS))
     parser.add_argument("out", help="records go to OUT.RANK.json")
     args = parser.parse_args(argv)
     record = train_once(args.folder, args.loader)

@@ -11,9 +11,15 @@ from odb.adapters.qwen_vl import LlavaDataset
 from odb.benchmarks.cli import main
 from odb.benchmarks.llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_llava
 from odb.benchmarks.plots import plot_training_loss
-from odb.benchmarks.qwen_vl_offline import ImageSettings, load_processor, tiny_processor
+from odb.benchmarks.qwen_vl_offline import (
+    ImageSettings,
+    load_processor,
+    small_tokenizer,
+    tiny_model,
+    tiny_processor,
+)
 from odb.benchmarks.report import training_section
-from odb.benchmarks.training_suite import TrainingConfig, _summarise, run_training
+from odb.benchmarks.training_suite import TrainingConfig, _loader, _summarise, run_training
 
 IMAGES = ImageSettings(28 * 28 * 4, 28 * 28 * 64)
 
@@ -146,3 +152,17 @@ def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
     with pytest.raises(SystemExit):
         main(["--train", "--train-budget", "1024", "--train-max-length", "2048"])
     assert "--train-budget must be at least --train-max-length" in capsys.readouterr().err
+
+
+def test_compute_loaders_plan_by_the_models_compute_under_the_token_cap(tmp_path):
+    tokenizer = small_tokenizer(tmp_path / "tokenizer")
+    model = tiny_model(tokenizer, 0)
+    settings = {"num_workers": 0, "seed": 0, "budget": 2048, "window": 16}
+    for mode in ("padded", "packed"):
+        loader = _loader(f"odb-compute-{mode}", [], model, settings, 1)
+        assert loader.mode == mode and loader.budget.cost.prices_compute
+        assert loader.budget.caps.max_tokens == 2048 and loader.budget.limit > 2048
+        tokens = _loader(f"odb-{mode}", [], model, settings, 1)
+        assert not tokens.budget.cost.prices_compute and tokens.budget.limit == 2048
+    with pytest.raises(ValueError, match="unknown loader"):
+        TrainingConfig(loaders=("odb-fast",))
