@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--llava", type=Path, help="a LLaVA-format JSON or JSONL file")
     llava.add_argument("--images", type=Path, help="the folder image paths are relative to")
     llava.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first record that cannot become a sample (by default such records "
+        "are left out, counted by kind and the first few shown)",
+    )
+    llava.add_argument(
         "--processor",
         help="a Qwen-VL processor folder for AutoProcessor.from_pretrained (default: a "
         "Qwen2.5-VL processor built offline from the Qwen tokenizer, with --min-pixels and "
@@ -302,6 +308,9 @@ def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
     )
 
 
+_SHOWN_ERRORS = 5  # invalid --llava records named on the screen
+
+
 def _multimodal(
     args: argparse.Namespace, config: MultimodalConfig, progress: Callable[[str], None]
 ) -> MultimodalResult:
@@ -310,7 +319,17 @@ def _multimodal(
     sets = builtin_sets(config.sets, config.samples, config.budget, config.seed)
     if args.llava is not None:
         processor = load_processor(args.processor, ImageSettings(args.min_pixels, args.max_pixels))
-        sets.insert(0, llava_set(args.llava, args.images, processor, config.budget))
+        errors: list = []
+        data = llava_set(
+            args.llava, args.images, processor, config.budget, strict=args.strict, errors=errors
+        )
+        if errors:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in data.invalid.items())
+            print(f"{args.llava}: {len(errors)} invalid record(s) left out ({kinds}); the first:")
+            for error in errors[:_SHOWN_ERRORS]:
+                print(f"  {error}")
+            print("  (--strict stops at the first instead)")
+        sets.insert(0, data)
     return compare_sets(sets, replace(config, sets=tuple(s.name for s in sets)), progress)
 
 

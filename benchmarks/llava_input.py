@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from odb.adapters.qwen_vl import LlavaDataset
+from odb.adapters.qwen_vl import LlavaDataset, RecordError
 
 from .lengths import lognormal_lengths
 from .multimodal_sets import Component, MultimodalSet, VisionSettings
@@ -55,24 +56,42 @@ _WORDS = [
 
 
 def llava_set(
-    source: str | os.PathLike, image_folder: str | os.PathLike | None, processor: Any, budget: int
+    source: str | os.PathLike,
+    image_folder: str | os.PathLike | None,
+    processor: Any,
+    budget: int,
+    *,
+    strict: bool = False,
+    errors: list[RecordError] | None = None,
 ) -> MultimodalSet:
     """The records of ``source`` as a set of exact sizes; records over ``budget`` tokens are
-    left out and counted as filtered (a sample with images cannot be truncated)."""
+    left out and counted as filtered (a sample with images cannot be truncated).
+
+    Every record is checked first. One that cannot become a sample (a missing or unreadable
+    image, ``<image>`` tags that do not match its images, no assistant turn, ...) is left out
+    and counted by kind in ``invalid``, and its error appended to ``errors`` when given; with
+    ``strict`` the first one raises instead."""
     dataset = LlavaDataset(source, image_folder, processor)
-    sizes = dataset.estimate_all()
+    checked, failures = dataset.estimate_checked()
+    if failures and strict:
+        raise failures[0]
+    if errors is not None:
+        errors.extend(failures)
+    sizes = [size for size in checked if size is not None]
     geometry = dataset.geometry
     lengths = np.array([s.length for s in sizes], dtype=np.int64)
     fits = lengths <= budget
     if not fits.any():
-        raise ValueError(f"no record of {source} fits the token budget {budget}")
+        raise ValueError(f"no valid record of {source} fits the token budget {budget}")
 
     def column(values: Sequence[float]) -> np.ndarray:
         return np.asarray(values, dtype=np.int64)[fits]
 
     return MultimodalSet(
         name=Path(source).stem,
-        description=f"{source} ({len(sizes)} records), sizes from LlavaDataset.estimate",
+        description=f"{source} ({len(checked)} records"
+        + (f", {len(failures)} invalid" if failures else "")
+        + "), sizes from LlavaDataset.estimate",
         lengths=lengths[fits],
         label_tokens=column([s.label_tokens for s in sizes]),
         patches=column([s.vision_patches for s in sizes]),
@@ -82,6 +101,7 @@ def llava_set(
         vision=VisionSettings(
             geometry.patch_size, geometry.merge_size, geometry.min_pixels, geometry.max_pixels
         ),
+        invalid=dict(Counter(type(error).__name__ for error in failures)),
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -162,7 +162,8 @@ class MultimodalSet:
     ``vision_pairs`` is the sum over a sample's images of ``patches**2``: the vision tower
     attends within each image, so its attention cost grows with each image's own patch count.
     ``filtered`` counts drawn samples longer than ``max_length``, left out as a pipeline
-    filtering at the model's maximum length would.
+    filtering at the model's maximum length would. ``invalid``: records of a user's data that
+    cannot become a sample, left out, counted by kind (the error's class name).
     """
 
     name: str
@@ -174,6 +175,7 @@ class MultimodalSet:
     vision_pairs: np.ndarray
     filtered: int
     vision: VisionSettings
+    invalid: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.lengths)

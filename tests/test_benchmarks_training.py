@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from odb.adapters.qwen_vl import LlavaDataset
+from odb.adapters.qwen_vl import LlavaDataset, RecordError
 from odb.benchmarks.cli import main
 from odb.benchmarks.llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_llava
 from odb.benchmarks.plots import plot_training_loss
@@ -66,6 +66,50 @@ def test_llava_set_leaves_out_records_over_the_budget(llava_data):
     assert kept.filtered == int(np.count_nonzero(everything.lengths > budget))
     assert len(kept) + kept.filtered == len(everything)
     assert kept.lengths.max() <= budget
+
+
+def _with_bad_records(source, folder):
+    """The records of ``source`` with three that cannot become samples inserted (at 2, 5 and
+    9): a text-only chat whose text holds the literal ``<image>``, a missing image file, and
+    no assistant turn. Written to ``folder/bad.json``."""
+    records = json.loads(source.read_text())
+    turns = [{"from": "human", "value": "What does <image> mean in HTML?"}]
+    records.insert(2, {"conversations": [*turns, {"from": "gpt", "value": "Nothing."}]})
+    ask = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]
+    missing = {"image": "nowhere.png", "conversations": ask}
+    records.insert(5, missing)
+    records.insert(9, {"conversations": [{"from": "human", "value": "Anyone there?"}]})
+    path = folder / "bad.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_invalid_llava_records_are_counted_and_left_out(llava_data, tmp_path):
+    source, images = llava_data
+    bad = _with_bad_records(source, tmp_path)
+    processor = tiny_processor(images=IMAGES)
+    errors = []
+    data = llava_set(bad, images, processor, budget=100_000, errors=errors)
+    clean = llava_set(source, images, processor, budget=100_000)
+    assert [e.index for e in errors] == [2, 5, 9]
+    assert data.invalid == {"ImageCountError": 1, "MissingImageError": 1, "NoAssistantTurnError": 1}
+    assert np.array_equal(data.lengths, clean.lengths) and "3 invalid" in data.description
+    with pytest.raises(RecordError, match="record 2"):
+        llava_set(bad, images, processor, budget=100_000, strict=True)
+
+
+def test_cli_llava_skips_invalid_records_unless_strict(llava_data, tmp_path, capsys):
+    source, images = llava_data
+    bad = _with_bad_records(source, tmp_path)
+    args = ["--quick", "--llava", str(bad), "--images", str(images), "--out", str(tmp_path)]
+    args += ["--max-pixels", str(IMAGES.max_pixels), "--world", "2"]
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    assert "3 invalid record(s) left out" in shown and "record 5: image file not found" in shown
+    multimodal = json.loads((tmp_path / "results.json").read_text())["multimodal"]
+    assert multimodal["sets"][0]["samples"] == 16
+    with pytest.raises(RecordError, match="record 2"):
+        main([*args, "--strict"])
 
 
 def test_cli_llava_runs_the_multimodal_comparison_on_the_data(llava_data, tmp_path, capsys):

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,14 @@ class _Record:
 
     messages: list[dict]
     image_paths: list[str]
+
+
+def _attempt(function: Any, *args: Any) -> Any:
+    """``function(*args)``, or the :class:`RecordError` it raised."""
+    try:
+        return function(*args)
+    except RecordError as error:
+        return error
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -323,16 +332,36 @@ class LlavaDataset(torch.utils.data.Dataset):
     def estimate_all(self, workers: int = 8) -> list[odb.SampleSize]:
         """:meth:`estimate` of every record; image headers are read on ``workers`` threads
         (worth it on network file systems), the text is tokenized in the calling thread (a
-        fast tokenizer shared between threads can fail with "Already borrowed")."""
+        fast tokenizer shared between threads can fail with "Already borrowed"). Raises the
+        first invalid record's :class:`RecordError`."""
+        sizes, errors = self.estimate_checked(workers)
+        if errors:
+            raise errors[0]
+        return sizes
+
+    def estimate_checked(
+        self, workers: int = 8
+    ) -> tuple[list[odb.SampleSize | None], list[RecordError]]:
+        """:meth:`estimate_all` without stopping at an invalid record: its size is None, and
+        its :class:`RecordError` (whose ``index`` names it) is listed, in record order."""
+        records = [_attempt(self._record, index) for index in range(len(self))]
+        paths = [[] if isinstance(r, RecordError) else r.image_paths for r in records]
         indices = range(len(self))
-        records = [self._record(index) for index in indices]
-        paths = [record.image_paths for record in records]
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
-                grids = list(pool.map(self._grids, indices, paths))
+                grids = list(pool.map(partial(_attempt, self._grids), indices, paths))
         else:
-            grids = list(map(self._grids, indices, paths))
-        return [self._size(i, r, g) for i, r, g in zip(indices, records, grids, strict=True)]
+            grids = [_attempt(self._grids, i, p) for i, p in zip(indices, paths, strict=True)]
+        sizes: list[odb.SampleSize | None] = []
+        errors: list[RecordError] = []
+        for index, record, grid in zip(indices, records, grids, strict=True):
+            failed = next((r for r in (record, grid) if isinstance(r, RecordError)), None)
+            size = failed or _attempt(self._size, index, record, grid)
+            if isinstance(size, RecordError):
+                errors.append(size)
+                size = None
+            sizes.append(size)
+        return sizes, errors
 
     def select(self, indices: Iterable[int]) -> LlavaDataset:
         """A dataset over the given records only (for example those that fit a budget)."""
