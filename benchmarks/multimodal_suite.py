@@ -260,6 +260,7 @@ def _measure(
     """A run's batching figures (after checking it holds every sample once) and estimates."""
     metrics = measure(run.flat(), data.lengths, config.budget)
     shape = batch_shapes(run, data)
+    placing = placeholder_ranks(shape)
     return RunResult(
         set=data.name,
         world=run.world,
@@ -271,8 +272,8 @@ def _measure(
         peak_tokens=int(computed_tokens(shape, run.packed).max()),
         idle_share=float(np.mean(shape.samples == 0)),
         estimates=[estimate_run(run, shape, model, len(data)) for model in models],
-        mixed_steps=float(np.mean(placeholder_ranks(shape).any(axis=1))),
-        placeholders=float(np.mean(placeholder_ranks(shape))),
+        mixed_steps=float(np.mean(placing.any(axis=1))),
+        placeholders=float(np.mean(placing)),
     )
 
 

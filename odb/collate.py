@@ -117,8 +117,11 @@ def split_placeholder(
     _, keys = _per_token_keys(real)
     length = len(torch.as_tensor(placeholder["input_ids"]))
     fill = {"labels": IGNORE_INDEX, "attention_mask": 1}
-    conformed = {key: value for key, value in placeholder.items() if key not in keys}
-    conformed = {k: v for k, v in conformed.items() if not is_per_token(v, length)}
+    conformed = {  # its fields that are not per-token (the image's)
+        key: value
+        for key, value in placeholder.items()
+        if key not in keys and not is_per_token(value, length)
+    }
     for key in keys:
         own = placeholder.get(key)
         dtype = torch.as_tensor(real[0][key]).dtype

@@ -326,13 +326,14 @@ class RoundEngine:
         try:
             if not self.exhausted:
                 self.exhausted = self.buffer.refill(settings, self._pull)
-            if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
+            borrowing = self.exhausted and self.ghost is None and self.exchange.world_size > 1
+            if borrowing:
                 self._borrow_ghost()  # a rank whose part was empty
             ghost_images = 0 if self.ghost is None else self.ghost.size.images
             offer, report = self.buffer.prepare(
                 settings, exhausted=self.exhausted, ghost_images=ghost_images
             )
-            if self.exhausted and self.ghost is None and self.exchange.world_size > 1:
+            if borrowing and self.ghost is None:
                 report[0] |= NO_GHOST
         except Exception as error:
             self._report_failure(failure_report(error, settings.max_steps))

@@ -510,8 +510,11 @@ class _EpochIterator:
         stats = self.engine.stats
         start = time.perf_counter()
         samples = [entry.payload for entry in entries]
-        lacks_images = not any(entry.size.images for entry in entries)
-        if info.vision and lacks_images and self._can_place(samples, info):
+        if (
+            info.vision
+            and not any(entry.size.images for entry in entries)
+            and self._can_place(samples, info)
+        ):
             samples.append(self.placeholder)
             info = replace(info, vision_placeholder=True)
             stats.vision_placeholders += 1

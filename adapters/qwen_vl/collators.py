@@ -168,9 +168,9 @@ class QwenVLPackedCollator:
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
         samples, placeholder = split_placeholder(samples, self.vision_placeholder)
-        samples = [
-            self._with_token_types(s) for s in [*samples, *([placeholder] * bool(placeholder))]
-        ]
+        if placeholder is not None:  # the row's last sequence
+            samples = [*samples, placeholder]
+        samples = [self._with_token_types(sample) for sample in samples]
         batch = self._pack(samples)
         rope = torch.cat([self._rope(sample) for sample in samples], dim=1)
         batch["position_ids"] = torch.cat([batch["position_ids"][None], rope[:, None, :]], dim=0)
