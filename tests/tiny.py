@@ -56,6 +56,20 @@ def tiny_model(
     return model.to(dtype)
 
 
+def token_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of per-token cross-entropy over a batch's label tokens (causal shift): the loss
+    the multi-process tests scale with odb and compare with one process's."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**{"use_cache": False, **inputs}).logits
+    labels = batch["labels"][..., 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
 def free_port() -> int:
     """A TCP port free right now on the loopback interface, for one process group."""
     with socket.socket() as sock:

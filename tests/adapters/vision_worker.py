@@ -21,28 +21,16 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for its helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qwen_vl_tiny
-from tiny import leave_distributed
+from tiny import leave_distributed, token_loss_sum
 
 import odb
 from odb.adapters import qwen_vl
-
-
-def token_loss_sum(model, batch) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's label tokens."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**{"use_cache": False, **inputs}).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch["labels"][:, 1:].reshape(-1),
-        reduction="sum",
-    )
 
 
 def shard(model) -> None:

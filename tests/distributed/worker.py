@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for its h
 
 from streams import StatefulStream
 from synthetic import LengthDataset
-from tiny import leave_distributed, tiny_model
+from tiny import leave_distributed, tiny_model, token_loss_sum
 
 import odb
 
@@ -190,19 +190,6 @@ def run_resume(config, rank, loader, result):
         if len(records) == config["save_at"]:
             path.write_text(json.dumps(loader.state_dict()))
             break
-
-
-def token_loss_sum(model, batch):
-    """Sum of per-token cross-entropy over the batch's label tokens (causal shift)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**{"use_cache": False, **inputs}).logits
-    labels = batch["labels"][..., 1:]
-    return torch.nn.functional.cross_entropy(
-        logits[..., :-1, :].reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
 
 
 def _wrapped(model, wrap: str):
