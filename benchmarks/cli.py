@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from odb.errors import ConfigError
+
 from .alignment_scale import ScaleConfig, run_alignment_scale
 from .alignment_suite import AlignmentConfig, run_alignment
 from .gpu_model import MODELS
@@ -27,13 +29,14 @@ from .overhead import OverheadResult, run_overhead
 from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
 from .plots import write_multimodal_plots, write_plots, write_training_plots
 from .qwen_vl_offline import ImageSettings, load_processor
-from .report import BenchResults, markdown, write_report
+from .report import BenchResults, markdown, packed_loss_line, write_report
+from .train_models import PRESETS, model_name
 from .training_suite import (
-    COMPUTE_LOADERS,
+    ALL_LOADERS,
     LOADERS,
     LR_RULES,
+    NEUTRAL_LOADER,
     TrainingConfig,
-    TrainingResult,
     run_training,
 )
 
@@ -133,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     multimodal.add_argument(
         "--model",
-        type=_model_name,
         action="append",
-        help=f"model whose step time is estimated on H100: {', '.join(MODELS)}; repeat for "
-        f"several, the first one gets the detailed tables (default {' '.join(mm.models)})",
+        help="a model: the estimated suites take the GPU step models among the values "
+        f"({', '.join(MODELS)}; default {' '.join(mm.models)}, the first gets the detailed "
+        "tables); --train trains the first value, a preset "
+        f"({', '.join(PRESETS)}; default tiny) or a checkpoint folder; repeat for several",
     )
     multimodal.add_argument(
         "--policy",
@@ -171,20 +175,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images = ImageSettings()
     llava.add_argument(
-        "--min-pixels", type=_positive, default=images.min_pixels, help="offline processor"
+        "--min-pixels",
+        type=_positive,
+        help=f"the processor's smallest image area (offline processor default "
+        f"{images.min_pixels}; --train: the model's)",
     )
     llava.add_argument(
-        "--max-pixels", type=_positive, default=images.max_pixels, help="offline processor"
+        "--max-pixels",
+        type=_positive,
+        help=f"the processor's largest image area (offline processor default "
+        f"{images.max_pixels}; --train: the model's)",
     )
     training = parser.add_argument_group(
-        "training suite", "measured CPU training of a tiny Qwen2.5-VL through each loader"
+        "training suite",
+        "measured training of a model through each loader, side by side, on this machine's CPU "
+        "or GPUs: the data is --llava, else the first --set, else a small long-multimodal-like "
+        "set; --batch-size adds Standard runs",
     )
     train = TrainingConfig()
     training.add_argument("--train", action="store_true", help="run the training suite")
     training.add_argument(
+        "--train-only",
+        action="store_true",
+        help="run only the training suite (with --train): no planner, alignment or estimated "
+        "multimodal suite",
+    )
+    training.add_argument(
         "--train-samples",
         type=_positive,
-        help=f"synthetic LLaVA records to train on (default {train.samples})",
+        help=f"records to train on: written for a built-in set (default {train.samples}), the "
+        "first ones of --llava (default all)",
     )
     training.add_argument(
         "--train-budget",
@@ -207,15 +227,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--train-loader",
-        choices=(*LOADERS, *COMPUTE_LOADERS),
+        choices=ALL_LOADERS,
         action="append",
-        help=f"loaders to train through; repeat for several (default {' '.join(LOADERS)})",
+        help=f"loaders to train through; repeat for several (default {' '.join(LOADERS)}); "
+        f"{NEUTRAL_LOADER}: odb padded with at most standard's batch size of samples per step",
     )
     training.add_argument(
+        "--nproc",
         "--train-world",
+        dest="nproc",
         type=_positive,
         action="append",
-        help="processes (torchrun, gloo, DDP when more than 1); repeat for several (default 1)",
+        help="processes, one per GPU on a GPU machine (torch.distributed.run; NCCL on GPUs, "
+        "gloo on the CPU); repeat for several (default 1)",
+    )
+    training.add_argument(
+        "--train-seed",
+        type=int,
+        action="append",
+        help="initial weights and shuffle of each run; repeat for several (default --seed)",
+    )
+    training.add_argument("--device", choices=("auto", "cuda", "cpu"), default=train.device)
+    training.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default=train.dtype,
+        help="weights' dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    training.add_argument(
+        "--attn",
+        default=train.attn,
+        help="the text model's attention: sdpa (default), eager, flash_attention_2 where "
+        "installed, or a kernel registered with transformers",
+    )
+    training.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward"
+    )
+    training.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=train.warmup_steps,
+        help=f"optimizer steps run before timing (default {train.warmup_steps})",
+    )
+    training.add_argument(
+        "--steps", type=_positive, help="optimizer steps to time (default: the rest of the epoch)"
+    )
+    training.add_argument(
+        "--heldout",
+        type=int,
+        default=train.heldout,
+        help="records kept out of training, their loss measured after it (default 0)",
+    )
+    training.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's dense peak TFLOP/s for model FLOPs utilisation (default: known "
+        "GPUs in bfloat16/float16)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     return parser
@@ -228,12 +295,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def _model_name(text: str) -> str:
-    """A model of :data:`MODELS`, named in any case."""
+def _step_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """The GPU step models named by ``--model`` (any case), else the defaults; a value that
+    is neither one nor, with ``--train``, a model to train is refused."""
     names = {name.lower(): name for name in MODELS}
-    if text.lower() not in names:
-        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {list(MODELS)}")
-    return names[text.lower()]
+    for text in args.model or ():
+        if text.lower() not in names and not args.train:
+            raise ConfigError(
+                f"unknown model {text!r}: the estimated suites take {', '.join(MODELS)}; "
+                f"presets and checkpoint folders are for --train"
+            )
+    chosen = [names[text.lower()] for text in args.model or () if text.lower() in names]
+    return tuple(dict.fromkeys(chosen)) or MultimodalConfig().models
 
 
 @contextmanager
@@ -301,7 +374,7 @@ def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
         budget=args.budget,
         window=args.window or quick.get("window", defaults.window),
         worlds=tuple(args.world or quick.get("multimodal_worlds", defaults.worlds)),
-        models=tuple(dict.fromkeys(args.model or defaults.models)),
+        models=_step_models(args),
         policies=tuple(args.policy or defaults.policies),
         batch_sizes=tuple(args.batch_size or ()),
         seed=args.seed,
@@ -318,7 +391,10 @@ def _multimodal(
     ``config`` (none with ``--llava`` unless ``--set`` names some)."""
     sets = builtin_sets(config.sets, config.samples, config.budget, config.seed)
     if args.llava is not None:
-        processor = load_processor(args.processor, ImageSettings(args.min_pixels, args.max_pixels))
+        pixels = ImageSettings(
+            args.min_pixels or ImageSettings.min_pixels, args.max_pixels or ImageSettings.max_pixels
+        )
+        processor = load_processor(args.processor, pixels)
         errors: list = []
         data = llava_set(
             args.llava, args.images, processor, config.budget, strict=args.strict, errors=errors
@@ -333,19 +409,36 @@ def _multimodal(
     return compare_sets(sets, replace(config, sets=tuple(s.name for s in sets)), progress)
 
 
-def _training(args: argparse.Namespace, progress: Callable[[str], None]) -> TrainingResult:
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
     defaults = TrainingConfig()
     quick = _QUICK if args.quick else {}
-    config = TrainingConfig(
-        samples=args.train_samples or quick.get("train_samples", defaults.samples),
+    data = {"data": args.set[0]} if args.set else {}
+    if args.llava is not None:
+        data = {"llava": str(args.llava), "images": str(args.images) if args.images else None}
+    return TrainingConfig(
+        model=model_name(args.model[0]) if args.model else defaults.model,
+        samples=args.train_samples
+        or quick.get("train_samples", None if args.llava else defaults.samples),
         budget=args.train_budget,
         max_length=args.train_max_length,
         lr_rule=args.train_lr_rule,
-        worlds=tuple(args.train_world or defaults.worlds),
+        worlds=tuple(args.nproc or defaults.worlds),
         loaders=tuple(args.train_loader or defaults.loaders),
-        seed=args.seed,
+        batch_sizes=tuple(args.batch_size or ()),
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        seeds=tuple(args.train_seed or (args.seed,)),
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        gradient_checkpointing=args.gradient_checkpointing,
+        warmup_steps=args.warmup_steps,
+        steps=args.steps,
+        heldout=args.heldout,
+        peak_tflops=args.peak_tflops,
+        data_seed=args.seed,
+        **data,
     )
-    return run_training(config, progress=progress)
 
 
 def _overhead(
@@ -366,32 +459,46 @@ def _overhead(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.train and args.train_budget < args.train_max_length:
-        parser.error("--train-budget must be at least --train-max-length")
+    if args.train_only and not args.train:
+        parser.error("--train-only needs --train")
+    try:
+        training_config = _training_config(args) if args.train else None
+        multimodal_config = _multimodal_config(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    estimates = not args.train_only
     config = _planner_config(args)
-    multimodal_config = _multimodal_config(args)
     if args.llava is not None and args.set is None:
         multimodal_config = replace(multimodal_config, sets=())
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = len(config.cvs) * POLICY_COUNT + 1
-    mm_sets = len(multimodal_config.sets) + (args.llava is not None)
-    steps += mm_sets * (1 + len(multimodal_config.worlds))
-    if args.train:
-        loaders = args.train_loader or TrainingConfig.loaders
-        steps += len(loaders) * len(args.train_world or TrainingConfig.worlds)
+    steps = 0
+    if estimates:
+        steps += len(config.cvs) * POLICY_COUNT + 1
+        mm_sets = len(multimodal_config.sets) + (args.llava is not None)
+        steps += mm_sets * (1 + len(multimodal_config.worlds))
+    if training_config is not None:
+        c = training_config
+        steps += len(c.all_loaders) * len(c.worlds) * len(c.seeds)
     overhead_runs = args.overhead + args.overhead_stream
     steps += overhead_runs * (_QUICK if args.quick else _OVERHEAD)["repeats"]
     scale_config = _scale_config(args) if args.alignment_scale else None
     steps += len(scale_config.worlds) if scale_config is not None else 0
+    planner: list[SetResult] = []
+    alignment = multimodal = None
     with _progress(steps) as progress:
-        planner: list[SetResult] = run_planner(config, progress=progress)
-        alignment_config = _alignment_config(args)
-        alignment = run_alignment(alignment_config)
-        progress("alignment")
-        multimodal = _multimodal(args, multimodal_config, progress)
+        if estimates:
+            planner = run_planner(config, progress=progress)
+            alignment_config = _alignment_config(args)
+            alignment = (alignment_config, run_alignment(alignment_config))
+            progress("alignment")
+            multimodal = _multimodal(args, multimodal_config, progress)
         overhead = _overhead(args, progress) if args.overhead else None
         stream = _overhead(args, progress, stream=True) if args.overhead_stream else None
-        training = _training(args, progress) if args.train else None
+        training = (
+            run_training(training_config, progress=progress)
+            if training_config is not None
+            else None
+        )
         scale = (
             (scale_config, run_alignment_scale(scale_config, progress))
             if scale_config is not None
@@ -401,20 +508,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         config,
         planner,
         overhead,
-        (alignment_config, alignment),
+        alignment,
         multimodal,
         training,
         overhead_stream=stream,
         alignment_scale=scale,
     )
     written = write_report(args.out, results)
-    written += write_plots(planner, args.out)
-    written += write_multimodal_plots(multimodal, args.out)
+    if planner:
+        written += write_plots(planner, args.out)
+    if multimodal is not None:
+        written += write_multimodal_plots(multimodal, args.out)
     if training is not None:
         written += write_training_plots(training, args.out)
     print(markdown(results), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
+    if training is not None and training.packed_loss and not training.packed_loss["passed"]:
+        print(f"odb-bench: {packed_loss_line(training.packed_loss)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -161,19 +161,30 @@ def write_multimodal_plots(result: MultimodalResult, out: Path) -> list[Path]:
 
 
 def plot_training_loss(result: TrainingResult, path: Path) -> Path:
-    """Training loss against samples seen, one line per loader, one panel per process count:
-    samples on the x axis so that loaders with different batch sizes line up."""
+    """Training loss (token mean over all ranks) against samples seen (top: loaders with
+    different batch sizes line up) and against optimizer steps (bottom), one column per
+    process count, one colour per loader, one line per seed."""
     worlds = result.config.worlds
-    fig = Figure(figsize=(5.5 * len(worlds), 4), layout="constrained")
-    axes = fig.subplots(1, len(worlds), squeeze=False)[0]
-    for ax, world in zip(axes, worlds, strict=True):
+    fig = Figure(figsize=(5.5 * len(worlds), 7), layout="constrained")
+    axes = fig.subplots(2, len(worlds), squeeze=False)
+    loaders = list(dict.fromkeys(run.loader for run in result.runs))
+    colours = {loader: f"C{k}" for k, loader in enumerate(loaders)}
+    for column, world in enumerate(worlds):
+        by_samples, by_steps = axes[0][column], axes[1][column]
         for run in (r for r in result.runs if r.world == world):
-            ax.plot(run.samples_seen, run.losses, label=run.loader, linewidth=1)
-        ax.set_title(f"{world} process{'es' * (world > 1)}")
-        ax.set_xlabel("samples seen")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss (rank 0)")
-    axes[0].legend()
+            first = run.seed == result.config.seeds[0]
+            style = {"color": colours[run.loader], "linewidth": 1, "alpha": 0.8}
+            label = run.loader if first else None
+            by_samples.plot(run.samples_seen, run.losses, label=label, **style)
+            by_steps.plot(range(1, len(run.losses) + 1), run.losses, **style)
+        by_samples.set_title(f"{world} process{'es' * (world > 1)}")
+        by_samples.set_xlabel("samples seen")
+        by_steps.set_xlabel("optimizer steps")
+        for ax in (by_samples, by_steps):
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss")
+    axes[1][0].set_ylabel("training loss")
+    axes[0][0].legend(loc="upper right", fontsize="small")
     FigureCanvasAgg(fig).print_png(path)
     return path
 

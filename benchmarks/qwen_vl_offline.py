@@ -26,6 +26,7 @@ __all__ = [
     "load_processor",
     "small_tokenizer",
     "text_config",
+    "tiny_config",
     "tiny_model",
     "vision_config",
     "tiny_processor",
@@ -152,21 +153,28 @@ def vision_config(hidden: int, patch: int) -> dict[str, Any]:
     }
 
 
-def tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64) -> Any:
-    """A 2-layer Qwen2.5-VL (hidden 64, 4 heads) with a 2-block vision tower, in float32; the
+def tiny_config(tokenizer: Any, hidden: int = 64) -> Any:
+    """A 2-layer Qwen2.5-VL config (hidden 64, 4 heads) with a 2-block vision tower; the
     vision windows are the real models' (112 pixels), one of the two blocks attends fully."""
     import transformers
 
     ids = vision_token_ids(tokenizer)
     text = text_config(tokenizer, hidden)
     vision = {**vision_config(hidden, PATCH), "window_size": 112, "fullatt_block_indexes": [1]}
-    config = transformers.Qwen2_5_VLConfig(
+    return transformers.Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
         bos_token_id=None,
         eos_token_id=text["eos_token_id"],
         **ids,
     )
+
+
+def tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64) -> Any:
+    """:func:`tiny_config`'s model with sdpa attention, in float32."""
+    import transformers
+
+    config = tiny_config(tokenizer, hidden)
     for part in (config, config.text_config, config.vision_config):
         part._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from .multimodal_suite import PLACEHOLDER_LATENCY, MultimodalResult, RunResult
 from .overhead import OverheadResult
 from .planner_suite import PlannerConfig, SetResult
 from .policies import BMT_BUCKET
-from .training_suite import TrainingResult
+from .training_suite import TrainingResult, describe
 
 __all__ = [
     "BenchResults",
@@ -29,6 +29,7 @@ __all__ = [
     "overhead_table",
     "planner_table",
     "record",
+    "packed_loss_line",
     "training_section",
     "write_report",
 ]
@@ -307,42 +308,122 @@ _LR_RULE_TEXT = {
 }
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _quality_lines(result: TrainingResult) -> list[str]:
+    """Loss per loader over the seeds, and whether odb neutral's is within Standard's spread."""
+    config = result.config
+    heldout = config.heldout > 0
+    score = "held-out loss" if heldout else "final training loss"
+    lines = [
+        "",
+        f"Loss over {len(config.seeds)} seeds ({score}: "
+        + (
+            f"token mean over the {result.data['heldout']} held-out records after training"
+            if heldout
+            else "mean of the last 10% of steps"
+        )
+        + "; mean, lowest and highest over the seeds):",
+        "",
+        f"| loader | processes | {score} mean | lowest | highest | samples/s mean "
+        "| vs standard mean |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    spreads, verdicts = {}, []
+    for world in config.worlds:
+        for loader in dict.fromkeys(r.loader for r in result.runs if r.world == world):
+            runs = [r for r in result.runs if r.loader == loader and r.world == world]
+            losses = [r.heldout_loss if heldout else r.final_loss for r in runs]
+            spreads[loader, world] = (float(np.mean(losses)), min(losses), max(losses))
+            speedups = [x for x in map(result.speedup, runs) if x is not None]
+            mean_speed = float(np.mean(speedups)) if speedups else None
+            lines.append(
+                f"| {loader} | {world} | {spreads[loader, world][0]:.4f} | {min(losses):.4f} "
+                f"| {max(losses):.4f} | {np.mean([r.samples_per_second for r in runs]):.2f} "
+                f"| {_times(mean_speed)} |"
+            )
+        neutral, standard = spreads.get(("odb neutral", world)), spreads.get(("standard", world))
+        if neutral and standard:
+            inside = standard[1] <= neutral[0] <= standard[2]
+            verdicts.append(
+                f"{world} process(es): odb neutral's mean {score} {neutral[0]:.4f} is "
+                + ("within" if inside else "outside")
+                + f" Standard's seed spread [{standard[1]:.4f}, {standard[2]:.4f}]."
+            )
+    return lines + [line for verdict in verdicts for line in ("", verdict)]
+
+
 def training_section(result: TrainingResult) -> str:
     """The measured-training suite's part of the report."""
     config, data = result.config, result.data
+    runs = result.runs
+    device = runs[0].device if runs else config.device
+    invalid = ", ".join(f"{count} {kind}" for kind, count in data["invalid"].items())
+    timed = (
+        f"{config.steps} optimizer steps timed after {config.warmup_steps} warm-up step(s)"
+        if config.steps
+        else f"the epoch timed after {config.warmup_steps} warm-up step(s)"
+    )
     lines = [
-        "## Measured training (tiny Qwen2.5-VL, CPU)",
+        f"## Measured training ({describe(config, runs[0].dtype if runs else None)}; {device})",
         "",
-        f"{data['samples']} synthetic LLaVA records shaped like long-multimodal (real PNG "
-        f"images, {data['images_per_sample']:.2f} per record; mean length "
-        f"{data['mean_length']:.0f} tokens, CV {data['length_cv']:.2f}; {data['filtered']} "
-        f"over {config.max_length} tokens left out), one epoch per loader in its own process, "
-        f"{config.num_workers} DataLoader workers, torch threads per process: half the cores "
-        f"over the processes, token budget {config.budget} per rank, "
-        f"seed {config.seed}. `standard`: torch DataLoader with the largest fixed batch size "
-        f"whose padded tokens fit the budget in 99% of batches ({data['standard_batch_size']}). "
-        f"Epoch time runs from the first batch asked of the loader to the last optimizer step "
-        f"(slowest rank); "
-        f"peak memory is the training process's peak RSS (`resource.getrusage`, workers "
-        f"excluded); computed tokens include padding. Missing / repeated: samples the epoch "
-        f"left out / trained twice (a DistributedSampler repeats some to even its shards). "
-        f"Learning rate: AdamW at {config.learning_rate:g} for standard; odb's "
-        f"{_LR_RULE_TEXT[config.lr_rule]}. Final loss: the mean of rank 0's last 10% of steps.",
+        f"{data['samples']} records of {data['name']} ({data['with_images']:.0%} with images, "
+        f"{data['images_per_sample']:.2f} images per record; mean length "
+        f"{data['mean_length']:.0f} tokens, CV {data['length_cv']:.2f}; {data['filtered']} over "
+        f"{config.max_length} tokens left out"
+        + (f"; invalid records left out: {invalid}" if invalid else "")
+        + (f"; {data['heldout']} held out" if data["heldout"] else "")
+        + f"). Each loader runs in its own process(es), {config.num_workers} DataLoader "
+        f"workers each; {timed}; every step lasts as long as its slowest rank. `standard`: "
+        f"torch DataLoader with the largest fixed batch size whose padded tokens fit the "
+        f"budget in 99% of batches ({data['standard_batch_size']}). Wait: per step, how long "
+        f"a rank waited for the slowest one after its backward (mean; share of all ranks' "
+        f"time). Peak memory: the GPU's peak allocation, or the CPU process's peak RSS "
+        f"(workers excluded). Model FLOPs count useful work (real tokens, causal attention "
+        f"within each sample, the vision tower; `qwen_vl.model_flops`), per process; MFU over "
+        f"the device's dense peak where known. Padding: computed tokens over real tokens, "
+        f"minus one. Learning rate: AdamW at {config.learning_rate:g} for standard; odb's "
+        f"{_LR_RULE_TEXT[config.lr_rule]}. Missing / repeated: samples a whole epoch left out "
+        f"/ trained twice.",
         "",
-        "| loader | processes | batch | steps | LR | epoch (s) | samples/s | real tokens/s "
-        "| computed tokens | peak RSS (MiB) | final loss | vs standard | missing / repeated |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| loader | processes | seed | batch | steps (timed) | samples/s | real tokens/s "
+        "| step p50 / p95 (s) | wait (ms, share) | data wait | peak memory (MiB) "
+        "| model TFLOP/s | MFU | padding | vs standard | missing / repeated |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for run in result.runs:
+    for run in runs:
         batch = f"{run.batch_size} samples" if run.batch_size else f"{config.budget} tokens"
+        mfu = f"{run.mfu:.1%}" if run.mfu is not None else "n/a"
+        epoch = f"{run.missing} / {run.repeated}" if run.missing is not None else "n/a"
         lines.append(
-            f"| {run.loader} | {run.world} | {batch} | {run.steps} | {run.learning_rate:.2g} "
-            f"| {run.seconds:.1f} | {run.samples_per_second:.2f} "
-            f"| {run.real_tokens_per_second:,.0f} | {run.computed_tokens:,} "
-            f"| {run.peak_rss_mib:.0f} | {run.final_loss:.3f} | {_times(result.speedup(run))} "
-            f"| {run.missing} / {run.repeated} |"
+            f"| {run.loader} | {run.world} | {run.seed} | {batch} "
+            f"| {run.steps} ({run.timed_steps}) | {run.samples_per_second:.2f} "
+            f"| {run.real_tokens_per_second:,.0f} "
+            f"| {_seconds(run.step_p50)} / {_seconds(run.step_p95)} "
+            f"| {1000 * run.wait:.1f} ({run.wait_share:.1%}) | {run.data_share:.1%} "
+            f"| {run.peak_memory_mib:,.0f} | {run.model_tflops:.3g} | {mfu} "
+            f"| {run.padding:.1%} | {_times(result.speedup(run))} | {epoch} |"
         )
+    if result.packed_loss is not None:
+        lines += ["", packed_loss_line(result.packed_loss)]
+    if len(config.seeds) > 1 or config.heldout:
+        lines += _quality_lines(result)
     return "\n".join(lines)
+
+
+def packed_loss_line(check: dict) -> str:
+    """The packed-loss check in one sentence."""
+    verdict = "passed" if check["passed"] else "FAILED"
+    return (
+        f"Packed row against padded batch ({check['samples']} samples, {check['tokens']} "
+        f"tokens, {check['dtype']}, {check['attn']}): loss {check['packed']:.5f} packed, "
+        f"{check['padded']:.5f} padded, relative difference {check['relative_difference']:.2e} "
+        f"(tolerance {check['tolerance']:.0e}); per-token losses differ by "
+        f"{check['token_difference']:.2e} on average (tolerance {check['token_tolerance']:.0e}): "
+        f"{verdict}."
+    )
 
 
 Alignment = tuple[AlignmentConfig, list[AlignmentResult]]
@@ -367,20 +448,21 @@ def markdown(results: BenchResults) -> str:
     """The whole report."""
     config, planner, overhead = results.config, results.planner, results.overhead
     alignment, multimodal, training = results.alignment, results.multimodal, results.training
-    parts = [
-        "# odb-bench",
-        "",
-        "## Planner",
-        "",
-        f"Token budget {config.budget}, odb window {config.window}, {config.samples} samples "
-        f"per set, seed {config.seed}. `standard` is a shuffled epoch in fixed-size batches of "
-        f"the largest size that fits the budget in at least 99% of batches; `sorted` sorts the "
-        f"whole epoch by length (an offline best case for padding); odb rows run odb's own "
-        f"planning rounds. Fill is real tokens per step over the budget; packed rows have no "
-        f"padding. Batch size is the mean number of samples per batch.",
-        "",
-        planner_table(planner),
-    ]
+    parts = ["# odb-bench"]
+    if planner:
+        parts += [
+            "",
+            "## Planner",
+            "",
+            f"Token budget {config.budget}, odb window {config.window}, {config.samples} samples "
+            f"per set, seed {config.seed}. `standard` is a shuffled epoch in fixed-size batches of "
+            f"the largest size that fits the budget in at least 99% of batches; `sorted` sorts the "
+            f"whole epoch by length (an offline best case for padding); odb rows run odb's own "
+            f"planning rounds. Fill is real tokens per step over the budget; packed rows have no "
+            f"padding. Batch size is the mean number of samples per batch.",
+            "",
+            planner_table(planner),
+        ]
     clipped = [f"{r.name}: {r.clipped}" for r in planner if r.clipped]
     if clipped:
         parts += ["", "Samples longer than the budget, clipped to it: " + "; ".join(clipped) + "."]

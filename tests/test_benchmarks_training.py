@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,6 @@ import pytest
 from odb.adapters.qwen_vl import LlavaDataset, RecordError
 from odb.benchmarks.cli import main
 from odb.benchmarks.llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_llava
-from odb.benchmarks.plots import plot_training_loss
 from odb.benchmarks.qwen_vl_offline import (
     ImageSettings,
     load_processor,
@@ -18,8 +21,9 @@ from odb.benchmarks.qwen_vl_offline import (
     tiny_model,
     tiny_processor,
 )
-from odb.benchmarks.report import training_section
-from odb.benchmarks.training_suite import TrainingConfig, _loader, _summarise, run_training
+from odb.benchmarks.train_models import PRESETS, model_name
+from odb.benchmarks.training_run import _loader
+from odb.benchmarks.training_suite import TrainingConfig, _summarise, peak_flops
 
 IMAGES = ImageSettings(28 * 28 * 4, 28 * 28 * 64)
 
@@ -137,55 +141,105 @@ def test_a_saved_processor_loads_with_its_own_image_settings(llava_data, tmp_pat
     assert np.array_equal(loaded.lengths, offline.lengths)
 
 
-def _rank(steps: list[list[int]], seconds: float = 2.0) -> dict:
+def _rank(steps: list[list[int]], busy: float = 1.0, wait: float = 0.0) -> dict:
+    """A rank's record: each step spends 0.5 s waiting for data, ``busy`` s computing,
+    ``wait`` s waiting for the others and 0.25 s updating."""
     return {
-        "seconds": seconds,
-        "peak_rss_mib": 100.0,
+        "device": "NVIDIA H100 80GB HBM3",
+        "dtype": "bfloat16",
+        "peak_memory_mib": 100.0,
         "learning_rate": 1e-3,
-        "steps": [{"indices": s, "loss": 1.0, "computed": 10} for s in steps],
+        "heldout_loss": None,
+        "weights": 1.5,
+        "steps": [
+            {
+                "indices": s,
+                "loss": float(k),
+                "computed": 10,
+                "data": 0.5,
+                "busy": busy,
+                "wait": wait,
+                "update": 0.25,
+            }
+            for k, s in enumerate(steps)
+        ],
     }
 
 
-def test_summary_counts_missing_and_repeated_samples_and_the_slowest_rank():
-    lengths = np.array([10, 20, 30, 40])
-    whole = _summarise("odb-padded", 1, [_rank([[0, 1], [2, 3]])], lengths, 2)
-    assert (whole.missing, whole.repeated, whole.steps) == (0, 0, 2)
-    assert whole.samples_per_second == 2.0 and whole.real_tokens_per_second == 50.0
-    assert whole.samples_seen == [2, 4] and whole.batch_size is None
-    ranks = [_rank([[0], [0]]), _rank([[1], [2]], seconds=4.0)]
-    broken = _summarise("standard", 2, ranks, lengths, 1)
-    assert (broken.missing, broken.repeated, broken.seconds) == (1, 1, 4.0)
-    assert broken.batch_size == 1
+def _sizes(lengths: list[int]) -> dict:
+    lengths = np.array(lengths)
+    return {"lengths": lengths, "flops": 1e12 * lengths, "labels": lengths // 2}
 
 
-@pytest.mark.slow
-def test_training_suite_trains_every_sample_once_per_loader(tmp_path):
-    config = TrainingConfig(
-        samples=10,
-        max_length=1024,
-        budget=2048,
-        max_pixels=28 * 28 * 64,
-        num_workers=1,
-        lr_rule="sqrt",
-    )
-    result = run_training(config, tmp_path / "data")
-    assert [r.loader for r in result.runs] == ["standard", "odb padded", "odb packed"]
-    samples = result.data["samples"]
-    for run in result.runs:
-        assert (run.missing, run.repeated) == (0, 0), run.loader
-        assert run.samples_seen[-1] == samples and len(run.losses) == run.steps
-        assert all(np.isfinite(run.losses)) and run.peak_rss_mib > 0
-    standard = result.runs[0]
-    batch_size = result.data["standard_batch_size"]
-    assert standard.steps == -(-samples // batch_size)
-    assert standard.learning_rate == config.learning_rate
-    for run in result.runs[1:]:  # odb's rate follows the samples per step it really ran
-        per_step = samples / run.steps
-        assert run.learning_rate == pytest.approx(1e-3 * (per_step / batch_size) ** 0.5)
-    assert result.speedup(standard) == 1.0
-    table = training_section(result)
-    assert table.count("\n| ") == 1 + len(result.runs)
-    assert plot_training_loss(result, tmp_path / "loss.png").stat().st_size > 0
+def test_summary_times_the_steps_after_warm_up_at_the_slowest_rank():
+    sizes = _sizes([10, 20, 30, 40])
+    config = TrainingConfig(warmup_steps=1, budget=4096, max_length=2048)
+    whole = _summarise(config, "odb-padded", 1, 0, [_rank([[0], [1, 2], [3]])], sizes, 2)
+    assert (whole.missing, whole.repeated, whole.steps, whole.timed_steps) == (0, 0, 3, 2)
+    # Steps 2 and 3 are timed: 1.75 s each, samples 1, 2, 3 (20 + 30 + 40 tokens).
+    assert whole.seconds == pytest.approx(3.5)
+    assert whole.samples_per_second == pytest.approx(3 / 3.5)
+    assert whole.real_tokens_per_second == pytest.approx(90 / 3.5)
+    assert whole.samples_seen == [1, 3, 4] and whole.losses == [0.0, 1.0, 2.0]
+    assert whole.model_tflops == pytest.approx(90 / 3.5)  # 1e12 FLOPs per token
+    assert whole.mfu == pytest.approx(90e12 / 3.5 / 989e12)  # an H100's bf16 peak
+    assert whole.data_share == pytest.approx(0.5 / 1.75) and whole.batch_size is None
+    # Two ranks: rank 1 computes 3 s per step; rank 0 waits 2 s for it.
+    ranks = [_rank([[0], [0], [1]], wait=2.0), _rank([[1], [2], [2]], busy=3.0)]
+    config = TrainingConfig(warmup_steps=0, budget=4096, max_length=2048, peak_tflops=100)
+    two = _summarise(config, "standard", 2, 0, ranks, sizes, 1)
+    assert (two.missing, two.repeated) == (1, 3) and two.batch_size == 1
+    assert two.seconds == pytest.approx(3 * 3.75) and two.step_p50 == pytest.approx(3.75)
+    assert two.wait == pytest.approx(1.0) and two.wait_share == pytest.approx(6 / 22.5)
+    assert two.mfu == pytest.approx(two.model_tflops / 100)
+    limited = TrainingConfig(steps=2, budget=4096, max_length=2048)
+    part = _summarise(limited, "odb-padded", 1, 0, [_rank([[0], [1], [2]])], sizes, 2)
+    assert (part.missing, part.repeated) == (None, None)
+
+
+def test_summary_refuses_ranks_that_disagree():
+    sizes = _sizes([10, 20])
+    config = TrainingConfig(budget=4096, max_length=2048)
+    uneven = [_rank([[0], [1]]), _rank([[1]])]
+    with pytest.raises(RuntimeError, match="different numbers of steps"):
+        _summarise(config, "odb-padded", 2, 0, uneven, sizes, 1)
+    drifted = [_rank([[0]]), {**_rank([[1]]), "weights": 1.25}]
+    with pytest.raises(RuntimeError, match="weights"):
+        _summarise(config, "odb-padded", 2, 0, drifted, sizes, 1)
+
+
+def test_peak_flops_only_for_known_gpus_in_half_precision():
+    assert peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "float16") == 312e12
+    assert peak_flops("NVIDIA H200", "float32") is None
+    assert peak_flops("cpu", "bfloat16") is None
+
+
+def test_presets_have_the_published_sizes():
+    """Parameter counts of the released checkpoints (their model cards), built on the meta
+    device from the presets."""
+    import torch
+    import transformers
+
+    from odb.benchmarks.overhead import load_qwen_tokenizer
+
+    tokenizer = load_qwen_tokenizer()
+    published = {
+        "Qwen2.5-VL-3B": 3.75e9,
+        "Qwen2.5-VL-7B": 8.29e9,
+        "Qwen3-VL-2B": 2.13e9,
+        "Qwen3-VL-8B": 8.77e9,
+    }
+    for name, count in published.items():
+        config = PRESETS[name].config(tokenizer)
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        assert params == pytest.approx(count, rel=0.003), name
+        assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert model_name("qwen2.5-vl-3b") == "Qwen2.5-VL-3B"
+    with pytest.raises(ValueError, match="neither a preset"):
+        model_name("Qwen9-VL")
 
 
 def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
@@ -193,20 +247,104 @@ def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
         TrainingConfig(max_length=2048, budget=1024)
     with pytest.raises(ValueError, match="lr_rule"):
         TrainingConfig(lr_rule="cubic")
+    with pytest.raises(ValueError, match="unknown data"):
+        TrainingConfig(data="imagenet")
     with pytest.raises(SystemExit):
         main(["--train", "--train-budget", "1024", "--train-max-length", "2048"])
-    assert "--train-budget must be at least --train-max-length" in capsys.readouterr().err
+    assert "must hold a record of the maximum length" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--train", "--model", "Qwen9-VL"])
+    assert "neither a preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--train-only"])
+    assert "--train-only needs --train" in capsys.readouterr().err
 
 
-def test_compute_loaders_plan_by_the_models_compute_under_the_token_cap(tmp_path):
+def test_compute_and_neutral_loaders(tmp_path):
     tokenizer = small_tokenizer(tmp_path / "tokenizer")
     model = tiny_model(tokenizer, 0)
-    settings = {"num_workers": 0, "seed": 0, "budget": 2048, "window": 16}
+    settings = {"num_workers": 0, "budget": 2048, "window": 16, "batch_size": 3}
     for mode in ("padded", "packed"):
-        loader = _loader(f"odb-compute-{mode}", [], model, settings, 1)
+        loader = _loader(f"odb-compute-{mode}", [], model, settings, 0)
         assert loader.mode == mode and loader.budget.cost.prices_compute
         assert loader.budget.caps.max_tokens == 2048 and loader.budget.limit > 2048
-        tokens = _loader(f"odb-{mode}", [], model, settings, 1)
+        tokens = _loader(f"odb-{mode}", [], model, settings, 0)
         assert not tokens.budget.cost.prices_compute and tokens.budget.limit == 2048
+    neutral = _loader("odb-neutral", [], model, settings, 0)
+    assert neutral.mode == "padded" and neutral.budget.caps.max_samples == 3
+    assert _loader("standard-5", [1] * 10, model, settings, 0).batch_size == 5
+    assert _loader("standard", [1] * 10, model, settings, 0).batch_size == 3
     with pytest.raises(ValueError, match="unknown loader"):
         TrainingConfig(loaders=("odb-fast",))
+
+
+@pytest.mark.slow
+def test_cli_trains_on_llava_data_with_two_processes(llava_data, tmp_path, capsys):
+    """The issue's command on the user's records under torchrun: every loader trains every
+    sample once, both ranks end with the same weights (the summary checks), odb's learning
+    rate follows its samples per step, odb neutral never exceeds Standard's batch size."""
+    source, images = llava_data
+    out = tmp_path / "out"
+    args = ["--train", "--train-only", "--llava", str(source), "--images", str(images)]
+    args += ["--model", "tiny", "--nproc", "2", "--max-pixels", str(28 * 28 * 64)]
+    args += ["--train-budget", "4096", "--warmup-steps", "0", "--heldout", "2"]
+    args += ["--train-lr-rule", "sqrt", "--out", str(out)]
+    for loader in ("standard", "odb-padded", "odb-neutral"):
+        args += ["--train-loader", loader]
+    assert main(args) == 0
+    written = json.loads((out / "results.json").read_text())
+    assert written["planner"]["sets"] == [] and "multimodal" not in written
+    record = written["training"]
+    data, runs = record["data"], record["runs"]
+    assert [(r["loader"], r["world"]) for r in runs] == [
+        ("standard", 2),
+        ("odb padded", 2),
+        ("odb neutral", 2),
+    ]
+    samples, batch_size = data["samples"], data["standard_batch_size"]
+    assert samples + data["heldout"] == 16 and data["heldout"] == 2
+    for run in runs:
+        assert (run["missing"], run["repeated"]) == (0, 0), run["loader"]
+        assert run["samples_seen"][-1] == samples and len(run["losses"]) == run["steps"]
+        assert all(np.isfinite(run["losses"])) and np.isfinite(run["heldout_loss"])
+    standard, padded, neutral = runs
+    assert standard["steps"] == -(-samples // (2 * batch_size))
+    assert standard["learning_rate"] == 1e-3
+    per_step = samples / 2 / padded["steps"]  # per rank
+    assert padded["learning_rate"] == pytest.approx(1e-3 * (per_step / batch_size) ** 0.5)
+    assert max(np.diff([0, *neutral["samples_seen"]])) <= 2 * batch_size
+    printed = capsys.readouterr().out
+    assert "## Measured training (tiny on train" in printed and "## Planner" not in printed
+    assert "Loss over 1 seeds (held-out loss" in printed
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_cpu_with_the_tiny_preset(tmp_path):
+    """benchmarks/gpu_check.sh itself, as the GPU machine runs it, with CPU settings."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "ODB_GPU_CHECK_INSTALL": "0",
+        "ODB_GPU_CHECK_MODEL": "tiny",
+        "ODB_GPU_CHECK_DEVICE": "cpu",
+        "ODB_GPU_CHECK_DTYPE": "float32",
+        "ODB_GPU_CHECK_SAMPLES": "16",
+        "ODB_GPU_CHECK_BUDGET": "8192",
+        "ODB_GPU_CHECK_MAX_LENGTH": "4096",
+        "ODB_GPU_CHECK_WARMUP": "1",
+        "ODB_GPU_CHECK_STEPS": "1",
+    }
+    out = tmp_path / "gpu-check-out"
+    script = root / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", str(script), str(out)], env=env, check=True, timeout=600)
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert [r["loader"] for r in record["runs"]] == ["standard", "odb padded", "odb packed"]
+    assert all(r["timed_steps"] == 1 for r in record["runs"])
+    assert record["packed_loss"]["passed"] and record["config"]["data"] == "mixed"
+    for run in record["runs"]:
+        assert run["samples_seen"][-1] > 0 and all(np.isfinite(run["losses"]))
+        assert (run["missing"], run["repeated"]) == (None, None)  # 2 of the epoch's steps
+    assert record["runs"][2]["computed_tokens"] == record["runs"][2]["real_tokens"]  # packed
+    assert "torch" in (out / "environment.txt").read_text()
+    assert (out / "training_loss.png").stat().st_size > 0
