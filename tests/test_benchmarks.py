@@ -175,9 +175,10 @@ def _png(path):
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_quick_writes_table_json_and_plots(tmp_path, capsys):
+def test_cli_quick_full_prints_the_report_and_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["--quick", "--out", str(out), "--cv", "0.5", "--cv", "2", "--seed", "3"]) == 0
+    argv = ["--quick", "--out", str(out), "--cv", "0.5", "--cv", "2", "--seed", "3", "--full"]
+    assert main([*argv, "--set", "mixed", "--world", "2"]) == 0
     table = capsys.readouterr().out
     for name in ("lognormal cv=0.5", "lognormal cv=2"):
         for policy in ("standard", "sorted", "odb padded", "odb packed"):
