@@ -412,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     planner_sets = lognormal_sets(config)
     alignment_sets = None  # the suite's own lognormal set
     if llava is not None:
-        planner_sets.append(_lengths(llava, llava_input))
-        alignment_sets = [_lengths(llava, llava_input)]
+        user = _lengths(llava, llava_input)
+        planner_sets.append(user)
+        alignment_sets = [user]
     steps = len(planner_sets) * POLICY_COUNT + 1
     mm_sets = len(multimodal_config.sets) + (llava is not None)
     steps += mm_sets * (1 + len(multimodal_config.worlds))

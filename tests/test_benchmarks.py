@@ -253,7 +253,9 @@ def test_cli_quick_overhead_times_every_loader_over_the_dataset_and_a_stream(tmp
     out = tmp_path / "bench"
     argv = ["--quick", "--overhead", "--overhead-stream", "--cv", "1", "--out", str(out)]
     assert main(argv) == 0
-    report = capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "Loader overhead, MEASURED" in summary and "over a stream, MEASURED" in summary
+    report = (out / "report.md").read_text()
     assert "## Loader overhead\n" in report and "## Loader overhead over a stream" in report
     record = json.loads((out / "results.json").read_text())
     for overhead, stream in ((record["overhead"], False), (record["overhead_stream"], True)):
