@@ -124,16 +124,22 @@ def _run_set(config: AlignmentConfig, length_set: LengthSet) -> list[AlignmentRe
     return results
 
 
-def alignment_table(config: AlignmentConfig, results: list[AlignmentResult]) -> str:
-    """One table per length set, headed by the set and its size."""
+def alignment_table(
+    config: AlignmentConfig,
+    results: list[AlignmentResult],
+    origins: dict[str, str] | None = None,
+) -> str:
+    """One table per length set, headed by the set, where its lengths come from (``origins``,
+    by set name) and its size."""
     lines = []
     for name in dict.fromkeys(r.set for r in results):
         rows = [r for r in results if r.set == name]
+        origin = f" ({origins[name]})" if origins and name in origins else ""
         if lines:
             lines.append("")
         lines += [
-            f"{name}: {rows[0].samples} samples split over the ranks, budget {config.budget}, "
-            f"window {config.window}.",
+            f"{name}{origin}: {rows[0].samples} samples split over the ranks, budget "
+            f"{config.budget}, window {config.window}.",
             "",
             "| ranks | mode | end of data | steps | collectives / step "
             "| balance (mean of mean/max) | aggregate balance | balance without ghost steps "

@@ -504,19 +504,17 @@ def markdown(results: BenchResults) -> str:
         ]
     if alignment is not None:
         llava = results.llava
-        origins = [
-            f"{name}: the exact lengths of {llava.source}'s valid records within the budget"
+        origins = {
+            name: f"the exact lengths of {llava.source}'s valid records within the budget"
             if llava is not None and name == llava.name
-            else f"{name}: lognormal lengths of mean {alignment[0].mean:g}"
+            else f"lognormal lengths of mean {alignment[0].mean:g}"
             for name in dict.fromkeys(r.set for r in alignment[1])
-        ]
+        }
         parts += [
             "",
             "## Alignment across ranks (simulated with odb's own round code)",
             "",
-            f"Sets: {'; '.join(origins)}.",
-            "",
-            alignment_table(*alignment),
+            alignment_table(*alignment, origins),
         ]
     if results.alignment_scale is not None:
         parts += [

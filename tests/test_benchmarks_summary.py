@@ -152,7 +152,7 @@ def test_llava_lengths_feed_the_planner_and_alignment_suites(llava, tmp_path, mo
     planner = report.split("## Planner")[1].split("\n## ")[0]
     alignment = report.split("## Alignment across ranks")[1].split("\n## ")[0]
     assert "Sets: train (16 samples)." in planner and "lognormal" not in planner
-    assert f"train: the exact lengths of {source}'s valid records" in alignment
+    assert f"train (the exact lengths of {source}'s valid records" in alignment
     assert "lognormal" not in alignment
 
     planned.clear()
