@@ -13,15 +13,11 @@ from pathlib import Path
 
 from .multimodal_suite import MultimodalResult
 from .planner_suite import SetResult
-from .report import BenchResults, best_oracle, what_ran
+from .report import BenchResults, _times, best_oracle, what_ran
 
 __all__ = ["headline_policy", "summary"]
 
 _WIDTH = 100  # characters: the summary fits a terminal without wrapping
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def _span(values: list[float], form: str) -> str:
@@ -46,12 +42,13 @@ def _multimodal_lines(result: MultimodalResult) -> list[str]:
     shown = [p for p in policies if p is not None]
     if not shown:
         return []
+    w = max(18, *(len(s["name"]) for s in result.sets))
     lines = [
         f"Multimodal, ESTIMATED by the GPU step model ({model} on H100). vs std / vs best: "
         f"samples/s over standard's / the best offline oracle's; balance: the ranks' compute "
         f"over the slowest rank's",
-        f"  {'set':<18} {'ranks':>5}" + "".join(f"  {p:<26}" for p in shown) + "  best oracle",
-        f"  {'':<18} {'':>5}" + "  vs std  vs best  balance   " * len(shown) + "  balance",
+        f"  {'set':<{w}} {'ranks':>5}" + "".join(f"  {p:<26}" for p in shown) + "  best oracle",
+        f"  {'':<{w}} {'':>5}" + "  vs std  vs best  balance   " * len(shown) + "  balance",
     ]
     for s in result.sets:
         for k, world in enumerate(result.config.worlds):
@@ -68,7 +65,7 @@ def _multimodal_lines(result: MultimodalResult) -> list[str]:
             best = best_oracle(result, s["name"], world, model)
             name = s["name"] if k == 0 else ""
             lines.append(
-                f"  {name:<18} {world:>5}"
+                f"  {name:<{w}} {world:>5}"
                 + "".join(cells)
                 + f"  {'-' if best is None else format(best.balance, '.3f'):>7}"
             )
@@ -76,10 +73,11 @@ def _multimodal_lines(result: MultimodalResult) -> list[str]:
 
 
 def _planner_lines(results: list[SetResult]) -> list[str]:
+    w = max(18, *(len(r.name) for r in results))
     lines = [
         "Planner, MEASURED (counted on the lengths, exact for the seed). steps: standard's "
         "over odb's; fill: real tokens per step over the budget",
-        f"  {'set':<18} {'steps odb padded':>17} {'odb packed':>11}   {'fill odb padded':>15} "
+        f"  {'set':<{w}} {'steps odb padded':>17} {'odb packed':>11}   {'fill odb padded':>15} "
         f"{'sorted':>7} {'odb packed':>11}",
     ]
     rates: dict[str, list[float]] = {}
@@ -87,7 +85,7 @@ def _planner_lines(results: list[SetResult]) -> list[str]:
         m = {metric.policy: metric for metric in result.metrics}
         fewer = [m["standard"].steps / m[policy].steps for policy in ("odb padded", "odb packed")]
         lines.append(
-            f"  {result.name:<18} {_times(fewer[0]):>17} {_times(fewer[1]):>11}   "
+            f"  {result.name:<{w}} {_times(fewer[0]):>17} {_times(fewer[1]):>11}   "
             f"{m['odb padded'].fill:>15.3f} {m['sorted'].fill:>7.3f} "
             f"{m['odb packed'].fill:>11.3f}"
         )
@@ -99,7 +97,7 @@ def _planner_lines(results: list[SetResult]) -> list[str]:
     return lines
 
 
-def _alignment_line(results: BenchResults) -> list[str]:
+def _alignment_lines(results: BenchResults) -> list[str]:
     if results.alignment is None:
         return []
     config, rows = results.alignment
@@ -159,7 +157,7 @@ def summary(results: BenchResults, report: Path) -> str:
         multimodal = _multimodal_lines(results.multimodal)
         lines += [*multimodal, ""] if multimodal else []
     lines += _planner_lines(results.planner)
-    lines += _alignment_line(results)
+    lines += _alignment_lines(results)
     lines += _scale_lines(results)
     lines += _overhead_lines(results)
     lines += _training_lines(results)
