@@ -1,7 +1,8 @@
 """The alignment suite: odb's multi-rank rounds simulated for many ranks in one process.
 
 Runs the loader's own round code (``odb.simulate``: the same refill, plan, report, ``decide``
-and commit as every real rank) on a lognormal set split across ``world`` ranks, and measures
+and commit as every real rank) on a length set split across ``world`` ranks (a lognormal one by
+default, or given sets such as a ``--llava`` file's exact lengths), and measures
 what DDP cares about: equal steps (by construction), how close the ranks' work is per step
 (a step lasts as long as its slowest rank), ghost steps, and collectives per emitted step.
 """
@@ -17,13 +18,16 @@ from odb.buffer import RoundSettings
 from odb.cost import Budget, PackedCost, PaddedCost, SampleSize
 from odb.simulate import simulate
 
-from .lengths import clip_to_budget, lognormal_lengths
+from .planner_suite import LengthSet, PlannerConfig, lognormal_sets
 
-__all__ = ["AlignmentConfig", "AlignmentResult", "run_alignment"]
+__all__ = ["AlignmentConfig", "AlignmentResult", "alignment_table", "default_sets", "run_alignment"]
 
 
 @dataclass(frozen=True)
 class AlignmentConfig:
+    """The ranks, budget and window of the suite, and its default set: ``samples`` lognormal
+    lengths of this ``mean`` and ``cv`` (not used when :func:`run_alignment` is given sets)."""
+
     mean: float = 1500.0
     cv: float = 1.0
     samples: int = 40_000
@@ -35,7 +39,7 @@ class AlignmentConfig:
 
 @dataclass(frozen=True)
 class AlignmentResult:
-    """One (world size, mode) run.
+    """One (length set, world size, mode) run; ``samples``: the set's, over all ranks.
 
     ``balance``: mean over steps of mean/max cost across ranks (ghost steps count as 0 work);
     ``aggregate_balance``: total work over ``world * sum of per-step maxima`` (the share of
@@ -44,6 +48,8 @@ class AlignmentResult:
     shared between ranks (the loader's default) or every sample stayed on its rank.
     """
 
+    set: str
+    samples: int
     world: int
     mode: str
     share_tail: bool
@@ -56,10 +62,31 @@ class AlignmentResult:
     ghost_share: float
 
 
-def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
-    lengths = clip_to_budget(
-        lognormal_lengths(config.mean, config.cv, config.samples, config.seed), config.budget
-    )[0]
+def default_sets(config: AlignmentConfig) -> list[LengthSet]:
+    """The suite's lognormal set, named and clipped to the budget as the planner's are."""
+    planner = PlannerConfig(
+        mean=config.mean,
+        cvs=(config.cv,),
+        samples=config.samples,
+        budget=config.budget,
+        seed=config.seed,
+    )
+    return lognormal_sets(planner)
+
+
+def run_alignment(
+    config: AlignmentConfig, sets: list[LengthSet] | None = None
+) -> list[AlignmentResult]:
+    """Every world size and mode of ``config`` on every set (the lognormal set of ``config``
+    unless ``sets`` is given)."""
+    results = []
+    for length_set in sets if sets is not None else default_sets(config):
+        results += _run_set(config, length_set)
+    return results
+
+
+def _run_set(config: AlignmentConfig, length_set: LengthSet) -> list[AlignmentResult]:
+    lengths = length_set.lengths
     order = np.random.default_rng([config.seed, 1]).permutation(len(lengths))
     results = []
     for world in config.worlds:
@@ -80,6 +107,8 @@ def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
             steps = costs.shape[1]
             results.append(
                 AlignmentResult(
+                    set=length_set.name,
+                    samples=len(lengths),
                     world=world,
                     mode=mode,
                     share_tail=share_tail,
@@ -95,20 +124,33 @@ def run_alignment(config: AlignmentConfig) -> list[AlignmentResult]:
     return results
 
 
-def alignment_table(config: AlignmentConfig, results: list[AlignmentResult]) -> str:
-    lines = [
-        f"Lognormal lengths (mean {config.mean:g}, CV {config.cv:g}, {config.samples} samples "
-        f"split over the ranks), budget {config.budget}, window {config.window}.",
-        "",
-        "| ranks | mode | end of data | steps | collectives / step | balance (mean of mean/max) "
-        "| aggregate balance | balance without ghost steps | ghost steps |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.world} | {r.mode} | {'shared' if r.share_tail else 'kept per rank'} "
-            f"| {r.steps} | {r.collectives_per_step:.3f} "
-            f"| {r.balance:.4f} | {r.aggregate_balance:.4f} | {r.steady_balance:.4f} "
-            f"| {r.ghost_share:.2%} |"
-        )
+def alignment_table(
+    config: AlignmentConfig,
+    results: list[AlignmentResult],
+    origins: dict[str, str] | None = None,
+) -> str:
+    """One table per length set, headed by the set, where its lengths come from (``origins``,
+    by set name) and its size."""
+    lines = []
+    for name in dict.fromkeys(r.set for r in results):
+        rows = [r for r in results if r.set == name]
+        origin = f" ({origins[name]})" if origins and name in origins else ""
+        if lines:
+            lines.append("")
+        lines += [
+            f"{name}{origin}: {rows[0].samples} samples split over the ranks, budget "
+            f"{config.budget}, window {config.window}.",
+            "",
+            "| ranks | mode | end of data | steps | collectives / step "
+            "| balance (mean of mean/max) | aggregate balance | balance without ghost steps "
+            "| ghost steps |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r.world} | {r.mode} | {'shared' if r.share_tail else 'kept per rank'} "
+                f"| {r.steps} | {r.collectives_per_step:.3f} "
+                f"| {r.balance:.4f} | {r.aggregate_balance:.4f} | {r.steady_balance:.4f} "
+                f"| {r.ghost_share:.2%} |"
+            )
     return "\n".join(lines)

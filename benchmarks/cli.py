@@ -1,11 +1,13 @@
-"""``odb-bench``: run the benchmark suites and write the report, the JSON record and plots.
+"""``odb-bench``: run the benchmark suites, print a one-screen summary, and write the full
+report, the JSON record and plots.
 
 Each suite is a function from the parsed options to its results; ``main`` runs the ones asked
 for and hands every result to the report. The planner, alignment and multimodal suites always
 run; ``--overhead`` adds the loader-overhead suite, ``--overhead-stream`` the same over a
 stream, ``--alignment-scale`` the alignment round's cost at 8 to 1024 simulated ranks.
-``--llava`` runs the multimodal suite on a user's LLaVA-format data instead of the built-in
-sets; ``--train`` adds measured training of a tiny Qwen2.5-VL on CPU.
+``--llava`` runs the planner, alignment and multimodal suites on a user's LLaVA-format data
+instead of the built-in sets; ``--train`` adds measured training of a tiny Qwen2.5-VL on CPU.
+``--full`` prints the whole report instead of the summary.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ from .alignment_scale import ScaleConfig, run_alignment_scale
 from .alignment_suite import AlignmentConfig, run_alignment
 from .gpu_model import MODELS
 from .llava_input import llava_set
-from .multimodal_sets import BUILTIN_SETS, builtin_sets
+from .multimodal_sets import BUILTIN_SETS, MultimodalSet, builtin_sets
 from .multimodal_suite import POLICIES, MultimodalConfig, MultimodalResult, compare_sets
 from .overhead import OverheadResult, run_overhead
-from .planner_suite import POLICY_COUNT, PlannerConfig, SetResult, run_planner
+from .planner_suite import (
+    POLICY_COUNT,
+    LengthSet,
+    PlannerConfig,
+    SetResult,
+    lognormal_sets,
+    run_planner,
+)
 from .plots import write_multimodal_plots, write_plots, write_training_plots
 from .qwen_vl_offline import ImageSettings, load_processor
-from .report import BenchResults, markdown, packed_loss_line, write_report
+from .report import BenchResults, LlavaInput, markdown, packed_loss_line, write_report
+from .summary import summary
 from .train_models import PRESETS, model_name
 from .training_suite import (
     ALL_LOADERS,
@@ -156,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llava = parser.add_argument_group(
         "LLaVA input",
-        "run the multimodal suite on your LLaVA-format data (exact sizes from image headers "
-        "and the processor's tokenizer) instead of the built-in sets",
+        "run the planner, alignment and multimodal suites on your LLaVA-format data (exact "
+        "sizes from image headers and the processor's tokenizer) instead of the built-in sets "
+        "(--cv and --set add some of those back)",
     )
     llava.add_argument("--llava", type=Path, help="a LLaVA-format JSON or JSONL file")
     llava.add_argument("--images", type=Path, help="the folder image paths are relative to")
@@ -285,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         "GPUs in bfloat16/float16)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="print the whole report (every table of report.md) instead of the summary",
+    )
     return parser
 
 
@@ -327,10 +343,13 @@ def _progress(total: int):
 
 
 def _planner_config(args: argparse.Namespace) -> PlannerConfig:
+    """The planner's settings; its lognormal sets are those of ``--cv``, the default ones
+    unless ``--llava`` gives the data to plan."""
     quick = _QUICK if args.quick else {}
+    default_cvs = () if args.llava is not None else _DEFAULTS.cvs
     return PlannerConfig(
         mean=args.mean,
-        cvs=tuple(args.cv) if args.cv else _DEFAULTS.cvs,
+        cvs=tuple(args.cv) if args.cv else default_cvs,
         samples=args.samples or quick.get("samples", _DEFAULTS.samples),
         budget=args.budget,
         window=args.window or quick.get("window", _DEFAULTS.window),
@@ -384,28 +403,43 @@ def _multimodal_config(args: argparse.Namespace) -> MultimodalConfig:
 _SHOWN_ERRORS = 5  # invalid --llava records named on the screen
 
 
+def _llava(args: argparse.Namespace, budget: int) -> tuple[MultimodalSet, LlavaInput]:
+    """The ``--llava`` records' exact sizes, invalid ones left out (and the first few named on
+    the screen) unless ``--strict``."""
+    defaults = ImageSettings()
+    pixels = ImageSettings(
+        args.min_pixels or defaults.min_pixels, args.max_pixels or defaults.max_pixels
+    )
+    processor = load_processor(args.processor, pixels)
+    errors: list = []
+    data = llava_set(args.llava, args.images, processor, budget, strict=args.strict, errors=errors)
+    if errors:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in data.invalid.items())
+        print(f"{args.llava}: {len(errors)} invalid record(s) left out ({kinds}); the first:")
+        for error in errors[:_SHOWN_ERRORS]:
+            print(f"  {error}")
+        print("  (--strict stops at the first instead)")
+    found = LlavaInput(str(args.llava), data.name, len(data), data.filtered, dict(data.invalid))
+    return data, found
+
+
+def _lengths(data: MultimodalSet, source: LlavaInput) -> LengthSet:
+    """A LLaVA set's sequence lengths as a length set of the planner and alignment suites
+    (already within the budget: longer records were left out, none clipped)."""
+    params = {"source": source.source, "filtered": source.filtered}
+    return LengthSet(data.name, data.lengths, 0, params)
+
+
 def _multimodal(
-    args: argparse.Namespace, config: MultimodalConfig, progress: Callable[[str], None]
+    config: MultimodalConfig,
+    llava: MultimodalSet | None,
+    progress: Callable[[str], None],
 ) -> MultimodalResult:
-    """The multimodal suite on ``--llava`` data, if given, and on the built-in sets of
+    """The multimodal suite on the ``--llava`` set, if given, and on the built-in sets of
     ``config`` (none with ``--llava`` unless ``--set`` names some)."""
     sets = builtin_sets(config.sets, config.samples, config.budget, config.seed)
-    if args.llava is not None:
-        pixels = ImageSettings(
-            args.min_pixels or ImageSettings.min_pixels, args.max_pixels or ImageSettings.max_pixels
-        )
-        processor = load_processor(args.processor, pixels)
-        errors: list = []
-        data = llava_set(
-            args.llava, args.images, processor, config.budget, strict=args.strict, errors=errors
-        )
-        if errors:
-            kinds = ", ".join(f"{count} {kind}" for kind, count in data.invalid.items())
-            print(f"{args.llava}: {len(errors)} invalid record(s) left out ({kinds}); the first:")
-            for error in errors[:_SHOWN_ERRORS]:
-                print(f"  {error}")
-            print("  (--strict stops at the first instead)")
-        sets.insert(0, data)
+    if llava is not None:
+        sets.insert(0, llava)
     return compare_sets(sets, replace(config, sets=tuple(s.name for s in sets)), progress)
 
 
@@ -471,10 +505,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.llava is not None and args.set is None:
         multimodal_config = replace(multimodal_config, sets=())
     args.out.mkdir(parents=True, exist_ok=True)
+    llava = llava_input = None
+    planner_sets, alignment_sets = [], None  # None: the alignment suite's own lognormal set
+    if estimates:
+        if args.llava is not None:
+            llava, llava_input = _llava(args, multimodal_config.budget)
+        planner_sets = lognormal_sets(config)
+        if llava is not None:
+            user = _lengths(llava, llava_input)
+            planner_sets.append(user)
+            alignment_sets = [user]
     steps = 0
     if estimates:
-        steps += len(config.cvs) * POLICY_COUNT + 1
-        mm_sets = len(multimodal_config.sets) + (args.llava is not None)
+        steps += len(planner_sets) * POLICY_COUNT + 1
+        mm_sets = len(multimodal_config.sets) + (llava is not None)
         steps += mm_sets * (1 + len(multimodal_config.worlds))
     if training_config is not None:
         c = training_config
@@ -487,11 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     alignment = multimodal = None
     with _progress(steps) as progress:
         if estimates:
-            planner = run_planner(config, progress=progress)
+            planner = run_planner(config, planner_sets, progress=progress)
             alignment_config = _alignment_config(args)
-            alignment = (alignment_config, run_alignment(alignment_config))
+            alignment = (alignment_config, run_alignment(alignment_config, alignment_sets))
             progress("alignment")
-            multimodal = _multimodal(args, multimodal_config, progress)
+            multimodal = _multimodal(multimodal_config, llava, progress)
         overhead = _overhead(args, progress) if args.overhead else None
         stream = _overhead(args, progress, stream=True) if args.overhead_stream else None
         training = (
@@ -513,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         training,
         overhead_stream=stream,
         alignment_scale=scale,
+        llava=llava_input,
     )
     written = write_report(args.out, results)
     if planner:
@@ -521,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += write_multimodal_plots(multimodal, args.out)
     if training is not None:
         written += write_training_plots(training, args.out)
-    print(markdown(results), end="")
+    print(markdown(results) if args.full else summary(results, written[0]), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     if training is not None and training.packed_loss and not training.packed_loss["passed"]:

@@ -16,14 +16,13 @@ from matplotlib.figure import Figure
 
 from .multimodal_suite import Estimate, MultimodalResult
 from .planner_suite import SetResult
-from .policies import STANDARD
 from .training_suite import TrainingResult
 
 __all__ = [
-    "plot_batch_sizes",
-    "plot_efficiency",
-    "plot_multimodal_speedup",
-    "plot_multimodal_throughput",
+    "batch_sizes_figure",
+    "efficiency_figure",
+    "multimodal_speedup_figure",
+    "multimodal_throughput_figure",
     "plot_training_loss",
     "write_multimodal_plots",
     "write_plots",
@@ -31,7 +30,25 @@ __all__ = [
 ]
 
 
-def plot_efficiency(results: list[SetResult], path: Path) -> Path:
+def _legend_below(fig: Figure, ax: Axes) -> None:
+    """``ax``'s legend under the panels, in as many columns as fit the figure's width (a row
+    of entries wider than the figure would be cut off at both edges)."""
+    handles, labels = ax.get_legend_handles_labels()
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ncols in range(len(handles), 1, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=ncols)
+        if legend.get_window_extent(renderer).width <= fig.bbox.width:
+            return
+        legend.remove()
+    fig.legend(handles, labels, loc="outside lower center", ncols=1)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig).print_png(path)
+    return path
+
+
+def efficiency_figure(results: list[SetResult]) -> Figure:
     """Grouped bars per length set: padding efficiency, budget fill and steps of each policy."""
     policies = [m.policy for m in results[0].metrics]
     panels = [
@@ -52,13 +69,11 @@ def plot_efficiency(results: list[SetResult], path: Path) -> Path:
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(policies))
-    FigureCanvasAgg(fig).print_png(path)
-    return path
+    _legend_below(fig, axes[0])
+    return fig
 
 
-def plot_batch_sizes(results: list[SetResult], path: Path) -> Path:
+def batch_sizes_figure(results: list[SetResult]) -> Figure:
     """Histogram of samples per batch, one panel per length set, one line per policy."""
     fig = Figure(figsize=(4 * len(results), 4), layout="constrained")
     axes = fig.subplots(1, len(results), squeeze=False)
@@ -72,17 +87,15 @@ def plot_batch_sizes(results: list[SetResult], path: Path) -> Path:
         ax.set_xscale("log" if largest > 64 else "linear")
         ax.set_yscale("log")  # fixed-size batching puts every batch in one bin
     axes[0][0].set_ylabel("batches")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
-    FigureCanvasAgg(fig).print_png(path)
-    return path
+    _legend_below(fig, axes[0][0])
+    return fig
 
 
 def write_plots(results: list[SetResult], out: Path) -> list[Path]:
     """Every planner figure into ``out``; the paths written."""
     return [
-        plot_efficiency(results, out / "planner_efficiency.png"),
-        plot_batch_sizes(results, out / "planner_batch_sizes.png"),
+        _save(efficiency_figure(results), out / "planner_efficiency.png"),
+        _save(batch_sizes_figure(results), out / "planner_batch_sizes.png"),
     ]
 
 
@@ -113,12 +126,16 @@ def _world_bars(
             ]
             heights.append(value(estimates[0]) or 0.0)
         ax.bar(x + (k - (len(policies) - 1) / 2) * width, heights, width, label=policy)
-    ax.set_xticks(x, [f"{w} rank{'s' * (w > 1)}" for w in worlds])
+    ax.set_xticks(x, [_ranks(w) for w in worlds])
     ax.set_title(name)
     ax.grid(axis="y", alpha=0.3)
 
 
-def plot_multimodal_throughput(result: MultimodalResult, path: Path) -> Path:
+def _ranks(world: int) -> str:
+    return f"{world} rank{'s' * (world > 1)}"
+
+
+def multimodal_throughput_figure(result: MultimodalResult) -> Figure:
     """Estimated samples/s per policy and world size: one row of panels (sets) per model."""
     names = [s["name"] for s in result.sets]
     models = result.config.models
@@ -129,34 +146,87 @@ def plot_multimodal_throughput(result: MultimodalResult, path: Path) -> Path:
             _world_bars(ax, result, name, model, lambda e: e.samples_per_second)
             ax.set_yscale("log")  # 16 ranks run about 16 times as many samples as 1
         row[0].set_ylabel(f"{model}: estimated samples/s")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
-    FigureCanvasAgg(fig).print_png(path)
-    return path
+    _legend_below(fig, axes[0][0])
+    return fig
 
 
-def plot_multimodal_speedup(result: MultimodalResult, path: Path) -> Path:
-    """Estimated speedup over the standard fixed batch size, for the first model."""
-    names = [s["name"] for s in result.sets]
+SPEEDUP_BASELINES = ("standard", "best oracle")
+"""The speedup figure's columns: odb over the fixed batch size, and over the fastest offline
+oracle (GMT or BMT, padded or packed)."""
+
+
+def _speedup_panel(
+    ax: Axes, ratios: dict[tuple[str, int], float], policies: list[str], worlds: tuple[int, ...]
+) -> None:
+    """One dot per (policy, world) at its ratio, the value written beside it, on an axis
+    zoomed to the values and 1.0 (ratios a few percent apart stay apart)."""
+    values = [*ratios.values(), 1.0]
+    low, high = min(values), max(values)
+    span = max(high - low, 0.04)
+    digits = ".3f" if span < 0.3 else ".2f"  # a 1% step shows in the written value
+    offsets = np.linspace(-0.25, 0.25, len(worlds)) if len(worlds) > 1 else np.zeros(1)
+    for k, world in enumerate(worlds):
+        ys, xs = [], []
+        for y, policy in enumerate(policies):
+            if (policy, world) in ratios:
+                ys.append(y + offsets[k])
+                xs.append(ratios[policy, world])
+        ax.plot(xs, ys, "o", color=f"C{k}", label=_ranks(world))
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(
+                format(x, digits),
+                (x, y),
+                xytext=(5, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
+    ax.set_xlim(low - 0.08 * span, high + 0.25 * span)  # room on the right for the values
+    ax.set_ylim(len(policies) - 0.5, -0.5)
+    ax.set_yticks(range(len(policies)), policies)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def multimodal_speedup_figure(result: MultimodalResult) -> Figure | None:
+    """odb's estimated samples/s over standard's and over the best offline oracle's, for the
+    first model: one row of panels per set, a dot per rank count. None when no odb policy,
+    or neither baseline, ran."""
     model = result.config.models[0]
-    fig = Figure(figsize=(4.5 * len(names), 4), layout="constrained")
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    for ax, name in zip(axes, names, strict=True):
-        _world_bars(ax, result, name, model, lambda e: e.speedup.get("standard"))
-        ax.axhline(1.0, color="black", linewidth=0.8)
-    axes[0].set_ylabel(f"{model}: speedup over standard")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles))
-    FigureCanvasAgg(fig).print_png(path)
-    return path
+    worlds = result.config.worlds
+    policies = [p for p in dict.fromkeys(r.policy for r in result.runs) if p.startswith("odb")]
+    ratios: dict[tuple[str, str], dict[tuple[str, int], float]] = {}
+    for r in result.runs:
+        for e in r.estimates:
+            for baseline in SPEEDUP_BASELINES:
+                value = e.speedup.get(baseline)
+                if e.model == model and r.policy in policies and value is not None:
+                    ratios.setdefault((r.set, baseline), {})[r.policy, r.world] = value
+    baselines = [b for b in SPEEDUP_BASELINES if any(key[1] == b for key in ratios)]
+    if not baselines:
+        return None
+    names = [s["name"] for s in result.sets]
+    height = 0.9 + 0.2 * len(policies) * len(worlds)
+    fig = Figure(figsize=(5.5 * len(baselines), height * len(names) + 0.8), layout="constrained")
+    axes = fig.subplots(len(names), len(baselines), squeeze=False)
+    for row, name in zip(axes, names, strict=True):
+        for ax, baseline in zip(row, baselines, strict=True):
+            _speedup_panel(ax, ratios.get((name, baseline), {}), policies, worlds)
+            ax.set_title(f"{name}: over {baseline}")
+    for ax, baseline in zip(axes[-1], baselines, strict=True):
+        ax.set_xlabel(f"estimated samples/s over {baseline}'s")
+    fig.suptitle(f"{model} on H100, GPU step model (estimated)")
+    _legend_below(fig, axes[0][0])
+    return fig
 
 
 def write_multimodal_plots(result: MultimodalResult, out: Path) -> list[Path]:
-    """Every multimodal figure into ``out`` (the speedup one when standard ran); the paths
-    written."""
-    written = [plot_multimodal_throughput(result, out / "multimodal_throughput.png")]
-    if STANDARD in result.config.policies:
-        written.append(plot_multimodal_speedup(result, out / "multimodal_speedup.png"))
+    """Every multimodal figure into ``out`` (the speedup one when odb and a baseline ran); the
+    paths written."""
+    written = [_save(multimodal_throughput_figure(result), out / "multimodal_throughput.png")]
+    speedup = multimodal_speedup_figure(result)
+    if speedup is not None:
+        written.append(_save(speedup, out / "multimodal_speedup.png"))
     return written
 
 

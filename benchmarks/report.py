@@ -15,7 +15,7 @@ import odb
 
 from .alignment_scale import ScaleConfig, ScaleResult, alignment_scale_table
 from .alignment_suite import AlignmentConfig, AlignmentResult, alignment_table
-from .multimodal_suite import PLACEHOLDER_LATENCY, MultimodalResult, RunResult
+from .multimodal_suite import PLACEHOLDER_LATENCY, Estimate, MultimodalResult, RunResult
 from .overhead import OverheadResult
 from .planner_suite import PlannerConfig, SetResult
 from .policies import BMT_BUCKET
@@ -23,6 +23,8 @@ from .training_suite import TrainingResult, describe
 
 __all__ = [
     "BenchResults",
+    "LlavaInput",
+    "best_oracle",
     "markdown",
     "multimodal_section",
     "overhead_section",
@@ -31,6 +33,7 @@ __all__ = [
     "record",
     "packed_loss_line",
     "training_section",
+    "what_ran",
     "write_report",
 ]
 
@@ -206,6 +209,24 @@ def multimodal_runs_table(runs: list[RunResult], model: str) -> str:
     return "\n".join(lines)
 
 
+def _estimates(result: MultimodalResult) -> dict[tuple[str, int, str, str], tuple]:
+    """``(set, world, policy, model) -> (run, estimate)`` over every run."""
+    return {(r.set, r.world, r.policy, e.model): (r, e) for r in result.runs for e in r.estimates}
+
+
+def best_oracle(result: MultimodalResult, name: str, world: int, model: str) -> Estimate | None:
+    """The fastest offline oracle (GMT or BMT, padded or packed) on one set and world under
+    ``model``, as the speedups "vs best oracle" count it; None when no oracle ran."""
+    found = _estimates(result)
+    oracles = [
+        found[key][1]
+        for kind in ("gmt", "bmt")
+        for mode in ("padded", "packed")
+        if (key := (name, world, f"{kind} {mode}", model)) in found
+    ]
+    return max(oracles, key=lambda e: e.samples_per_second, default=None)
+
+
 def multimodal_compute_table(result: MultimodalResult) -> str:
     """odb's compute policies against the token oracles: per-step compute balance and
     estimated samples/s over the best oracle of either mode, for every set, world and model."""
@@ -215,17 +236,11 @@ def multimodal_compute_table(result: MultimodalResult) -> str:
         "| peak tokens |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    found = {(r.set, r.world, r.policy, e.model): (r, e) for r in result.runs for e in r.estimates}
+    found = _estimates(result)
     for s in result.sets:
         for world in result.config.worlds:
             for model in result.config.models:
-                oracles = [
-                    found[key][1]
-                    for kind in ("gmt", "bmt")
-                    for mode in ("padded", "packed")
-                    if (key := (s["name"], world, f"{kind} {mode}", model)) in found
-                ]
-                best = max(oracles, key=lambda e: e.samples_per_second, default=None)
+                best = best_oracle(result, s["name"], world, model)
                 for mode in ("padded", "packed"):
                     compute = found.get((s["name"], world, f"odb compute {mode}", model))
                     if compute is None:
@@ -250,8 +265,9 @@ def multimodal_section(result: MultimodalResult) -> str:
     parts = [
         "## Multimodal (simulated ranks, estimated GPU time)",
         "",
-        f"{config.samples} samples per built-in set (sizes only: text tokens and Qwen3-VL "
-        f"image patches), token budget {config.budget}, odb window {config.window}, seed "
+        f"Sets: {_named_counts([(s['name'], s['samples']) for s in result.sets])}. Built-in "
+        f"sets are sizes only (text tokens and Qwen3-VL image patches); token budget "
+        f"{config.budget}, odb window {config.window}, seed "
         f"{config.seed}. Every policy's own batches; odb's from its round and alignment code "
         f"on simulated ranks. Offline policies deal their batches round-robin to the ranks. "
         f"Step time is estimated per rank on one H100 (docs/benchmarks.md: linear layers, "
@@ -431,6 +447,23 @@ AlignmentScale = tuple[ScaleConfig, list[ScaleResult]]
 
 
 @dataclass(frozen=True)
+class LlavaInput:
+    """A ``--llava`` file as the run used it: its valid records within the budget (``samples``)
+    are the set ``name`` of every suite that takes sets; ``invalid`` counts the records left
+    out by kind of error, ``filtered`` those over the budget."""
+
+    source: str
+    name: str
+    samples: int
+    filtered: int
+    invalid: dict[str, int]
+
+    @property
+    def records(self) -> int:
+        return self.samples + self.filtered + sum(self.invalid.values())
+
+
+@dataclass(frozen=True)
 class BenchResults:
     """Everything one ``odb-bench`` run measured; suites that did not run are None."""
 
@@ -442,36 +475,130 @@ class BenchResults:
     training: TrainingResult | None = None
     overhead_stream: OverheadResult | None = None
     alignment_scale: AlignmentScale | None = None
+    llava: LlavaInput | None = None
+
+
+def _named_counts(sets: list[tuple[str, int]]) -> str:
+    """``a, b (600 samples each)`` when the sets are the same size, else each with its own."""
+    if len(sets) > 1 and len({count for _, count in sets}) == 1:
+        return f"{', '.join(name for name, _ in sets)} ({sets[0][1]} samples each)"
+    return ", ".join(f"{name} ({count} samples)" for name, count in sets)
+
+
+def _ranks(worlds: tuple[int, ...]) -> str:
+    return f"{', '.join(map(str, worlds))} simulated rank{'s' * (worlds != (1,))}"
+
+
+def _planner_sets(results: BenchResults) -> str:
+    lognormal = [r for r in results.planner if r.params.get("distribution") == "lognormal"]
+    parts = [f"{r.name} ({r.metrics[0].samples} samples)" for r in results.planner]
+    if lognormal:
+        cvs = ", ".join(f"{r.params['cv']:g}" for r in lognormal)
+        parts = [
+            f"lognormal CV {cvs} (mean {results.config.mean:g}, "
+            f"{lognormal[0].metrics[0].samples} samples each)",
+            *(part for r, part in zip(results.planner, parts, strict=True) if r not in lognormal),
+        ]
+    return "; ".join(parts)
+
+
+def what_ran(results: BenchResults) -> list[str]:
+    """One line per suite that ran: its data, sizes and ranks, and whether its figures are
+    measured here or estimated (the report's header and the summary's)."""
+    config, lines = results.config, []
+    if results.planner:
+        lines.append(
+            f"planner, measured: {_planner_sets(results)}; budget {config.budget} tokens, "
+            f"window {config.window}, seed {config.seed}"
+        )
+    if results.alignment is not None:
+        alignment_config, rows = results.alignment
+        sets = list({r.set: (r.set, r.samples) for r in rows}.values())
+        lines.append(
+            f"alignment, measured: {_named_counts(sets)} on {_ranks(alignment_config.worlds)}"
+        )
+    if results.multimodal is not None:
+        mm = results.multimodal.config
+        sets = [(s["name"], s["samples"]) for s in results.multimodal.sets]
+        lines.append(
+            f"multimodal, estimated: {_named_counts(sets)} on {_ranks(mm.worlds)}; GPU step "
+            f"model of {', '.join(mm.models)} on H100"
+        )
+    if results.llava is not None:
+        llava = results.llava
+        kinds = ", ".join(f"{count} {kind}" for kind, count in llava.invalid.items())
+        lines.append(
+            f"LLaVA input: {llava.source}: {llava.records} records, "
+            f"{sum(llava.invalid.values())} invalid{f' ({kinds})' if kinds else ''}, "
+            f"{llava.filtered} over the budget left out; {llava.samples} samples, set "
+            f"{llava.name!r} in every suite above"
+        )
+    if results.alignment_scale is not None:
+        lines.append(
+            f"alignment scale, estimated: {_ranks(results.alignment_scale[0].worlds)} "
+            f"(decisions timed here, network modelled)"
+        )
+    for overhead in (results.overhead, results.overhead_stream):
+        if overhead is not None:
+            lines.append(
+                f"loader overhead{' over a stream' if overhead.stream else ''}, measured: "
+                f"{overhead.samples} chats, {overhead.num_workers} workers"
+            )
+    if results.training is not None:
+        training = results.training
+        runs, config = training.runs, training.config
+        loaders = ", ".join(dict.fromkeys(r.loader for r in runs))
+        device = runs[0].device if runs else config.device
+        lines.append(
+            f"training, measured on {device}: {describe(config, runs[0].dtype if runs else None)}"
+            f"; {loaders} at {', '.join(map(str, config.worlds))} process(es), seed(s) "
+            f"{', '.join(map(str, config.seeds))}"
+        )
+    return lines
 
 
 def markdown(results: BenchResults) -> str:
     """The whole report."""
     config, planner, overhead = results.config, results.planner, results.overhead
     alignment, multimodal, training = results.alignment, results.multimodal, results.training
-    parts = ["# odb-bench"]
+    parts = ["# odb-bench", "", "What ran:", "", *(f"- {line}" for line in what_ran(results))]
     if planner:
         parts += [
             "",
             "## Planner",
             "",
-            f"Token budget {config.budget}, odb window {config.window}, {config.samples} samples "
-            f"per set, seed {config.seed}. `standard` is a shuffled epoch in fixed-size batches of "
-            f"the largest size that fits the budget in at least 99% of batches; `sorted` sorts the "
-            f"whole epoch by length (an offline best case for padding); odb rows run odb's own "
-            f"planning rounds. Fill is real tokens per step over the budget; packed rows have no "
-            f"padding. Batch size is the mean number of samples per batch.",
+            f"Sets: {_planner_sets(results)}. Token budget {config.budget}, odb window "
+            f"{config.window}, seed {config.seed}. `standard` is a shuffled epoch in fixed-size "
+            f"batches of the largest size that fits the budget in at least 99% of batches; "
+            f"`sorted` sorts the whole epoch by length (an offline best case for padding); odb "
+            f"rows run odb's own planning rounds. Fill is real tokens per step over the budget; "
+            f"packed rows have no padding. Batch size is the mean number of samples per batch.",
             "",
             planner_table(planner),
         ]
     clipped = [f"{r.name}: {r.clipped}" for r in planner if r.clipped]
     if clipped:
         parts += ["", "Samples longer than the budget, clipped to it: " + "; ".join(clipped) + "."]
+    if results.llava is not None:
+        parts += [
+            "",
+            f"Set {results.llava.name}: the exact lengths of {results.llava.source}'s valid "
+            f"records (`LlavaDataset.estimate`); {results.llava.filtered} over the budget left "
+            f"out.",
+        ]
     if alignment is not None:
+        llava = results.llava
+        origins = {
+            name: f"the exact lengths of {llava.source}'s valid records within the budget"
+            if llava is not None and name == llava.name
+            else f"lognormal lengths of mean {alignment[0].mean:g}"
+            for name in dict.fromkeys(r.set for r in alignment[1])
+        }
         parts += [
             "",
             "## Alignment across ranks (simulated with odb's own round code)",
             "",
-            alignment_table(*alignment),
+            alignment_table(*alignment, origins),
         ]
     if results.alignment_scale is not None:
         parts += [
@@ -553,6 +680,8 @@ def record(results: BenchResults) -> dict:
         }
     if multimodal is not None:
         data["multimodal"] = asdict(multimodal)
+    if results.llava is not None:
+        data["llava"] = {**asdict(results.llava), "records": results.llava.records}
     if training is not None:
         data["training"] = asdict(training)
     if overhead is not None:

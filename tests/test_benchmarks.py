@@ -175,9 +175,10 @@ def _png(path):
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_quick_writes_table_json_and_plots(tmp_path, capsys):
+def test_cli_quick_full_prints_the_report_and_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["--quick", "--out", str(out), "--cv", "0.5", "--cv", "2", "--seed", "3"]) == 0
+    argv = ["--quick", "--out", str(out), "--cv", "0.5", "--cv", "2", "--seed", "3", "--full"]
+    assert main([*argv, "--set", "mixed", "--world", "2"]) == 0
     table = capsys.readouterr().out
     for name in ("lognormal cv=0.5", "lognormal cv=2"):
         for policy in ("standard", "sorted", "odb padded", "odb packed"):
@@ -252,7 +253,9 @@ def test_cli_quick_overhead_times_every_loader_over_the_dataset_and_a_stream(tmp
     out = tmp_path / "bench"
     argv = ["--quick", "--overhead", "--overhead-stream", "--cv", "1", "--out", str(out)]
     assert main(argv) == 0
-    report = capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "Loader overhead, MEASURED" in summary and "over a stream, MEASURED" in summary
+    report = (out / "report.md").read_text()
     assert "## Loader overhead\n" in report and "## Loader overhead over a stream" in report
     record = json.loads((out / "results.json").read_text())
     for overhead, stream in ((record["overhead"], False), (record["overhead_stream"], True)):

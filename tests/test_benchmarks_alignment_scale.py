@@ -70,11 +70,11 @@ def test_overhead_adds_decisions_and_the_ring_estimate_per_step(results):
         assert r.network_seconds > ring  # the opening exchanges cost time too
 
 
-def test_cli_alignment_scale_writes_its_section_and_record(tmp_path, capsys):
+def test_cli_alignment_scale_writes_its_section_and_record(tmp_path):
     out = tmp_path / "bench"
     argv = ["--quick", "--alignment-scale", "--scale-world", "4", "--scale-samples", "40"]
     assert main([*argv, "--out", str(out)]) == 0
-    report = capsys.readouterr().out
+    report = (out / "report.md").read_text()
     section = report.split("## The alignment round's cost at scale")[1].split("\n## ")[0]
     assert "\n| 4 |" in section
     record = json.loads((out / "results.json").read_text())["alignment_scale"]

@@ -396,6 +396,7 @@ def test_cli_quick_multimodal_writes_tables_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--quick", "--out", str(out), "--cv", "1", "--set", "long-multimodal"]
     argv += ["--world", "1", "--world", "3", "--model", "qwen3-vl-2b", "--batch-size", "2"]
+    argv.append("--full")  # the whole report on stdout, not the summary
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert (out / "report.md").read_text() == table

@@ -128,7 +128,7 @@ def test_cli_llava_runs_the_multimodal_comparison_on_the_data(llava_data, tmp_pa
     assert multimodal["sets"][0]["samples"] == 16
     assert {r["policy"] for r in multimodal["runs"]} >= {"standard", "odb padded", "odb packed"}
     assert (out / "multimodal_throughput.png").stat().st_size > 0
-    assert "## Multimodal" in capsys.readouterr().out
+    assert "Multimodal, ESTIMATED" in capsys.readouterr().out
 
 
 def test_a_saved_processor_loads_with_its_own_image_settings(llava_data, tmp_path):
@@ -314,8 +314,11 @@ def test_cli_trains_on_llava_data_with_two_processes(llava_data, tmp_path, capsy
     assert padded["learning_rate"] == pytest.approx(1e-3 * (per_step / batch_size) ** 0.5)
     assert max(np.diff([0, *neutral["samples_seen"]])) <= 2 * batch_size
     printed = capsys.readouterr().out
-    assert "## Measured training (tiny on train" in printed and "## Planner" not in printed
-    assert "Loss over 1 seeds (held-out loss" in printed
+    assert "training, measured on cpu: tiny on train, float32" in printed
+    assert printed.count("Training, MEASURED on cpu: ") == 3 and "Planner" not in printed
+    report = (out / "report.md").read_text()
+    assert "## Measured training (tiny on train" in report and "## Planner" not in report
+    assert "Loss over 1 seeds (held-out loss" in report
 
 
 @pytest.mark.slow
