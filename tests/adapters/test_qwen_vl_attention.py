@@ -105,8 +105,13 @@ def test_text_models_pack_through_the_kernel(model_type, spy):
     samples = _text_samples()
     padded = qwen_vl.collator(model, "padded")(samples)
     expected = _run(model, padded)
+    with torch.no_grad():
+        sdpa_logits = model(**padded).logits
     qwen_vl.use_packed_attention(model)
     assert model.config._attn_implementation == "odb_packed"
+    with torch.no_grad():  # padding positions too: sdpa's own mask, not a plain causal one
+        assert torch.equal(model(**padded).logits, sdpa_logits)
+    spy["sdpa_mask"] = 0
     for flash_kwargs in (False, True):  # boundaries from the positions, or from cu_seq_lens_q
         packed = qwen_vl.collator(model, "packed", flash_attn_kwargs=flash_kwargs)(samples)
         _assert_same(expected, _run(model, {**packed, "use_cache": False}))
@@ -143,6 +148,35 @@ def test_the_vision_tower_runs_under_the_kernels_name_too(small_tokenizer, folde
     model.set_attn_implementation(qwen_vl.register())
     assert model.config.vision_config._attn_implementation == "odb_packed"
     _assert_same(expected, _run(model, qwen_vl.collator(model, "packed")(samples)))
+
+
+def test_the_kernel_follows_the_layers_causality():
+    """A bidirectional layer (``is_causal=False``, as an encoder's) attends both ways, still
+    within each sample only; an ``is_causal`` argument overrides the layer's."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 5, 4, generator=generator) for _ in range(3))
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    layer = torch.nn.Module()
+    for causal in (True, False):
+        layer.is_causal = causal
+        expected = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, part], key[:, :, part], value[:, :, part], is_causal=causal
+                )
+                for part in (slice(0, 3), slice(3, 5))
+            ],
+            dim=2,
+        ).transpose(1, 2)
+        out, _ = kernel.packed_attention_forward(
+            layer, query, key, value, None, position_ids=positions
+        )
+        torch.testing.assert_close(out, expected)
+        layer.is_causal = not causal
+        out, _ = kernel.packed_attention_forward(
+            layer, query, key, value, None, position_ids=positions, is_causal=causal
+        )
+        torch.testing.assert_close(out, expected)
 
 
 def test_sliding_windows_are_refused():
