@@ -106,32 +106,18 @@ def packed_attention_forward(
     return out.reshape(batch, length, heads, head_dim), None
 
 
-def packed_attention_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
+def packed_attention_mask(**kwargs: Any) -> torch.Tensor | None:
     """An ``AttentionMaskInterface`` function: no mask where the kernel reads the rows'
     sequences from their positions (no padding mask, queries and keys of one length), so
     nothing of size ``row x row`` is built; sdpa's mask otherwise (padded batches, decoding
-    with a cache)."""
-    if attention_mask is None and q_length == kv_length:
+    with a cache). transformers calls it with keywords only: ``q_length`` (5.x), or
+    ``cache_position`` in releases that had no ``q_length``."""
+    queries = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
+    if kwargs.get("attention_mask") is None and queries == kwargs["kv_length"]:
         return None
     from transformers.masking_utils import sdpa_mask
 
-    return sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
+    return sdpa_mask(**kwargs)
 
 
 def register() -> str:
@@ -178,4 +164,10 @@ def use_packed_attention(model: Any) -> Any:
     else:
         key = next(key for key in config.sub_configs if getattr(config, key) is text)
         pretrained.set_attn_implementation({key: name})
+    if text._attn_implementation != name:  # a transformers without per-sub-config choice
+        raise ConfigError(
+            f"set_attn_implementation left the language model on "
+            f"{text._attn_implementation!r}; load the model with "
+            f"attn_implementation=qwen_vl.register() instead"
+        )
     return model

@@ -150,6 +150,20 @@ def test_the_vision_tower_runs_under_the_kernels_name_too(small_tokenizer, folde
     _assert_same(expected, _run(model, qwen_vl.collator(model, "packed")(samples)))
 
 
+def test_generation_with_a_cache_is_sdpas():
+    """Decoding (one query against the cache's keys) and left-padded prompts take sdpa's own
+    masks: greedy generation is token for token sdpa's."""
+    model = _text_model("qwen2").eval()
+    prompts = torch.tensor([[0, 0, 5, 9, 13], [3, 8, 21, 34, 55]])
+    mask = (prompts != 0).long()
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(prompts, attention_mask=mask, **settings)
+    qwen_vl.use_packed_attention(model)
+    assert torch.equal(model.generate(prompts, attention_mask=mask, **settings), expected)
+    # transformers releases that pass cache_position instead of q_length
+    assert kernel.packed_attention_mask(cache_position=torch.arange(4), kv_length=4) is None
+
+
 def test_the_kernel_follows_the_layers_causality():
     """A bidirectional layer (``is_causal=False``, as an encoder's) attends both ways, still
     within each sample only; an ``is_causal`` argument overrides the layer's."""
