@@ -268,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--attn",
         default=train.attn,
-        help="the text model's attention: sdpa (default), eager, flash_attention_2 where "
-        "installed, or a kernel registered with transformers",
+        help="the language model's attention: odb_packed (default: odb's kernel, sdpa for "
+        "padded batches, packed rows without cross-sample attention or a dense mask, no extra "
+        "package), sdpa, eager, flash_attention_2 where installed, or a kernel registered "
+        "with transformers",
     )
     training.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward"

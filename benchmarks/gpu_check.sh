@@ -28,8 +28,6 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"python {platform.python_version()}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}, {gpu}")
 EOF
-attn=()
-if [ -n "${ODB_GPU_CHECK_ATTN:-}" ]; then attn=(--attn "$ODB_GPU_CHECK_ATTN"); fi
 # 16384 tokens per step with gradient checkpointing keeps a 3B model's activations, its
 # logits and AdamW's states well inside one H200; 2 warm-up steps, then 12 timed steps.
 PYTHONUNBUFFERED=1 "$python" -m odb.benchmarks.cli --train --train-only \
@@ -40,7 +38,7 @@ PYTHONUNBUFFERED=1 "$python" -m odb.benchmarks.cli --train --train-only \
     --train-max-length "${ODB_GPU_CHECK_MAX_LENGTH:-8192}" \
     --device "${ODB_GPU_CHECK_DEVICE:-cuda}" \
     --dtype "${ODB_GPU_CHECK_DTYPE:-bfloat16}" \
-    "${attn[@]}" \
+    --attn "${ODB_GPU_CHECK_ATTN:-odb_packed}" \
     --gradient-checkpointing \
     --warmup-steps "${ODB_GPU_CHECK_WARMUP:-2}" \
     --steps "${ODB_GPU_CHECK_STEPS:-12}" \

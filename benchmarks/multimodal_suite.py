@@ -320,7 +320,10 @@ def compare_sets(
             for model in models:  # planned with the model's compute cost, scored by gpu_model
                 for mode in ("padded", "packed"):
                     if f"odb-compute-{mode}" in config.policies:
-                        budget = compute_budget(model.model.config(), config.budget, mode)
+                        # gpu_model times packed rows per sample: a varlen kernel's price
+                        budget = compute_budget(
+                            model.model.config(), config.budget, mode, attention="odb_packed"
+                        )
                         run = odb_ranked(sizes, budget, config.seed, world, config.window)
                         measured.append(_measure(run, data, config, [model]))
             runs += _speedups(measured)

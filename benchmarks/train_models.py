@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from odb.adapters import qwen_vl
 from odb.adapters.qwen_vl import CHAT_TEMPLATE
 from odb.errors import ConfigError
 
@@ -212,14 +213,17 @@ def load_train_model(
     seed: int,
 ) -> TrainModel:
     """Model ``name`` (a preset with random weights, initialised from ``seed``, or a
-    checkpoint folder) in ``dtype`` on ``device`` with attention ``attn``, and its processor."""
+    checkpoint folder) in ``dtype`` on ``device`` with attention ``attn``, and its processor.
+    ``attn="odb_packed"`` selects odb's kernel for the language model only
+    (:func:`odb.adapters.qwen_vl.use_packed_attention`); the vision tower keeps sdpa."""
     import transformers
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     processor = load_processor_for(name, folder, images)
     torch.manual_seed(seed)
-    options = {"dtype": _DTYPES[dtype], "attn_implementation": attn}
+    packed = attn == qwen_vl.PACKED_ATTENTION
+    options = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa" if packed else attn}
     if name in PRESETS:
         config = PRESETS[name].config(processor.tokenizer)
         with device:  # random init on the device: fast for billions of weights
@@ -228,4 +232,6 @@ def load_train_model(
         model = transformers.AutoModelForImageTextToText.from_pretrained(
             os.fspath(name), device_map={"": device}, **options
         )
+    if packed:
+        qwen_vl.use_packed_attention(model)
     return TrainModel(model.to(device), processor, name)

@@ -106,7 +106,9 @@ class TrainingConfig:
     4 at the maximum length), which lets Standard run batches of several samples.
     ``batch_sizes`` adds Standard runs at those sizes. ``lr_rule`` sets odb's learning rate
     from ``learning_rate`` (Standard's) and its mean samples per step (see ``LR_RULES``).
-    ``dtype``: ``auto`` is bfloat16 on a GPU, float32 on the CPU. ``warmup_steps`` are run and
+    ``dtype``: ``auto`` is bfloat16 on a GPU, float32 on the CPU. ``attn``: the language
+    model's attention; the default, odb's kernel, runs padded batches as sdpa does and packed
+    rows without cross-sample work. ``warmup_steps`` are run and
     not timed; then ``steps`` are timed (None: the rest of the
     epoch). Every loader runs once per seed (initial weights and shuffle) and process count;
     ``heldout`` records are kept out of training and scored after it.
@@ -131,7 +133,7 @@ class TrainingConfig:
     seeds: tuple[int, ...] = (0,)
     device: str = "auto"
     dtype: str = "auto"
-    attn: str = "sdpa"
+    attn: str = "odb_packed"
     gradient_checkpointing: bool = False
     warmup_steps: int = 1
     steps: int | None = None

@@ -22,7 +22,7 @@ from odb.loader import DataLoader, wrap
 from odb.loss import scale_loss
 from odb.stats import LoaderStats
 
-from odb import estimate  # isort: skip  (``odb.estimate.count_steps`` after ``import odb``)
+from odb import attention, estimate  # isort: skip  (``odb.estimate.count_steps`` after ``import odb``)
 
 __all__ = [
     "Batch",
@@ -45,6 +45,7 @@ __all__ = [
     "SampleTypeError",
     "StateError",
     "StepInfo",
+    "attention",
     "estimate",
     "measure_sample",
     "step_info",

@@ -173,9 +173,14 @@ class ComputeCost:
 
     With ``padded=True`` the group is priced as a right-padded batch computes it: ``tokens =
     n * max_len`` and ``attention = n * max_len**2``. With ``padded=False`` (padding-free rows)
-    ``tokens = sum(len)`` and ``attention = sum(len**2)``. The vision tower runs on the images'
-    patches without padding in both modes: ``patches`` is their sum and ``vision_pairs`` the
-    sum over images of ``patches**2`` (its attention within each image). The weights are in
+    ``tokens = sum(len)``, and ``attention`` is what the attention kernel computes for the row:
+    ``sum(len**2)`` for a varlen kernel, which attends within each sample (flash-attention,
+    flex, ``odb_packed``), and ``sum(len)**2`` with ``dense_mask=True``, for kernels that get
+    the row's samples as a dense block-diagonal mask over the whole row (transformers' sdpa
+    and eager): they compute every (query, key) pair of the row, masked or not. The vision
+    tower runs on the images' patches without padding in both modes: ``patches`` is their
+    sum and ``vision_pairs`` the sum over images of ``patches**2`` (its attention within each
+    image). The weights are in
     token units, so the budget stays "tokens" while approximating step time: for a transformer
     with hidden size ``d``, attention costs about ``1 / (6 * d)`` of a linear-layer token per
     key, hence ``attention_weight ~ 1 / (6 * d)``; ``vision_weight`` is the ratio of one
@@ -187,8 +192,14 @@ class ComputeCost:
     attention_weight: float = 0.0
     vision_weight: float = 0.0
     vision_attention_weight: float = 0.0
+    dense_mask: bool = False
 
     def __post_init__(self) -> None:
+        if self.dense_mask and self.padded:
+            raise ConfigError(
+                "dense_mask prices packed rows (padded=False); a padded batch's attention is "
+                "already n * max_len**2"
+            )
         for name in ("attention_weight", "vision_weight", "vision_attention_weight"):
             weight = getattr(self, name)
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
@@ -211,7 +222,7 @@ class ComputeCost:
             attention = tokens * max_len
         else:
             tokens = np.asarray(sum_len, dtype=np.float64)
-            attention = np.asarray(sum_sq, dtype=np.float64)
+            attention = tokens * tokens if self.dense_mask else np.asarray(sum_sq, np.float64)
         cost = tokens
         if self.attention_weight:
             cost = cost + self.attention_weight * attention
@@ -225,6 +236,15 @@ class ComputeCost:
         """Cost of each sample alone."""
         lengths = np.asarray(lengths, dtype=np.float64)
         return self.group_cost(1, lengths, lengths, lengths * lengths, patches, pairs)
+
+    def joining_cost(self, row_tokens: int, length: int) -> float:
+        """What a sample of ``length`` tokens adds to a packed row of ``row_tokens`` tokens on
+        top of its own cost (:meth:`one_sample_cost`): under a dense mask its queries meet the
+        row's keys and the row's queries its keys, ``2 * row_tokens * length`` more pairs
+        (``(a + b)**2 = a**2 + b**2 + 2ab``); nothing for a varlen kernel."""
+        if not self.dense_mask:
+            return 0.0
+        return 2.0 * self.attention_weight * row_tokens * length
 
     def one_sample_cost(self, length: int, patches: int, pairs: int = 0) -> float:
         """:meth:`sample_cost` of one sample, in plain Python (checked for every sample the

@@ -267,6 +267,7 @@ def _fit_vision(start, most, row_cost, cum, budget) -> int:
 def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> list[Group]:
     """Best-fit decreasing of the length-sorted buffer into bins of ``budget.limit``."""
     cost_model, caps, limit = budget.cost, budget.caps, budget.limit
+    joining = cost_model.joining_cost
     patches, pairs, images = vision
     item_cost = cost_model.sample_cost(lengths[order], patches[order], pairs[order]).tolist()
     item_patches = patches[order].tolist()
@@ -280,12 +281,14 @@ def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> lis
     room_bins: list[int] = []  # bin id for each entry of room_keys
     max_samples, max_images = caps.max_samples, caps.max_images
     max_patches, max_tokens = caps.max_vision_patches, caps.max_tokens
+    dense = cost_model.dense_mask  # a sample then costs more in a fuller row: check each bin
     for rank, cost in enumerate(item_cost):
-        slot = bisect.bisect_left(room_keys, cost)
+        slot = bisect.bisect_left(room_keys, cost)  # its cost alone: the least it can add
         while slot < len(room_keys):
             b = room_bins[slot]
             if (
-                (max_samples is None or len(bins[b]) < max_samples)
+                (not dense or room_keys[slot] >= cost + joining(bin_tokens[b], item_tokens[rank]))
+                and (max_samples is None or len(bins[b]) < max_samples)
                 and (max_images is None or bin_images[b] + item_images[rank] <= max_images)
                 and (max_patches is None or bin_patches[b] + item_patches[rank] <= max_patches)
                 and (max_tokens is None or bin_tokens[b] + item_tokens[rank] <= max_tokens)
@@ -295,6 +298,8 @@ def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> lis
         if slot < len(room_keys):
             b = room_bins.pop(slot)
             room = room_keys.pop(slot) - cost
+            if dense:
+                room -= joining(bin_tokens[b], item_tokens[rank])
         else:
             b = len(bins)
             bins.append([])

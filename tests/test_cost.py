@@ -99,6 +99,21 @@ def test_compute_cost_adds_attention_and_vision_terms():
     assert float(packed.group_cost(2, 10, 15, 125, 8)) == pytest.approx(15 + 1.25 + 4)
 
 
+def test_a_dense_mask_prices_the_square_of_the_packed_row():
+    """sdpa and eager attend over a packed row through a row-by-row mask: 15 tokens in the
+    row are 15**2 = 225 pairs, where a varlen kernel computes 10**2 + 5**2 = 125."""
+    dense = ComputeCost(padded=False, attention_weight=0.01, vision_weight=0.5, dense_mask=True)
+    assert float(dense.group_cost(2, 10, 15, 125, 8)) == pytest.approx(15 + 2.25 + 4)
+    # a sample alone is one block: the same price under both kernels
+    varlen = ComputeCost(padded=False, attention_weight=0.01, vision_weight=0.5)
+    assert dense.one_sample_cost(10, 8) == varlen.one_sample_cost(10, 8) == 10 + 1 + 4
+    # 5 tokens joining a row of 10: 2 * 10 * 5 = 100 more pairs than its own 25
+    assert dense.joining_cost(10, 5) == pytest.approx(0.01 * 100)
+    assert varlen.joining_cost(10, 5) == 0
+    with pytest.raises(ConfigError, match="dense_mask prices packed rows"):
+        ComputeCost(padded=True, dense_mask=True)
+
+
 def test_longest_within_inverts_the_single_sample_cost():
     cost = ComputeCost(padded=False, attention_weight=0.001, vision_weight=2.0)
     longest = cost.longest_within(5000, patches=100)

@@ -16,6 +16,9 @@ COSTS = {
     "packed": PackedCost(),
     "compute-padded": ComputeCost(padded=True, attention_weight=1e-3, vision_weight=0.5),
     "compute-packed": ComputeCost(padded=False, attention_weight=1e-3, vision_weight=0.5),
+    "compute-packed-dense": ComputeCost(
+        padded=False, attention_weight=1e-3, vision_weight=0.5, dense_mask=True
+    ),
 }
 
 
@@ -124,6 +127,21 @@ def test_packed_is_best_fit_decreasing():
     plan = _plan([3, 6, 2, 5, 4], Budget(10, PackedCost()), fill_threshold=0.0)
     got = sorted(sorted([3, 6, 2, 5, 4][m] for m in g.members) for g in plan.groups)
     assert got == [[2, 3, 5], [4, 6]]
+
+
+def test_packed_rows_under_a_dense_mask_are_priced_by_their_whole_length():
+    """cost = T + 0.1 * T**2 for a row of T tokens (sdpa's dense mask), limit 21.
+    decreasing: 6 -> A (9.6); 5 -> A would be a row of 11 (23.1): B (7.5); 4 -> A, the
+    tightest, a row of 10 (20.0); 3 -> B, 8 tokens (14.4); 2 -> B, 10 tokens (20.0).
+    Priced per sample (varlen), 6 and 5 would share a row: 6 + 5 + 0.1 * (36 + 25) = 17.1."""
+    lengths = [3, 6, 2, 5, 4]
+    dense = ComputeCost(padded=False, attention_weight=0.1, dense_mask=True)
+    plan = _plan(lengths, Budget(21, dense), fill_threshold=0.0)
+    got = sorted((sorted(lengths[m] for m in g.members), g.cost) for g in plan.groups)
+    assert [rows for rows, _ in got] == [[2, 3, 5], [4, 6]]
+    assert [cost for _, cost in got] == pytest.approx([20.0, 20.0])
+    varlen = _plan(lengths, Budget(21, ComputeCost(padded=False, attention_weight=0.1)))
+    assert any({5, 6} <= {lengths[m] for m in g.members} for g in varlen.groups)
 
 
 def test_packed_bin_below_fill_threshold_is_held():

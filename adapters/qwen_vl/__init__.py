@@ -1,6 +1,6 @@
 """Qwen-VL glue: LLaVA-format data, exact lengths before decoding, compute costs, packed rows.
 
-Four pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x processors and models):
+Five pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x processors and models):
 
 - :class:`LlavaDataset` turns LLaVA-format records plus an image folder into processed single
   samples (chat template applied, visual tokens expanded, prompt masked in ``labels``), the
@@ -14,6 +14,9 @@ Four pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x processors 
   terms come from a model config (:func:`model_flops` documents the count).
 - :func:`collator` returns the padded or the padding-free packed collator for a model; the
   packed Qwen-VL row carries ``[4, 1, L]`` position ids (see :class:`QwenVLPackedCollator`).
+- :func:`use_packed_attention` selects ``attn_implementation="odb_packed"`` for the language
+  model: packed rows attend within each sample without the dense row-by-row mask sdpa builds,
+  and without flash-attention installed.
 
 Geometry of one image (what :class:`VisionGeometry` reproduces): ``qwen_vl_utils.fetch_image``
 resizes it with qwen-vl-utils' ``smart_resize`` (sides multiples of ``patch * merge``, pixel
@@ -24,6 +27,14 @@ kept so that the estimate follows both rules exactly). The image becomes a grid 
 text.
 """
 
+from odb.adapters.qwen_vl.attention import (
+    PACKED_ATTENTION,
+    builds_dense_mask,
+    packed_attention_forward,
+    packed_attention_mask,
+    register,
+    use_packed_attention,
+)
 from odb.adapters.qwen_vl.collators import QwenVLPackedCollator, collator, vision_placeholder
 from odb.adapters.qwen_vl.dataset import CHAT_TEMPLATE, LlavaDataset
 from odb.adapters.qwen_vl.errors import (
@@ -50,15 +61,21 @@ __all__ = [
     "LlavaDataset",
     "MissingImageError",
     "ModelFlops",
+    "PACKED_ATTENTION",
     "NoAssistantTurnError",
     "QwenVLPackedCollator",
     "RecordError",
     "RecordTooLongError",
     "UnreadableImageError",
     "VisionGeometry",
+    "builds_dense_mask",
     "collator",
     "compute_budget",
     "compute_cost",
     "model_flops",
+    "packed_attention_forward",
+    "packed_attention_mask",
+    "register",
+    "use_packed_attention",
     "vision_placeholder",
 ]

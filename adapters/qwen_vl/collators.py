@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import odb
+from odb.adapters.qwen_vl.attention import PACKED_ATTENTION, builds_dense_mask
 from odb.adapters.qwen_vl.config import _config_of, _text_config
 from odb.collate import split_placeholder
 from odb.errors import ConfigError
@@ -20,19 +21,18 @@ from odb.errors import ConfigError
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 """Model types whose packed rows need the per-sample 3-D rotary positions of this module."""
 
-_DENSE_ATTENTION = ("sdpa", "eager", None)
-
 
 def _warn_dense_packing(config: Any) -> None:
     """Packed rows pay off with a varlen attention kernel; without one, transformers turns the
     row's restarting positions into a dense block-diagonal mask over the whole row, so memory
-    and time grow with the square of the row length (the budget prices them linearly)."""
+    and time grow with the square of the row length."""
     attention = getattr(_text_config(config), "_attn_implementation", None)
-    if attention in _DENSE_ATTENTION:
+    if builds_dense_mask(attention):
         warnings.warn(
             f"packed rows with attn_implementation={attention!r}: transformers builds a dense "
-            f"row-by-row mask, so attention costs the square of the row length; use "
-            f"flash_attention_2 / flash_attention_3 for packing, or mode='padded'",
+            f"row-by-row mask, so attention costs the square of the row length; call "
+            f"qwen_vl.use_packed_attention(model) (attn_implementation={PACKED_ATTENTION!r}, "
+            f"no extra package), use flash_attention_2 / flash_attention_3, or mode='padded'",
             stacklevel=3,
         )
 
@@ -136,7 +136,9 @@ class QwenVLPackedCollator:
     Flash-attention (not runnable on this project's CPU machines): the models hand row 0 to
     their attention layers as ``position_ids``, from which transformers' flash path derives the
     varlen sequence boundaries. No ``cu_seq_lens_*`` are added: Qwen-VL models forward extra
-    keyword arguments to their vision tower too, whose own flash call sets them.
+    keyword arguments to their vision tower too, whose own flash call sets them. The same row 0
+    is how ``attn_implementation="odb_packed"`` (:func:`use_packed_attention`) finds the
+    samples, without flash-attention installed.
 
     ``vision_placeholder`` (:func:`vision_placeholder`), when the loader appends it, is the
     row's last sequence.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import odb
+from odb.adapters.qwen_vl.attention import builds_dense_mask
 from odb.adapters.qwen_vl.config import _config_of, _text_config
 from odb.errors import ConfigError
 
@@ -100,11 +101,17 @@ def compute_cost(
     mode: str = "padded",
     *,
     causal: bool = True,
+    attention: str | None = None,
 ) -> odb.ComputeCost:
     """An ``odb.ComputeCost`` in language-model token units from :func:`model_flops`.
 
     ``attention_weight = attention / token`` (halved when ``causal``: causal kernels skip the
-    upper triangle) multiplies ``sum(len**2)`` (``n * max_len**2`` padded);
+    upper triangle) multiplies the (query, key) pairs the kernel computes: ``n * max_len**2``
+    padded; packed, ``sum(len**2)`` for a kernel that attends within each sample
+    (``odb_packed``, flash-attention, flex) and ``sum(len)**2`` for one that gets a dense
+    row-by-row mask (sdpa, eager: :func:`builds_dense_mask`, ``odb.ComputeCost.dense_mask``).
+    ``attention`` names the kernel; by default it is the model's (its text config's
+    ``_attn_implementation``), and transformers' default, sdpa, for a config that has none;
     ``vision_weight = (patch + window attention) / token`` multiplies the batch's vision
     patches, and ``vision_attention_weight = vision_attention_pair * full layers / token``
     the sum over its images of ``patches**2`` (``SampleSize.vision_pairs``): the tower's
@@ -115,13 +122,16 @@ def compute_cost(
     config = _config_of(model_or_config)
     if mode not in ("padded", "packed"):
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
+    if attention is None:
+        attention = getattr(_text_config(config), "_attn_implementation", None)
     flops = model_flops(config)
-    attention = flops.attention * (0.5 if causal else 1.0)
+    pair_flops = flops.attention * (0.5 if causal else 1.0)
     window = flops.vision_attention_pair * flops.vision_window_layers
     pair = flops.vision_attention_pair * flops.vision_full_layers
     return odb.ComputeCost(
         padded=mode == "padded",
-        attention_weight=attention / flops.token,
+        dense_mask=mode == "packed" and builds_dense_mask(attention),
+        attention_weight=pair_flops / flops.token,
         vision_weight=(flops.patch + window * flops.vision_window_patches) / flops.token,
         vision_attention_weight=pair / flops.token,
     )
@@ -140,13 +150,16 @@ def compute_budget(
     mode: str = "padded",
     *,
     headroom: float = COMPUTE_HEADROOM,
+    attention: str | None = None,
 ) -> odb.Budget:
     """The budget odb plans Qwen-VL batches with by default: priced by :func:`compute_cost`
-    (estimated step time, in text-token units) up to the compute of ``headroom *
+    (estimated step time, in text-token units, for the ``attention`` kernel, by default the
+    model's) up to the compute of ``headroom *
     token_budget`` text tokens, and never more than ``token_budget`` tokens per batch
     (``max_tokens``, the memory bound). A sample within the token cap whose compute alone is
     over the limit runs alone (``odb.Budget.why_over``)."""
     if not (isinstance(headroom, int | float) and headroom >= 1):
         raise ConfigError(f"headroom must be a number >= 1, got {headroom!r}")
     cap = int(odb.Budget(token_budget).limit)  # validated; the cap counts whole tokens
-    return odb.Budget(headroom * cap, compute_cost(model_or_config, mode), odb.Caps(max_tokens=cap))
+    cost = compute_cost(model_or_config, mode, attention=attention)
+    return odb.Budget(headroom * cap, cost, odb.Caps(max_tokens=cap))
