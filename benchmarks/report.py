@@ -328,46 +328,58 @@ def _seconds(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+_SCORES = {
+    "heldout_loss": "held-out loss per token",
+    "heldout_record_loss": "held-out loss per record",
+    "final_loss": "final training loss",
+}
+
+
 def _quality_lines(result: TrainingResult) -> list[str]:
-    """Loss per loader over the seeds, and whether odb neutral's is within Standard's spread."""
+    """Loss per loader over the seeds (mean, lowest, highest), and whether odb neutral's mean
+    is within Standard's spread."""
     config = result.config
-    heldout = config.heldout > 0
-    score = "held-out loss" if heldout else "final training loss"
+    scores = ["heldout_loss", "heldout_record_loss"] if config.heldout else ["final_loss"]
+    what = (
+        f"the {result.data['heldout']} held-out records after training, one at a time: the "
+        f"mean over their label tokens (long records weigh more) and the mean over records of "
+        f"each one's own loss"
+        if config.heldout
+        else "the mean training loss of the last 10% of steps"
+    )
     lines = [
         "",
-        f"Loss over {len(config.seeds)} seeds ({score}: "
-        + (
-            f"token mean over the {result.data['heldout']} held-out records after training"
-            if heldout
-            else "mean of the last 10% of steps"
-        )
-        + "; mean, lowest and highest over the seeds):",
+        f"Loss over {len(config.seeds)} seed(s), {what}; mean [lowest, highest] over the seeds:",
         "",
-        f"| loader | processes | {score} mean | lowest | highest | samples/s mean "
-        "| vs standard mean |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| loader | processes | "
+        + " | ".join(_SCORES[score] for score in scores)
+        + " | samples/s mean | vs standard mean |",
+        "|---|---:|" + "---:|" * (len(scores) + 2),
     ]
-    spreads, verdicts = {}, []
+    verdicts = []
     for world in config.worlds:
         for loader in dict.fromkeys(r.loader for r in result.runs if r.world == world):
             runs = [r for r in result.runs if r.loader == loader and r.world == world]
-            losses = [r.heldout_loss if heldout else r.final_loss for r in runs]
-            spreads[loader, world] = (float(np.mean(losses)), min(losses), max(losses))
+            cells = [
+                "{:.4f} [{:.4f}, {:.4f}]".format(*result.loss_spread(loader, world, score))
+                for score in scores
+            ]
             speedups = [x for x in map(result.speedup, runs) if x is not None]
-            mean_speed = float(np.mean(speedups)) if speedups else None
             lines.append(
-                f"| {loader} | {world} | {spreads[loader, world][0]:.4f} | {min(losses):.4f} "
-                f"| {max(losses):.4f} | {np.mean([r.samples_per_second for r in runs]):.2f} "
-                f"| {_times(mean_speed)} |"
+                f"| {loader} | {world} | {' | '.join(cells)} "
+                f"| {np.mean([r.samples_per_second for r in runs]):.2f} "
+                f"| {_times(float(np.mean(speedups)) if speedups else None)} |"
             )
-        neutral, standard = spreads.get(("odb neutral", world)), spreads.get(("standard", world))
-        if neutral and standard:
-            inside = standard[1] <= neutral[0] <= standard[2]
-            verdicts.append(
-                f"{world} process(es): odb neutral's mean {score} {neutral[0]:.4f} is "
-                + ("within" if inside else "outside")
-                + f" Standard's seed spread [{standard[1]:.4f}, {standard[2]:.4f}]."
-            )
+        loaders = {r.loader for r in result.runs if r.world == world}
+        if {"odb neutral", "standard"} <= loaders:
+            for score in scores:
+                neutral = result.loss_spread("odb neutral", world, score)[0]
+                _, low, high = result.loss_spread("standard", world, score)
+                inside = "within" if low <= neutral <= high else "outside"
+                verdicts.append(
+                    f"{world} process(es), {_SCORES[score]}: odb neutral's mean {neutral:.4f} is "
+                    f"{inside} Standard's seed spread [{low:.4f}, {high:.4f}]."
+                )
     return lines + [line for verdict in verdicts for line in ("", verdict)]
 
 

@@ -230,18 +230,21 @@ def _label_tokens(batch: dict) -> int:
 
 
 @torch.no_grad()
-def _heldout_loss(model: Any, dataset: Any, device: torch.device) -> float:
-    """Token-mean loss of the held-out records, one at a time (no padding)."""
+def _heldout_losses(model: Any, dataset: Any, device: torch.device) -> dict[str, float]:
+    """The held-out records' loss, one record at a time (no padding): the mean over all their
+    label tokens (long records weigh more) and the mean over records of each one's own."""
     model.eval()
     collate = qwen_vl.collator(model, "padded")
-    total = tokens = 0.0
+    losses, tokens = [], []
     for index in range(len(dataset)):
         batch = _to(collate([dataset[index]]), device)
-        count = _label_tokens(batch)
-        total += float(model(**batch).loss) * count
-        tokens += count
+        tokens.append(_label_tokens(batch))
+        losses.append(float(model(**batch).loss))
     model.train()
-    return total / tokens if tokens else float("nan")
+    return {
+        "heldout_loss": sum(x * n for x, n in zip(losses, tokens, strict=True)) / sum(tokens),
+        "heldout_record_loss": sum(losses) / len(losses),
+    }
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -373,10 +376,10 @@ def train_once(folder: Path, loader_name: str, seed: int) -> dict:
         if len(records) == limit:
             break
     peak = _peak_memory_mib(device)
-    heldout = None
+    heldout = {"heldout_loss": None, "heldout_record_loss": None}
     if int(os.environ.get("RANK", "0")) == 0 and (folder / "heldout.json").exists():
         held = qwen_vl.LlavaDataset(folder / "heldout.json", settings["images"], trained.processor)
-        heldout = _heldout_loss(model, held, device)
+        heldout = _heldout_losses(model, held, device)
     if world > 1:
         torch.distributed.destroy_process_group()
     return {
@@ -384,7 +387,7 @@ def train_once(folder: Path, loader_name: str, seed: int) -> dict:
         "dtype": settings["dtype"],
         "peak_memory_mib": peak,
         "learning_rate": learning_rate,
-        "heldout_loss": heldout,
+        **heldout,
         "weights": float(sum(p.detach().double().sum() for p in model.parameters())),
         "steps": records,
     }

@@ -205,6 +205,7 @@ class TrainingRun:
     model_tflops: float
     mfu: float | None
     heldout_loss: float | None
+    heldout_record_loss: float | None
     missing: int | None
     repeated: int | None
     losses: list[float] = field(repr=False)
@@ -248,16 +249,11 @@ class TrainingResult:
         base = self.standard(run)
         return run.samples_per_second / base.samples_per_second if base else None
 
-    def heldout_spread(self, loader: str, world: int) -> tuple[float, float, float] | None:
-        """Mean, lowest and highest held-out loss of ``loader`` over the seeds."""
-        losses = [
-            r.heldout_loss
-            for r in self.runs
-            if r.loader == loader and r.world == world and r.heldout_loss is not None
-        ]
-        if not losses:
-            return None
-        return float(np.mean(losses)), min(losses), max(losses)
+    def loss_spread(self, loader: str, world: int, score: str) -> tuple[float, float, float]:
+        """Mean, lowest and highest of a run figure ``score`` (``heldout_loss``,
+        ``heldout_record_loss`` or ``final_loss``) of ``loader`` over the seeds."""
+        values = [getattr(r, score) for r in self.runs if r.loader == loader and r.world == world]
+        return float(np.mean(values)), min(values), max(values)
 
 
 # -- the data ------------------------------------------------------------------------------------
@@ -407,6 +403,7 @@ def _summarise(
         model_tflops=flops / 1e12,
         mfu=flops / peak if peak else None,
         heldout_loss=ranks[0]["heldout_loss"],
+        heldout_record_loss=ranks[0]["heldout_record_loss"],
         missing=int(np.count_nonzero(counts == 0)) if whole_epoch else None,
         repeated=int((counts[counts > 1] - 1).sum()) if whole_epoch else None,
         losses=[step["loss"] for step in steps[0]],

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from odb.benchmarks.qwen_vl_offline import (
     tiny_model,
     tiny_processor,
 )
+from odb.benchmarks.report import _quality_lines
 from odb.benchmarks.train_models import PRESETS, model_name
 from odb.benchmarks.training_run import _loader
-from odb.benchmarks.training_suite import TrainingConfig, _summarise, peak_flops
+from odb.benchmarks.training_suite import TrainingConfig, TrainingResult, _summarise, peak_flops
 
 IMAGES = ImageSettings(28 * 28 * 4, 28 * 28 * 64)
 
@@ -150,6 +152,7 @@ def _rank(steps: list[list[int]], busy: float = 1.0, wait: float = 0.0) -> dict:
         "peak_memory_mib": 100.0,
         "learning_rate": 1e-3,
         "heldout_loss": None,
+        "heldout_record_loss": None,
         "weights": 1.5,
         "steps": [
             {
@@ -195,6 +198,25 @@ def test_summary_times_the_steps_after_warm_up_at_the_slowest_rank():
     limited = TrainingConfig(steps=2, budget=4096, max_length=2048)
     part = _summarise(limited, "odb-padded", 1, 0, [_rank([[0], [1], [2]])], sizes, 2)
     assert (part.missing, part.repeated) == (None, None)
+
+
+def test_quality_table_compares_odb_neutral_with_standards_seed_spread():
+    sizes = _sizes([10, 20, 30, 40])
+    config = TrainingConfig(budget=4096, max_length=2048, seeds=(0, 1, 2), heldout=2)
+    base = _summarise(config, "standard", 1, 0, [_rank([[0, 1], [2, 3]])], sizes, 2)
+    standard = [(0, 2.9, 3.0), (1, 3.1, 3.2), (2, 3.0, 3.1)]  # seed, per token, per record
+    neutral = [(0, 3.15, 3.4), (1, 3.05, 3.3), (2, 3.1, 3.35)]  # means 3.1 (in), 3.35 (out)
+    runs = [
+        replace(base, loader=name, seed=seed, heldout_loss=tok, heldout_record_loss=rec)
+        for name, rows in (("standard", standard), ("odb neutral", neutral))
+        for seed, tok, rec in rows
+    ]
+    result = TrainingResult(config, {"heldout": 2}, runs)
+    assert result.loss_spread("odb neutral", 1, "heldout_loss") == pytest.approx((3.1, 3.05, 3.15))
+    text = "\n".join(_quality_lines(result))
+    assert "held-out loss per token: odb neutral's mean 3.1000 is within" in text
+    assert "held-out loss per record: odb neutral's mean 3.3500 is outside" in text
+    assert "| odb neutral | 1 | 3.1000 [3.0500, 3.1500] | 3.3500 [3.3000, 3.4000] |" in text
 
 
 def test_summary_refuses_ranks_that_disagree():
@@ -307,6 +329,7 @@ def test_cli_trains_on_llava_data_with_two_processes(llava_data, tmp_path, capsy
         assert (run["missing"], run["repeated"]) == (0, 0), run["loader"]
         assert run["samples_seen"][-1] == samples and len(run["losses"]) == run["steps"]
         assert all(np.isfinite(run["losses"])) and np.isfinite(run["heldout_loss"])
+        assert np.isfinite(run["heldout_record_loss"])
     standard, padded, neutral = runs
     assert standard["steps"] == -(-samples // (2 * batch_size))
     assert standard["learning_rate"] == 1e-3
@@ -318,7 +341,7 @@ def test_cli_trains_on_llava_data_with_two_processes(llava_data, tmp_path, capsy
     assert printed.count("Training, MEASURED on cpu: ") == 3 and "Planner" not in printed
     report = (out / "report.md").read_text()
     assert "## Measured training (tiny on train" in report and "## Planner" not in report
-    assert "Loss over 1 seeds (held-out loss" in report
+    assert "Loss over 1 seed(s), the 2 held-out records" in report
 
 
 @pytest.mark.slow
