@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.llava is not None and args.set is None:
         multimodal_config = replace(multimodal_config, sets=())
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = len(config.cvs) * POLICY_COUNT + 1
+    steps = config.set_count * POLICY_COUNT + 1
     mm_sets = len(multimodal_config.sets) + (args.llava is not None)
     steps += mm_sets * (1 + len(multimodal_config.worlds))
     if args.train:

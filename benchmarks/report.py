@@ -39,18 +39,19 @@ def _rate(value: float | None) -> str:
 
 
 def planner_table(results: list[SetResult]) -> str:
-    """One row per (length set, policy)."""
+    """One row per (length set, policy); speeds are samples per second of CPU time."""
     lines = [
         "| set | policy | batch size | steps | padding eff. | fill | peak tokens "
-        "| over-budget steps | plan samples/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| over-budget steps | planner samples/s (CPU) | rounds samples/s (CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         for m in result.metrics:
             lines.append(
                 f"| {result.name} | {m.policy} | {m.mean_batch_size:.2f} | {m.steps} "
                 f"| {m.padding_efficiency:.4f} | {m.fill:.4f} | {m.peak_padded_tokens} "
-                f"| {m.over_budget_steps} | {_rate(m.plan_samples_per_second)} |"
+                f"| {m.over_budget_steps} | {_rate(m.plan_samples_per_second)} "
+                f"| {_rate(m.round_samples_per_second)} |"
             )
     return "\n".join(lines)
 
@@ -373,11 +374,14 @@ def markdown(results: BenchResults) -> str:
         "## Planner",
         "",
         f"Token budget {config.budget}, odb window {config.window}, {config.samples} samples "
-        f"per set, seed {config.seed}. `standard` is a shuffled epoch in fixed-size batches of "
+        f"per built-in set (lognormal lengths, then the lengths of the built-in multimodal "
+        f"sets), seed {config.seed}. `standard` is a shuffled epoch in fixed-size batches of "
         f"the largest size that fits the budget in at least 99% of batches; `sorted` sorts the "
         f"whole epoch by length (an offline best case for padding); odb rows run odb's own "
         f"planning rounds. Fill is real tokens per step over the budget; packed rows have no "
-        f"padding. Batch size is the mean number of samples per batch.",
+        f"padding. Batch size is the mean number of samples per batch. Speeds are the epoch's "
+        f"samples per second of CPU time: inside the planner (every `plan_groups` call of the "
+        f"rounds), and in the whole rounds (intake, planning and decision).",
         "",
         planner_table(planner),
     ]
