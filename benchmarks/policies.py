@@ -17,6 +17,7 @@ A batch is an array of sample indices. The policies:
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,14 +191,23 @@ def odb_simulation(
 
     The clock (``time.process_time``: CPU time, which a busy machine does not inflate as it
     does wall time) covers the rounds of every simulated rank (intake, plan, exchange, decide,
-    take), i.e. the loader's own work, without the user's pipeline or collation.
+    take), i.e. the loader's own work, without the user's pipeline or collation. Objects that
+    exist before the run are frozen out of the garbage collector meanwhile: otherwise a full
+    collection over everything a benchmark has kept so far (earlier runs' batches) lands in
+    some run's rounds, which then measure up to 5x slower than in a fresh process.
     """
     settings = RoundSettings.create(budget, window=window, round_size=round_size)
     order = epoch_order(len(sizes), seed, epoch)
     shards = [[(int(i), sizes[i]) for i in order[rank::world]] for rank in range(world)]
-    start = time.process_time()
-    simulation = simulate(shards, settings, seed=seed, epoch=epoch)
-    return simulation, time.process_time() - start
+    gc.collect()
+    gc.freeze()
+    try:
+        start = time.process_time()
+        simulation = simulate(shards, settings, seed=seed, epoch=epoch)
+        seconds = time.process_time() - start
+    finally:
+        gc.unfreeze()
+    return simulation, seconds
 
 
 def odb_batches(
