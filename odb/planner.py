@@ -312,24 +312,47 @@ def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> lis
     cost_model, caps, limit = budget.cost, budget.caps, budget.limit
     patches, pairs, images = vision
     item_cost = cost_model.sample_cost(lengths[order], patches[order], pairs[order]).tolist()
-    capped = _BinCaps(caps, lengths[order], patches[order], images[order]) if caps.any else None
+    capped = caps.any
+    max_samples, max_images = caps.max_samples, caps.max_images
+    max_patches, max_tokens = caps.max_vision_patches, caps.max_tokens
+    if capped:
+        item_patches = patches[order].tolist()
+        item_images = images[order].tolist()
+        item_tokens = lengths[order].tolist()
+        bin_samples: list[int] = []
+        bin_patches: list[int] = []
+        bin_images: list[int] = []
+        bin_tokens: list[int] = []
     bin_of: list[int] = []  # the bin of each item rank
     room_keys: list[float] = []  # free room of each open bin, sorted ascending
     room_bins: list[int] = []  # bin id for each entry of room_keys
     for rank, cost in enumerate(item_cost):
         slot = bisect.bisect_left(room_keys, cost)
-        if capped is not None:
-            while slot < len(room_keys) and not capped.admits(room_bins[slot], rank):
-                slot += 1
+        while capped and slot < len(room_keys):
+            b = room_bins[slot]
+            if (
+                (max_samples is None or bin_samples[b] < max_samples)
+                and (max_images is None or bin_images[b] + item_images[rank] <= max_images)
+                and (max_patches is None or bin_patches[b] + item_patches[rank] <= max_patches)
+                and (max_tokens is None or bin_tokens[b] + item_tokens[rank] <= max_tokens)
+            ):
+                break
+            slot += 1
         if slot < len(room_keys):
             b = room_bins.pop(slot)
             room = room_keys.pop(slot) - cost
         else:
-            b = len(room_keys)  # every bin has one entry there
+            b = len(room_keys)  # a new bin (every bin has one entry there)
             room = limit - cost
+            if capped:
+                for column in (bin_samples, bin_patches, bin_images, bin_tokens):
+                    column.append(0)
         bin_of.append(b)
-        if capped is not None:
-            capped.add(b, rank)
+        if capped:
+            bin_samples[b] += 1
+            bin_patches[b] += item_patches[rank]
+            bin_images[b] += item_images[rank]
+            bin_tokens[b] += item_tokens[rank]
         slot = bisect.bisect_left(room_keys, room)
         room_keys.insert(slot, room)
         room_bins.insert(slot, b)
@@ -344,8 +367,8 @@ def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> lis
     room[room_bins] = room_keys
     cost = limit - room
     quality = cost / limit
-    if caps.max_tokens is not None:  # a row full of tokens is full, whatever it costs
-        quality = np.maximum(quality, real / caps.max_tokens)
+    if max_tokens is not None:  # a row full of tokens is full, whatever it costs
+        quality = np.maximum(quality, real / max_tokens)
     ready = np.ones(len(cost), dtype=bool) if final else quality >= fill_threshold
     fit = Reason.FLUSH if final else Reason.FILL
     return [
@@ -360,42 +383,3 @@ def _pack_best_fit(order, lengths, vision, budget, fill_threshold, final) -> lis
             strict=True,
         )
     ]
-
-
-class _BinCaps:
-    """What each packed bin holds against the caps: samples, images, patches and tokens."""
-
-    def __init__(self, caps, tokens, patches, images) -> None:
-        self.caps = caps
-        self.tokens, self.patches = tokens.tolist(), patches.tolist()
-        self.images = images.tolist()
-        self.bin_samples: list[int] = []
-        self.bin_tokens: list[int] = []
-        self.bin_patches: list[int] = []
-        self.bin_images: list[int] = []
-
-    def admits(self, b: int, rank: int) -> bool:
-        """Whether bin ``b`` can take item ``rank`` within every cap."""
-        caps = self.caps
-        return (
-            (caps.max_samples is None or self.bin_samples[b] < caps.max_samples)
-            and (
-                caps.max_images is None or self.bin_images[b] + self.images[rank] <= caps.max_images
-            )
-            and (
-                caps.max_vision_patches is None
-                or self.bin_patches[b] + self.patches[rank] <= caps.max_vision_patches
-            )
-            and (
-                caps.max_tokens is None or self.bin_tokens[b] + self.tokens[rank] <= caps.max_tokens
-            )
-        )
-
-    def add(self, b: int, rank: int) -> None:
-        if b == len(self.bin_samples):
-            for column in (self.bin_samples, self.bin_tokens, self.bin_patches, self.bin_images):
-                column.append(0)
-        self.bin_samples[b] += 1
-        self.bin_tokens[b] += self.tokens[rank]
-        self.bin_patches[b] += self.patches[rank]
-        self.bin_images[b] += self.images[rank]
