@@ -283,8 +283,26 @@ def _cut_padded(order, lengths, vision, budget, fill_threshold, final) -> list[G
 
 
 def _fit_vision(start, most, row_cost, cum, budget) -> int:
-    """Largest group size <= ``most`` from ``start`` within the vision cost and caps."""
+    """Largest group size <= ``most`` from ``start`` within the vision cost and caps.
+
+    A run's cost and vision totals only grow with its size, so the sizes that fit are a
+    prefix: when the largest fits (most runs) the smaller ones need not be priced."""
     caps, cost = budget.caps, budget.cost
+    end = start + most
+    largest_patches = int(cum["patches"][end] - cum["patches"][start])
+    largest_cost = (
+        most * row_cost
+        + cost.vision_weight * largest_patches
+        + cost.vision_attention_weight * int(cum["pairs"][end] - cum["pairs"][start])
+    )
+    if (
+        largest_cost <= budget.limit
+        and (caps.max_vision_patches is None or largest_patches <= caps.max_vision_patches)
+        and (
+            caps.max_images is None or cum["images"][end] - cum["images"][start] <= caps.max_images
+        )
+    ):
+        return most
     window = slice(start + 1, start + most + 1)
     group_patches = cum["patches"][window] - cum["patches"][start]
     group_pairs = cum["pairs"][window] - cum["pairs"][start]

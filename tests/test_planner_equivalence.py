@@ -117,3 +117,53 @@ def test_same_plan_on_full_windows(seed, n, cv, packed, final):
         keep=896,
         final=final,
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    columns=buffers(),
+    cost=costs,
+    k=st.integers(1, 30),
+    nudge=st.sampled_from([-1e-4, -1e-6, 0.0, 1e-6, 1e-4]),
+    bound=st.sampled_from(["limit", "max_tokens", "max_vision_patches", "max_images"]),
+    cap_samples=st.booleans(),
+    final=st.booleans(),
+)
+def test_same_plan_at_the_budget_and_caps_boundaries(
+    columns, cost, k, nudge, bound, cap_samples, final
+):
+    """The budget or a cap set just at, below or above what the first run of the k longest
+    samples takes (and that run's size as max_samples, so the run cannot grow past the edge
+    by its count alone): decisions right at the edge must match too."""
+    lengths, patches, images, ages, solo, pairs = columns
+    first = np.argsort(-lengths, kind="stable")[:k]
+    if len(first) == 0:
+        return
+    n, longest = len(first), int(lengths[first].max())
+    run_patches, run_pairs = int(patches[first].sum()), int(pairs[first].sum())
+    if cost.padded:  # priced as the planner prices a run: n rows of the longest, plus vision
+        tokens = n * longest
+        row = longest * (1.0 + cost.attention_weight * longest)
+        run_cost = (
+            n * row + cost.vision_weight * run_patches + cost.vision_attention_weight * run_pairs
+        )
+    else:
+        tokens = int(lengths[first].sum())
+        run_cost = float(cost.sample_cost(lengths[first], patches[first], pairs[first]).sum())
+    caps = {"max_samples": n} if cap_samples else {}
+    if bound == "limit":
+        budget = Budget(run_cost * (1 + nudge), cost, Caps(**caps))
+    else:
+        edge = {"max_tokens": tokens, "max_vision_patches": run_patches}.get(bound)
+        edge = int(images[first].sum()) if edge is None else edge
+        caps[bound] = max(1, edge + int(np.sign(nudge)))
+        budget = Budget(run_cost * 2 + 1, cost, Caps(**caps))
+    _assert_same_plan(
+        (lengths, patches, images, ages, solo),
+        budget,
+        fill_threshold=0.9,
+        max_wait=4,
+        keep=len(lengths) // 2,
+        final=final,
+        vision_pairs=pairs,
+    )
