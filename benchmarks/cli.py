@@ -33,7 +33,6 @@ from .planner_suite import (
     LengthSet,
     PlannerConfig,
     SetResult,
-    lognormal_sets,
     run_planner,
 )
 from .plots import write_multimodal_plots, write_plots, write_training_plots
@@ -345,13 +344,15 @@ def _progress(total: int):
 
 
 def _planner_config(args: argparse.Namespace) -> PlannerConfig:
-    """The planner's settings; its lognormal sets are those of ``--cv``, the default ones
-    unless ``--llava`` gives the data to plan."""
+    """The planner's settings: the lognormal sets of ``--cv`` and the real-length sets of
+    ``--set``, the default ones; with ``--llava`` the user's lengths (added by the caller),
+    and lognormal sets only if ``--cv`` asks."""
     quick = _QUICK if args.quick else {}
-    default_cvs = () if args.llava is not None else _DEFAULTS.cvs
+    llava = args.llava is not None
     return PlannerConfig(
         mean=args.mean,
-        cvs=tuple(args.cv) if args.cv else default_cvs,
+        cvs=tuple(args.cv) if args.cv else () if llava else _DEFAULTS.cvs,
+        real_sets=() if llava else tuple(args.set or _DEFAULTS.real_sets),
         samples=args.samples or quick.get("samples", _DEFAULTS.samples),
         budget=args.budget,
         window=args.window or quick.get("window", _DEFAULTS.window),
@@ -508,18 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         multimodal_config = replace(multimodal_config, sets=())
     args.out.mkdir(parents=True, exist_ok=True)
     llava = llava_input = None
-    planner_sets, alignment_sets = [], None  # None: the alignment suite's own lognormal set
-    if estimates:
-        if args.llava is not None:
-            llava, llava_input = _llava(args, multimodal_config.budget)
-        planner_sets = lognormal_sets(config)
-        if llava is not None:
-            user = _lengths(llava, llava_input)
-            planner_sets.append(user)
-            alignment_sets = [user]
+    planner_extra, alignment_sets = {}, None  # None: the alignment suite's own lognormal set
+    if estimates and args.llava is not None:
+        llava, llava_input = _llava(args, multimodal_config.budget)
+        planner_extra = {llava.name: llava.lengths}
+        alignment_sets = [_lengths(llava, llava_input)]
     steps = 0
     if estimates:
-        steps += len(planner_sets) * POLICY_COUNT + 1
+        steps += (config.set_count + len(planner_extra)) * POLICY_COUNT + 1
         mm_sets = len(multimodal_config.sets) + (llava is not None)
         steps += mm_sets * (1 + len(multimodal_config.worlds))
     if training_config is not None:
@@ -533,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     alignment = multimodal = None
     with _progress(steps) as progress:
         if estimates:
-            planner = run_planner(config, planner_sets, progress=progress)
+            planner = run_planner(config, planner_extra, progress=progress)
             alignment_config = _alignment_config(args)
             alignment = (alignment_config, run_alignment(alignment_config, alignment_sets))
             progress("alignment")

@@ -27,7 +27,9 @@ class PolicyMetrics:
     per padded batch; a packed row computes only its real tokens). ``fill`` is the mean real
     tokens per step over the budget. ``over_budget_steps`` counts batches whose padded tokens
     exceed the budget (only the fixed-size policy can have any). ``plan_samples_per_second``
-    is odb's planning throughput, None for the offline policies.
+    is the epoch's samples over the CPU time of odb's planner calls, ``round_samples_per_second``
+    over the CPU time of its whole rounds (intake and decision included); None for the offline
+    policies.
     """
 
     policy: str
@@ -42,6 +44,7 @@ class PolicyMetrics:
     mean_batch_size: float
     max_batch_size: int
     plan_samples_per_second: float | None
+    round_samples_per_second: float | None
 
 
 def check_coverage(name: str, batches: list[np.ndarray], n: int) -> None:
@@ -72,9 +75,10 @@ def measure(run: PolicyRun, lengths: np.ndarray, budget: float) -> PolicyMetrics
     else:
         padded = sizes * np.array([lengths[b].max() for b in run.batches], dtype=np.int64)
     steps = len(run.batches)
-    throughput = None
-    if run.plan_seconds is not None and run.plan_seconds > 0:
-        throughput = len(lengths) / run.plan_seconds
+
+    def per_second(seconds: float | None) -> float | None:
+        return len(lengths) / seconds if seconds else None
+
     return PolicyMetrics(
         policy=run.name,
         samples=len(lengths),
@@ -87,5 +91,6 @@ def measure(run: PolicyRun, lengths: np.ndarray, budget: float) -> PolicyMetrics
         over_budget_steps=int(np.count_nonzero(padded > budget)),
         mean_batch_size=float(sizes.mean()) if steps else 0.0,
         max_batch_size=int(sizes.max(initial=0)),
-        plan_samples_per_second=throughput,
+        plan_samples_per_second=per_second(run.plan_seconds),
+        round_samples_per_second=per_second(run.round_seconds),
     )

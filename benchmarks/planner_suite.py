@@ -1,20 +1,29 @@
 """The planner suite: every policy on the same length sets, odb's planning rounds included.
 
 It measures batching quality and planning speed from lengths alone (no tokenizer, no model),
-so it runs in seconds and isolates the planner from the input pipeline.
+so it runs in seconds and isolates the planner from the input pipeline. The sets: lognormal
+lengths at several spreads, the lengths of the built-in multimodal sets (real-shaped data,
+visual tokens included), and any named lengths the caller adds (a user's data).
+
+Planning speed is counted in CPU time, which a busy machine does not inflate as it does wall
+time: samples per CPU second inside the planner (``LoaderStats.planner_cpu_seconds``: every
+call of :func:`odb.planner.plan_groups` in the epoch's rounds), and per CPU second of the whole
+rounds (intake, planning, decision; see :func:`~.policies.odb_simulation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from odb.cost import Budget, PackedCost, PaddedCost
+from odb.errors import ConfigError
 
 from .lengths import clip_to_budget, lognormal_lengths
 from .metrics import PolicyMetrics, measure
+from .multimodal_sets import BUILTIN_SETS, builtin_sets
 from .policies import (
     PolicyRun,
     epoch_order,
@@ -31,6 +40,7 @@ __all__ = [
     "PlannerConfig",
     "SetResult",
     "lognormal_sets",
+    "real_length_sets",
     "run_planner",
 ]
 
@@ -40,8 +50,9 @@ POLICY_COUNT = 4
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    """What the planner suite runs: the lognormal sets (``mean``, one per ``cvs`` entry, of
-    ``samples`` each) under a ``budget`` with odb's planning ``window``."""
+    """What the planner suite runs: the lognormal sets (``mean``, one per ``cvs`` entry) and
+    the lengths of the built-in multimodal sets named in ``real_sets``, ``samples`` each,
+    under a ``budget`` with odb's planning ``window``."""
 
     mean: float = 1500.0
     cvs: tuple[float, ...] = (0.3, 0.5, 1.0, 2.5)
@@ -49,6 +60,12 @@ class PlannerConfig:
     budget: int = 16_384
     window: int = 1024
     seed: int = 0
+    real_sets: tuple[str, ...] = tuple(BUILTIN_SETS)
+
+    @property
+    def set_count(self) -> int:
+        """The built-in sets the suite runs (for progress bars)."""
+        return len(self.cvs) + len(self.real_sets)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,31 @@ def lognormal_sets(config: PlannerConfig) -> list[LengthSet]:
     return sets
 
 
+def real_length_sets(config: PlannerConfig) -> list[LengthSet]:
+    """The lengths of the built-in multimodal sets (:mod:`.multimodal_sets`), drawn within the
+    budget (``filtered``: drawn samples over it, drawn again): real-shaped spreads, with the
+    visual tokens of each sample's images."""
+    sets = []
+    for data in builtin_sets(config.real_sets, config.samples, config.budget, config.seed):
+        summary = data.summary()
+        params = {
+            "distribution": "multimodal set",
+            "mean": round(summary["mean_length"], 1),
+            "cv": round(summary["length_cv"], 3),
+            "filtered": data.filtered,
+        }
+        sets.append(LengthSet(data.name, data.lengths, 0, params))
+    return sets
+
+
+def _named_set(name: str, lengths: np.ndarray, budget: int) -> LengthSet:
+    """A caller's lengths (a user's data), clipped to the budget."""
+    lengths, clipped = clip_to_budget(lengths, budget)
+    if len(lengths) == 0:
+        raise ConfigError(f"length set {name!r} is empty: give at least one sample length")
+    return LengthSet(name, lengths, clipped, {"distribution": "given"})
+
+
 def _runs(lengths: np.ndarray, batch_size: int, config: PlannerConfig) -> Iterator[PolicyRun]:
     """Each policy's epoch, one at a time (so progress can be shown between them)."""
     yield standard_batches(lengths, config.budget, config.seed, batch_size)
@@ -95,13 +137,19 @@ def _runs(lengths: np.ndarray, batch_size: int, config: PlannerConfig) -> Iterat
 
 def run_planner(
     config: PlannerConfig,
-    sets: list[LengthSet] | None = None,
+    extra_sets: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[SetResult]:
-    """Run every policy on every set (the built-in lognormal sets unless ``sets`` is given);
-    ``progress`` is called after each policy run."""
+    """Run every policy on every built-in set and on ``extra_sets`` (name -> sample lengths,
+    for example a ``--llava`` input's; clipped to the budget); ``progress`` is called after
+    each policy run."""
+    sets = lognormal_sets(config) + real_length_sets(config)
+    sets += [
+        _named_set(name, np.asarray(lengths), config.budget)
+        for name, lengths in (extra_sets or {}).items()
+    ]
     results = []
-    for length_set in sets if sets is not None else lognormal_sets(config):
+    for length_set in sets:
         lengths = length_set.lengths
         batch_size = standard_batch_size(
             lengths, config.budget, epoch_order(len(lengths), config.seed)

@@ -17,6 +17,7 @@ A batch is an array of sample indices. The policies:
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,12 +51,14 @@ BMT_BUCKET = 4096
 @dataclass(frozen=True)
 class PolicyRun:
     """One epoch of one policy: its batches, whether they are packed rows (no padding), and,
-    for odb, the seconds spent planning."""
+    for odb, CPU seconds: ``plan_seconds`` inside the planner, ``round_seconds`` in the whole
+    rounds (see :func:`odb_simulation`)."""
 
     name: str
     batches: list[np.ndarray]
     packed: bool = False
     plan_seconds: float | None = None
+    round_seconds: float | None = None
 
 
 def epoch_order(n: int, seed: int, epoch: int = 0) -> np.ndarray:
@@ -184,17 +187,27 @@ def odb_simulation(
 ) -> tuple[Simulation, float]:
     """One epoch of ``world`` ranks through the loader's own round engine
     (:func:`odb.simulate.simulate`), each rank reading every ``world``-th index of the order
-    ``odb.DataLoader`` reads with ``shuffle=True``; and the seconds it took.
+    ``odb.DataLoader`` reads with ``shuffle=True``; and the process CPU seconds it took.
 
-    The clock covers the rounds (intake, plan, exchange, decide, take), i.e. the planner's
-    share of a real loader, without the user's pipeline or collation.
+    The clock (``time.process_time``: CPU time, which a busy machine does not inflate as it
+    does wall time) covers the rounds of every simulated rank (intake, plan, exchange, decide,
+    take), i.e. the loader's own work, without the user's pipeline or collation. Objects that
+    exist before the run are frozen out of the garbage collector meanwhile: otherwise a full
+    collection over everything a benchmark has kept so far (earlier runs' batches) lands in
+    some run's rounds, which then measure up to 5x slower than in a fresh process.
     """
     settings = RoundSettings.create(budget, window=window, round_size=round_size)
     order = epoch_order(len(sizes), seed, epoch)
     shards = [[(int(i), sizes[i]) for i in order[rank::world]] for rank in range(world)]
-    start = time.perf_counter()
-    simulation = simulate(shards, settings, seed=seed, epoch=epoch)
-    return simulation, time.perf_counter() - start
+    gc.collect()
+    gc.freeze()
+    try:
+        start = time.process_time()
+        simulation = simulate(shards, settings, seed=seed, epoch=epoch)
+        seconds = time.process_time() - start
+    finally:
+        gc.unfreeze()
+    return simulation, seconds
 
 
 def odb_batches(
@@ -205,9 +218,16 @@ def odb_batches(
     round_size: int | None = None,
     epoch: int = 0,
 ) -> PolicyRun:
-    """One epoch of one process through odb's rounds (see :func:`odb_simulation`)."""
+    """One epoch of one process through odb's rounds (see :func:`odb_simulation`), with the
+    CPU time of its planner calls (``LoaderStats.planner_cpu_seconds``) and of its rounds."""
     simulation, seconds = odb_simulation(sizes, budget, seed, 1, window, round_size, epoch)
     batches = [
         np.array(s.sample_indices, dtype=np.int64) for s in simulation.steps[0] if not s.ghost
     ]
-    return PolicyRun(odb_name(budget), batches, packed=not budget.cost.padded, plan_seconds=seconds)
+    return PolicyRun(
+        odb_name(budget),
+        batches,
+        packed=not budget.cost.padded,
+        plan_seconds=simulation.stats[0].planner_cpu_seconds,
+        round_seconds=seconds,
+    )

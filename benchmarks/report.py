@@ -43,18 +43,19 @@ def _rate(value: float | None) -> str:
 
 
 def planner_table(results: list[SetResult]) -> str:
-    """One row per (length set, policy)."""
+    """One row per (length set, policy); speeds are samples per second of CPU time."""
     lines = [
         "| set | policy | batch size | steps | padding eff. | fill | peak tokens "
-        "| over-budget steps | plan samples/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| over-budget steps | planner samples/s (CPU) | rounds samples/s (CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         for m in result.metrics:
             lines.append(
                 f"| {result.name} | {m.policy} | {m.mean_batch_size:.2f} | {m.steps} "
                 f"| {m.padding_efficiency:.4f} | {m.fill:.4f} | {m.peak_padded_tokens} "
-                f"| {m.over_budget_steps} | {_rate(m.plan_samples_per_second)} |"
+                f"| {m.over_budget_steps} | {_rate(m.plan_samples_per_second)} "
+                f"| {_rate(m.round_samples_per_second)} |"
             )
     return "\n".join(lines)
 
@@ -502,15 +503,22 @@ def _ranks(worlds: tuple[int, ...]) -> str:
 
 
 def _planner_sets(results: BenchResults) -> str:
+    """The planner's sets in a few words: the lognormal ones by CV, the others by name, each
+    group with its sample count."""
     lognormal = [r for r in results.planner if r.params.get("distribution") == "lognormal"]
-    parts = [f"{r.name} ({r.metrics[0].samples} samples)" for r in results.planner]
+    others = [r for r in results.planner if r not in lognormal]
+    parts = []
     if lognormal:
         cvs = ", ".join(f"{r.params['cv']:g}" for r in lognormal)
-        parts = [
+        parts.append(
             f"lognormal CV {cvs} (mean {results.config.mean:g}, "
-            f"{lognormal[0].metrics[0].samples} samples each)",
-            *(part for r, part in zip(results.planner, parts, strict=True) if r not in lognormal),
-        ]
+            f"{lognormal[0].metrics[0].samples} samples each)"
+        )
+    counts = {r.metrics[0].samples for r in others}
+    if len(counts) == 1 and len(others) > 1:
+        parts.append(f"{', '.join(r.name for r in others)} ({counts.pop()} samples each)")
+    else:
+        parts += [f"{r.name} ({r.metrics[0].samples} samples)" for r in others]
     return "; ".join(parts)
 
 
@@ -520,8 +528,8 @@ def what_ran(results: BenchResults) -> list[str]:
     config, lines = results.config, []
     if results.planner:
         lines.append(
-            f"planner, measured: {_planner_sets(results)}; budget {config.budget} tokens, "
-            f"window {config.window}, seed {config.seed}"
+            f"planner, measured: {_planner_sets(results)}; budget {config.budget}, "
+            f"window {config.window}"
         )
     if results.alignment is not None:
         alignment_config, rows = results.alignment
@@ -584,7 +592,10 @@ def markdown(results: BenchResults) -> str:
             f"batches of the largest size that fits the budget in at least 99% of batches; "
             f"`sorted` sorts the whole epoch by length (an offline best case for padding); odb "
             f"rows run odb's own planning rounds. Fill is real tokens per step over the budget; "
-            f"packed rows have no padding. Batch size is the mean number of samples per batch.",
+            f"packed rows have no padding. Batch size is the mean number of samples per batch. "
+            f"Speeds are the epoch's samples per second of CPU time: inside the planner (every "
+            f"`plan_groups` call of the rounds), and in the whole rounds (intake, planning and "
+            f"decision).",
             "",
             planner_table(planner),
         ]

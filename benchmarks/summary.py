@@ -44,9 +44,8 @@ def _multimodal_lines(result: MultimodalResult) -> list[str]:
         return []
     w = max(18, *(len(s["name"]) for s in result.sets))
     lines = [
-        f"Multimodal, ESTIMATED by the GPU step model ({model} on H100). vs std / vs best: "
-        f"samples/s over standard's / the best offline oracle's; balance: the ranks' compute "
-        f"over the slowest rank's",
+        f"Multimodal, ESTIMATED ({model} on H100): samples/s over standard's / best oracle's; "
+        f"balance",
         f"  {'set':<{w}} {'ranks':>5}" + "".join(f"  {p:<26}" for p in shown) + "  best oracle",
         f"  {'':<{w}} {'':>5}" + "  vs std  vs best  balance   " * len(shown) + "  balance",
     ]
@@ -77,8 +76,8 @@ def _planner_lines(results: list[SetResult]) -> list[str]:
         return []
     w = max(18, *(len(r.name) for r in results))
     lines = [
-        "Planner, MEASURED (counted on the lengths, exact for the seed). steps: standard's "
-        "over odb's; fill: real tokens per step over the budget",
+        "Planner, MEASURED (exact for the seed): steps standard's / odb's; fill real tokens "
+        "/ budget",
         f"  {'set':<{w}} {'steps odb padded':>17} {'odb packed':>11}   {'fill odb padded':>15} "
         f"{'sorted':>7} {'odb packed':>11}",
     ]
@@ -94,8 +93,10 @@ def _planner_lines(results: list[SetResult]) -> list[str]:
         for metric in result.metrics:
             if metric.plan_samples_per_second is not None:
                 rates.setdefault(metric.policy, []).append(metric.plan_samples_per_second)
-    speeds = ", ".join(f"{policy} {_span(r, ',.0f')}" for policy, r in rates.items())
-    lines.append(f"Planning speed, MEASURED on this machine (samples/s): {speeds}")
+    speeds = ", ".join(
+        f"{policy} {_span([rate / 1000 for rate in r], '.0f')}k" for policy, r in rates.items()
+    )
+    lines.append(f"Planning speed, MEASURED (samples per CPU second in the planner): {speeds}")
     return lines
 
 

@@ -122,7 +122,7 @@ class RoundEngine:
         self.source = source
         self.epoch = epoch
         self.stats = stats if stats is not None else LoaderStats(config.settings.budget.limit)
-        self.buffer = SampleBuffer()
+        self.buffer = SampleBuffer(self.stats)
         self.pending: deque[Step] = deque()
         self.ghost: Entry | None = None
         self.lent_ghost: bytes | None = None  # a ghost sample another rank sent, serialized

@@ -14,9 +14,12 @@ class LoaderStats:
     ``fill`` is real tokens per step over the token budget; ``padding_efficiency`` is real
     tokens over the tokens the batches compute (padding included). ``wait_seconds`` is time
     spent blocked on the user's pipeline (workers), ``plan_seconds`` measuring and planning,
-    ``collate_seconds`` collating. ``ghost_steps`` are steps a rank ran on a copy with loss
-    weight 0 because it had no data left while others had; ``shared_groups`` groups it ran
-    that another rank had planned (the end of the data is shared out, see ``share_tail``);
+    ``collate_seconds`` collating (wall-clock, so they include waiting for a busy core);
+    ``planner_cpu_seconds`` is the CPU time of the iterating thread inside the planner
+    (:func:`odb.planner.plan_groups`), which a busy machine does not inflate. ``ghost_steps``
+    are steps a rank ran on a copy with loss weight 0 because it had no data left while
+    others had; ``shared_groups`` groups it ran that another rank had planned (the end of
+    the data is shared out, see ``share_tail``);
     ``dropped_samples`` what non-join mode left out when the first rank ran out;
     ``vision_placeholders`` steps to which it added the placeholder image, because another
     rank's batch had images and its own had none (see ``vision_placeholder``).
@@ -41,6 +44,7 @@ class LoaderStats:
     wait_seconds: float = 0.0
     plan_seconds: float = 0.0
     collate_seconds: float = 0.0
+    planner_cpu_seconds: float = 0.0
 
     @property
     def fill(self) -> float:

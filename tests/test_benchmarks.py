@@ -131,7 +131,7 @@ def test_odb_policy_gives_the_batches_of_odb_dataloader():
         expected = [list(odb.step_info(batch).sample_indices) for batch in loader]
         run = odb_batches(text_sizes(lengths), Budget(600, cost), seed=4, window=64, epoch=2)
         assert [b.tolist() for b in run.batches] == expected, mode
-        assert run.plan_seconds > 0
+        assert 0 < run.plan_seconds < run.round_seconds  # the planner runs inside the rounds
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_check_coverage_names_missing_repeated_and_foreign_samples():
 
 def test_metrics_of_a_padded_epoch_by_hand():
     # Batches {4, 2} and {3, 1}: real 10 tokens, padded 2*4 + 2*3 = 14, two steps of budget 7.
-    run = PolicyRun("p", [np.array([0, 1]), np.array([2, 3])], plan_seconds=0.5)
+    run = PolicyRun("p", [np.array([0, 1]), np.array([2, 3])], plan_seconds=0.5, round_seconds=2)
     m = measure(run, np.array([4, 2, 3, 1]), 7)
     assert (m.steps, m.real_tokens, m.padded_tokens) == (2, 10, 14)
     assert m.padding_efficiency == pytest.approx(10 / 14)
@@ -159,6 +159,7 @@ def test_metrics_of_a_padded_epoch_by_hand():
     assert (m.peak_padded_tokens, m.over_budget_steps) == (8, 1)
     assert (m.mean_batch_size, m.max_batch_size) == (2.0, 2)
     assert m.plan_samples_per_second == pytest.approx(8.0)
+    assert m.round_samples_per_second == pytest.approx(2.0)
 
 
 def test_metrics_of_a_packed_epoch_by_hand():
@@ -167,7 +168,7 @@ def test_metrics_of_a_packed_epoch_by_hand():
     assert (m.real_tokens, m.padded_tokens, m.padding_efficiency) == (10, 10, 1.0)
     assert m.fill == pytest.approx(10 / 16)
     assert (m.peak_padded_tokens, m.over_budget_steps) == (7, 0)
-    assert m.plan_samples_per_second is None
+    assert m.plan_samples_per_second is None and m.round_samples_per_second is None
 
 
 # -- the command -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_summary_fits_one_screen_names_every_set_and_labels_its_sources(default_
     record = json.loads((out / "results.json").read_text())
     planner = [s["name"] for s in record["planner"]["sets"]]
     multimodal = [s["name"] for s in record["multimodal"]["sets"]]
-    assert len(planner) == 4 and len(multimodal) == 4
+    assert len(planner) == 8 and len(multimodal) == 4  # lognormal and real-length sets
     for name in planner + multimodal:
         assert name in summary, name
     headings = {
@@ -97,9 +97,11 @@ def test_summary_headline_is_odb_over_standard_and_the_best_oracle(default_run):
                 assert bal == f"{balance[name, world, policy]:.3f}"
     for s in record["planner"]["sets"]:
         steps = {p["policy"]: p["steps"] for p in s["policies"]}
-        row = next(line for line in summary.splitlines() if line.startswith(f"  {s['name']} "))
+        lines = summary.splitlines()
+        planner = lines[next(i for i, line in enumerate(lines) if line.startswith("Planner")) :]
+        row = next(line for line in planner if line.startswith(f"  {s['name']} "))
         fewer = [f"{steps['standard'] / steps[p]:.2f}x" for p in ("odb padded", "odb packed")]
-        assert row.split()[2:4] == fewer
+        assert row[len(s["name"]) + 2 :].split()[:2] == fewer
 
 
 # -- --llava everywhere ----------------------------------------------------------------------
@@ -138,11 +140,11 @@ def test_llava_lengths_feed_the_planner_and_alignment_suites(llava, tmp_path, mo
     argv += ["--max-pixels", str(MAX_PIXELS), "--world", "2"]
     assert cli.main([*argv, "--set", "mixed", "--mm-samples", "200"]) == 0
     summary = capsys.readouterr().out
-    ((planner_set,),) = planned
+    ((planner_set,),) = [list(extra.items()) for extra in planned]
     ((alignment_set,),) = aligned
-    for length_set in (planner_set, alignment_set):
-        assert length_set.name == "train"
-        assert np.array_equal(length_set.lengths, lengths)
+    for name, given in (planner_set, (alignment_set.name, alignment_set.lengths)):
+        assert name == "train"
+        assert np.array_equal(given, lengths)
     record = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in record["planner"]["sets"]] == ["train"]
     assert {(r["set"], r["samples"]) for r in record["alignment"]["results"]} == {("train", 16)}
@@ -155,9 +157,9 @@ def test_llava_lengths_feed_the_planner_and_alignment_suites(llava, tmp_path, mo
     assert f"train (the exact lengths of {source}'s valid records" in alignment
     assert "lognormal" not in alignment
 
-    planned.clear()
     assert cli.main([*argv, "--cv", "1"]) == 0  # --cv adds a lognormal set back
-    assert [s.name for s in planned[0]] == ["lognormal cv=1", "train"]
+    record = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in record["planner"]["sets"]] == ["lognormal cv=1", "train"]
 
 
 # -- plots -----------------------------------------------------------------------------------

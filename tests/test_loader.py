@@ -284,6 +284,8 @@ def test_stats_account_for_waiting_and_planning(lengths):
     list(loader)
     stats = loader.stats()
     assert stats.wait_seconds > 0 and stats.plan_seconds > 0 and stats.collate_seconds > 0
+    # the planner's CPU time is part of the rounds' time (one thread: CPU <= wall)
+    assert 0 < stats.planner_cpu_seconds < stats.plan_seconds
     assert 0 < stats.padding_efficiency <= 1 and 0 < stats.fill <= 1
     assert stats.rounds >= len(lengths) // loader.settings.round_size
 
