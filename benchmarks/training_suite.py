@@ -158,6 +158,9 @@ class TrainingConfig:
             )
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        for name in ("warmup_steps", "heldout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
     @property
     def data_name(self) -> str:

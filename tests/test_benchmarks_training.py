@@ -271,6 +271,8 @@ def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
         TrainingConfig(lr_rule="cubic")
     with pytest.raises(ValueError, match="unknown data"):
         TrainingConfig(data="imagenet")
+    with pytest.raises(ValueError, match="warmup_steps must be 0 or more"):
+        TrainingConfig(warmup_steps=-1)
     with pytest.raises(SystemExit):
         main(["--train", "--train-budget", "1024", "--train-max-length", "2048"])
     assert "must hold a record of the maximum length" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""Fixtures shared by the TRL adapter tests (the other adapter tests build their own)."""
+"""Fixtures shared by the adapter tests."""
 
 import pytest
+import qwen_vl_tiny
 import trl_tiny
 
 
@@ -15,3 +16,9 @@ def trl_one_thread():
 def tokenizer(tmp_path_factory):
     """The small tokenizer the TRL tests' tiny models use."""
     return trl_tiny.write_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """The 2k-token tokenizer the Qwen-VL tests' tiny models use (built once per process)."""
+    return qwen_vl_tiny.small_tokenizer()

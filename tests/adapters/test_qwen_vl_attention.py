@@ -5,26 +5,16 @@ import warnings
 
 import pytest
 import qwen_vl_tiny
+import test_qwen_vl_packing
 import torch
 import transformers
-from test_qwen_vl_packing import MANY_AND_TEXT, SIZES, _assert_same, _run, _samples
+from test_qwen_vl_packing import MANY_AND_TEXT, _assert_same, _run, _samples
 
 import odb
 from odb.adapters import qwen_vl
 from odb.adapters.qwen_vl import attention as kernel
 
-
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    return qwen_vl_tiny.small_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("attention_images")
-    for number, (name, size) in enumerate(SIZES.items()):
-        qwen_vl_tiny.write_image(str(path / f"{name}.png"), *size, seed=number)
-    return path
+folder = test_qwen_vl_packing.folder  # the packing tests' images, as a fixture here too
 
 
 @pytest.fixture

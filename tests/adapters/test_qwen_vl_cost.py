@@ -10,11 +10,6 @@ import odb
 from odb.adapters import qwen_vl
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    return qwen_vl_tiny.small_tokenizer()
-
-
 def _measured(function) -> int:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

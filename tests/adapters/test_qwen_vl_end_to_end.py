@@ -14,11 +14,6 @@ BUDGET = 400
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    return qwen_vl_tiny.small_tokenizer()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["padded", "packed"])
 def test_llava_data_trains_a_tiny_qwen_vl_model(mode, small_tokenizer, tmp_path):

@@ -58,11 +58,6 @@ SCENARIOS = {
 
 
 @pytest.fixture(scope="module")
-def small_tokenizer():
-    return qwen_vl_tiny.small_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("packing_images")
     for number, (name, size) in enumerate(SIZES.items()):
