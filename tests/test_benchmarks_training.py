@@ -376,3 +376,47 @@ def test_gpu_check_script_runs_end_to_end_on_cpu_with_the_tiny_preset(tmp_path):
     assert record["runs"][2]["computed_tokens"] == record["runs"][2]["real_tokens"]  # packed
     assert "torch" in (out / "environment.txt").read_text()
     assert (out / "training_loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cli_trains_a_text_models_checkpoint_on_text_records(tmp_path, capsys):
+    """--model FOLDER of a Qwen2 causal LM: its tokenizer makes the samples, a record with an
+    image is left out and counted, and the packed row equals the padded batch."""
+    import transformers
+
+    checkpoint = tmp_path / "qwen2-tiny"
+    tokenizer = small_tokenizer(checkpoint)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    transformers.Qwen2ForCausalLM(config).save_pretrained(checkpoint)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "looked", "at", "the", "sky"]
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": " ".join(words[: 2 + i % 9]) + "?"},
+                {"from": "gpt", "value": " ".join(words * (1 + i % 4))},
+            ]
+        }
+        for i in range(12)
+    ]
+    records.append({"image": "x.png", "conversations": records[0]["conversations"]})
+    source = tmp_path / "chat.json"
+    source.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    args = ["--train", "--train-only", "--model", str(checkpoint), "--llava", str(source)]
+    args += ["--train-loader", "standard", "--train-loader", "odb-packed", "--warmup-steps", "0"]
+    args += ["--train-budget", "1024", "--train-max-length", "512", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert record["data"]["samples"] == 12 and record["data"]["invalid"] == {"RecordError": 1}
+    assert record["data"]["with_images"] == 0
+    assert [r["missing"] for r in record["runs"]] == [0, 0]
+    assert record["packed_loss"]["passed"] and record["packed_loss"]["samples"] == 4
+    assert "records of chat" in (out / "report.md").read_text()

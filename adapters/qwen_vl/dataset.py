@@ -130,7 +130,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             a list of records.
         image_folder: image paths in records are relative to it (absolute paths are kept).
         processor: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL processor; its image processor's patch
-            size, merge size and pixel range decide the image sizes.
+            size, merge size and pixel range decide the image sizes. A tokenizer (of a text
+            model: Qwen2, Qwen3) makes text-only samples; a record with images is then an
+            error of that record.
         chat_template: a Jinja template replacing the processor's (see :data:`CHAT_TEMPLATE`).
         budget: an ``odb.Budget`` (or a token count) that every sample must fit; checked on the
             estimate before any image is decoded, raising :class:`RecordTooLongError`.
@@ -163,13 +165,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         if budget is not None and not isinstance(budget, odb.Budget):
             budget = odb.Budget(budget)
         self.budget = budget
-        self.geometry = VisionGeometry.from_processor(processor)
-        tokenizer = processor.tokenizer
+        # A tokenizer alone (a text model) has no image processor: no geometry, no image ids.
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        vision = hasattr(processor, "image_processor")
+        self.geometry = VisionGeometry.from_processor(processor) if vision else None
+        tokenizer = self.tokenizer
         self._header = tuple(tokenizer("<|im_start|>assistant", add_special_tokens=False).input_ids)
         self._end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self._image_token_id = processor.image_token_id
+        self._image_token_id = processor.image_token_id if vision else -1
         self._vision_ids = np.array(
-            [processor.image_token_id, getattr(processor, "video_token_id", -1)]
+            [self._image_token_id, getattr(processor, "video_token_id", -1)]
         )
 
     def __len__(self) -> int:
@@ -232,6 +237,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 if part:
                     content.append({"type": "text", "text": part})
             messages.append({"role": role, "content": content})
+        if images and self.geometry is None:
+            raise _fail(RecordError, index, f"{len(images)} image(s) for a text model's tokenizer")
         folder = self.image_folder
         paths = [os.path.join(folder, name) if folder else name for name in images]
         return _Record(messages, paths)
@@ -310,7 +317,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _size(
         self, index: int, record: _Record, grids: Sequence[tuple[int, int, int]]
     ) -> odb.SampleSize:
-        ids = np.asarray(self.processor.tokenizer(self._text(record))["input_ids"])
+        ids = np.asarray(self.tokenizer(self._text(record))["input_ids"])
         if int((ids == self._image_token_id).sum()) != len(grids):
             raise _fail(
                 ImageCountError,
@@ -319,7 +326,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 f"placeholders for {len(grids)} images",
             )
         patches = [t * h * w for t, h, w in grids]
-        expansion = sum(self.geometry.tokens(p) - 1 for p in patches)
+        expansion = sum(self.geometry.tokens(p) - 1 for p in patches) if grids else 0
         labels = self._checked_labels(index, ids)
         return odb.SampleSize(
             length=len(ids) + expansion,
@@ -409,9 +416,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         record = self._record(index)
         self._grids(index, record.image_paths)  # missing files, shapes: before decoding
         images = [self._load_image(index, path) for path in record.image_paths]
-        inputs = self.processor(
-            text=[self._text(record)], images=images or None, return_tensors="pt"
-        )
+        if self.geometry is None:  # a tokenizer: text only (records with images were refused)
+            inputs = self.tokenizer([self._text(record)], return_tensors="pt")
+        else:
+            inputs = self.processor(
+                text=[self._text(record)], images=images or None, return_tensors="pt"
+            )
         ids = inputs["input_ids"][0]
         sample = {
             "input_ids": ids,

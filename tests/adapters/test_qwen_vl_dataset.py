@@ -238,3 +238,36 @@ def test_sft_rows_hold_trls_vision_format_and_name_bad_records(processor, folder
     missing = [{"image": ["nope.png"], "conversations": CAT}]
     with pytest.raises(qwen_vl.MissingImageError, match="record 0: image file not found"):
         qwen_vl.LlavaDataset(missing, folder, processor).sft_rows()
+
+
+def test_a_text_models_tokenizer_makes_text_samples_and_refuses_images(real_tokenizer, folder):
+    """With a tokenizer (a Qwen2 / Qwen3 text model) the samples are the chat template's
+    tokens, their labels the assistant replies, their size the estimate; images are an error of
+    their record."""
+    text = [CHAT[0], CHAT[1], CHAT[2]]
+    records = [{"conversations": text}, {"image": "wide.png", "conversations": CAT}]
+    tokenizer = qwen_vl_tiny.load_tokenizer(qwen_vl_tiny.real_tokenizer_dir())
+    dataset = qwen_vl.LlavaDataset(records, folder, tokenizer, chat_template=qwen_vl.CHAT_TEMPLATE)
+    sample = dataset[0]
+    rendered = tokenizer.apply_chat_template(
+        [
+            {"role": r, "content": [{"type": "text", "text": v}]}
+            for r, v in (
+                ("system", "Be brief."),
+                ("user", "Hello there"),
+                ("assistant", "Hi! How can I help?"),
+            )
+        ],
+        chat_template=qwen_vl.CHAT_TEMPLATE,
+        tokenize=False,
+    )
+    assert sample["input_ids"].tolist() == tokenizer(rendered)["input_ids"]
+    assert set(sample) == {"input_ids", "labels", "attention_mask"}
+    reply = tokenizer("Hi! How can I help?<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert sample["labels"][sample["labels"] != -100].tolist() == reply
+    size = dataset.estimate(0)
+    assert (size.length, size.vision_patches, size.images) == (len(sample["input_ids"]), 0, 0)
+    with pytest.raises(qwen_vl.RecordError, match="image\\(s\\) for a text model"):
+        dataset[1]
+    sizes, failures = dataset.estimate_checked()
+    assert sizes[1] is None and type(failures[0]) is qwen_vl.RecordError
