@@ -8,7 +8,7 @@ import qwen_vl_tiny
 import test_qwen_vl_packing
 import torch
 import transformers
-from test_qwen_vl_packing import MANY_AND_TEXT, _assert_same, _run, _samples
+from test_qwen_vl_packing import MANY_AND_TEXT, _assert_same, _run, _samples, _text_config
 
 import odb
 from odb.adapters import qwen_vl
@@ -37,19 +37,7 @@ def spy(monkeypatch):
 
 
 def _text_model(model_type: str):
-    settings = {
-        "vocab_size": 97,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-    }
-    if model_type == "qwen3":
-        config = transformers.Qwen3Config(head_dim=8, **settings)
-    else:
-        config = transformers.Qwen2Config(**settings)
+    config = _text_config(model_type)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).train()
