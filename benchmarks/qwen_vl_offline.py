@@ -23,6 +23,7 @@ from .overhead import load_qwen_tokenizer
 
 __all__ = [
     "ImageSettings",
+    "family_processor",
     "load_processor",
     "small_tokenizer",
     "text_config",
@@ -44,9 +45,9 @@ class ImageSettings:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1024
 
-    def processor_options(self) -> dict[str, int]:
+    def processor_options(self, patch: int = PATCH) -> dict[str, int]:
         """Keyword arguments of ``transformers.Qwen2VLImageProcessor``."""
-        return {"patch_size": PATCH, "merge_size": 2, "temporal_patch_size": 2, **asdict(self)}
+        return {"patch_size": patch, "merge_size": 2, "temporal_patch_size": 2, **asdict(self)}
 
 
 def small_tokenizer(folder: Path, keep: int = 2048) -> Any:
@@ -81,18 +82,35 @@ def small_tokenizer(folder: Path, keep: int = 2048) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def tiny_processor(tokenizer: Any | None = None, images: ImageSettings | None = None) -> Any:
-    """A Qwen2.5-VL processor around ``tokenizer`` (default: the real Qwen tokenizer)."""
+def family_processor(family: str, tokenizer: Any, images: ImageSettings) -> Any:
+    """A processor of a Qwen-VL ``family`` (``"qwen2_5_vl"``: patch 14; ``"qwen3_vl"``: patch
+    16) around ``tokenizer``, resizing images into ``images``' pixel range."""
     import transformers
 
-    return transformers.Qwen2_5_VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessor(
-            **(images or ImageSettings()).processor_options()
-        ),
-        tokenizer=tokenizer if tokenizer is not None else load_qwen_tokenizer(),
-        video_processor=transformers.Qwen2VLVideoProcessor(),
+    if family == "qwen3_vl":
+        processor, video, patch = (
+            transformers.Qwen3VLProcessor,
+            transformers.Qwen3VLVideoProcessor,
+            16,
+        )
+    else:
+        processor, video, patch = (
+            transformers.Qwen2_5_VLProcessor,
+            transformers.Qwen2VLVideoProcessor,
+            PATCH,
+        )
+    return processor(
+        image_processor=transformers.Qwen2VLImageProcessor(**images.processor_options(patch)),
+        tokenizer=tokenizer,
+        video_processor=video(),
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def tiny_processor(tokenizer: Any | None = None, images: ImageSettings | None = None) -> Any:
+    """A Qwen2.5-VL processor around ``tokenizer`` (default: the real Qwen tokenizer)."""
+    tokenizer = tokenizer if tokenizer is not None else load_qwen_tokenizer()
+    return family_processor("qwen2_5_vl", tokenizer, images or ImageSettings())
 
 
 def load_processor(path: str | None, images: ImageSettings | None = None) -> Any:

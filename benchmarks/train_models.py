@@ -27,6 +27,7 @@ from .gpu_model import QWEN3_VL_2B, QWEN3_VL_8B, ModelSpec
 from .overhead import load_qwen_tokenizer
 from .qwen_vl_offline import (
     ImageSettings,
+    family_processor,
     small_tokenizer,
     tiny_config,
     vision_token_ids,
@@ -57,10 +58,6 @@ class Preset:
     vision: dict = field(default_factory=dict)
     tied_embeddings: bool = False
     spec: ModelSpec | None = None
-
-    @property
-    def patch(self) -> int:
-        return 16 if self.family == "qwen3_vl" else 14
 
     def config(self, tokenizer: Any) -> Any:
         """The transformers config, with the special-token ids of ``tokenizer``."""
@@ -149,24 +146,6 @@ class TrainModel:
 
     model: Any
     processor: Any
-    name: str
-
-
-def _processor(preset: Preset, tokenizer: Any, images: ImageSettings) -> Any:
-    """A processor of ``preset``'s family around ``tokenizer``, with ``images``' pixel range."""
-    import transformers
-
-    options = {**images.processor_options(), "patch_size": preset.patch}
-    if preset.family == "qwen3_vl":
-        processor, video = transformers.Qwen3VLProcessor, transformers.Qwen3VLVideoProcessor
-    else:
-        processor, video = transformers.Qwen2_5_VLProcessor, transformers.Qwen2VLVideoProcessor
-    return processor(
-        image_processor=transformers.Qwen2VLImageProcessor(**options),
-        tokenizer=tokenizer,
-        video_processor=video(),
-        chat_template=CHAT_TEMPLATE,
-    )
 
 
 def prepare_tokenizer(name: str, folder: Path) -> None:
@@ -178,11 +157,11 @@ def prepare_tokenizer(name: str, folder: Path) -> None:
 
 def load_processor_for(name: str, folder: Path, images: ImageSettings | None) -> Any:
     """The processor that sizes and processes the data for model ``name``."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     if name not in PRESETS:  # a checkpoint: a VL model's processor, a text model's tokenizer
-        loader = AutoProcessor if _is_vision_language(model_config(name, folder)) else AutoTokenizer
-        processor = loader.from_pretrained(name)
+        vision = _is_vision_language(AutoConfig.from_pretrained(name))
+        processor = (AutoProcessor if vision else AutoTokenizer).from_pretrained(name)
         if not getattr(processor, "chat_template", None):
             processor.chat_template = CHAT_TEMPLATE
         return processor
@@ -193,20 +172,21 @@ def load_processor_for(name: str, folder: Path, images: ImageSettings | None) ->
     else:
         tokenizer = load_qwen_tokenizer()
         images = images or ImageSettings(56 * 56, 28 * 28 * 1024)
-    return _processor(preset, tokenizer, images)
+    return family_processor(preset.family, tokenizer, images)
 
 
 def _is_vision_language(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def model_config(name: str, folder: Path) -> Any:
-    """The configuration of model ``name`` (no weights): what its batches are priced with."""
+def model_config(name: str, processor: Any) -> Any:
+    """The configuration of model ``name`` (no weights; a preset's takes the special-token ids
+    of ``processor``'s tokenizer, from :func:`load_processor_for`)."""
     from transformers import AutoConfig
 
     if name not in PRESETS:
         return AutoConfig.from_pretrained(name)
-    return PRESETS[name].config(load_processor_for(name, folder, None).tokenizer)
+    return PRESETS[name].config(getattr(processor, "tokenizer", processor))
 
 
 def load_train_model(
@@ -231,17 +211,17 @@ def load_train_model(
     torch.manual_seed(seed)
     packed = attn == qwen_vl.PACKED_ATTENTION
     options = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa" if packed else attn}
+    config = model_config(name, processor)
     if name in PRESETS:
-        config = PRESETS[name].config(processor.tokenizer)
         with device:  # random init on the device: fast for billions of weights
             model = transformers.AutoModelForImageTextToText.from_config(config, **options)
     else:
         auto = (
             transformers.AutoModelForImageTextToText
-            if _is_vision_language(model_config(name, folder))
+            if _is_vision_language(config)
             else transformers.AutoModelForCausalLM
         )
         model = auto.from_pretrained(os.fspath(name), device_map={"": device}, **options)
     if packed:
         qwen_vl.use_packed_attention(model)
-    return TrainModel(model.to(device), processor, name)
+    return TrainModel(model, processor)

@@ -283,9 +283,8 @@ def _prepare(config: TrainingConfig, folder: Path) -> tuple[dict, dict[str, np.n
     settings_images = ImageSettings(*pixels) if all(pixels) else None
     processor = load_processor_for(config.model, folder, settings_images)
     dataset = qwen_vl.LlavaDataset(source, images, processor)
-    records = dataset.records[: config.samples] if config.llava and config.samples else None
-    if records is not None:
-        dataset = qwen_vl.LlavaDataset(records, images, processor)
+    if config.llava and config.samples:  # the first records of the user's file
+        dataset = dataset.select(range(min(config.samples, len(dataset))))
     sizes, failures = dataset.estimate_checked()
     keep = [i for i, s in enumerate(sizes) if s is not None and s.length <= config.max_length]
     if len(keep) <= config.heldout:
@@ -301,7 +300,7 @@ def _prepare(config: TrainingConfig, folder: Path) -> tuple[dict, dict[str, np.n
     lengths = np.array([s.length for s in kept], dtype=np.int64)
     patches = np.array([s.vision_patches for s in kept], dtype=np.int64)
     pairs = np.array([s.vision_pairs for s in kept], dtype=np.int64)
-    model = model_config(config.model, folder)
+    model = model_config(config.model, processor)
     work = qwen_vl.compute_cost(model, "packed").sample_cost(lengths, patches, pairs)
     flops = 3.0 * qwen_vl.model_flops(model).token * work
     order = epoch_order(len(lengths), config.data_seed)
