@@ -155,23 +155,31 @@ def prepare_tokenizer(name: str, folder: Path) -> None:
         small_tokenizer(folder / "tokenizer")
 
 
-def load_processor_for(name: str, folder: Path, images: ImageSettings | None) -> Any:
-    """The processor that sizes and processes the data for model ``name``."""
+def load_processor_for(
+    name: str, folder: Path, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
+    """The processor that sizes and processes the data for model ``name``; ``min_pixels`` /
+    ``max_pixels``, where given, replace the model's own pixel range."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     if name not in PRESETS:  # a checkpoint: a VL model's processor, a text model's tokenizer
-        vision = _is_vision_language(AutoConfig.from_pretrained(name))
-        processor = (AutoProcessor if vision else AutoTokenizer).from_pretrained(name)
+        pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        if _is_vision_language(AutoConfig.from_pretrained(name)):
+            given = {key: value for key, value in pixels.items() if value is not None}
+            processor = AutoProcessor.from_pretrained(name, **given)
+        else:
+            processor = AutoTokenizer.from_pretrained(name)
         if not getattr(processor, "chat_template", None):
             processor.chat_template = CHAT_TEMPLATE
         return processor
     preset = PRESETS[name]
     if name == "tiny":
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        images = images or ImageSettings(28 * 28 * 4, 28 * 28 * 256)
+        images = ImageSettings(28 * 28 * 4, 28 * 28 * 256)
     else:
         tokenizer = load_qwen_tokenizer()
-        images = images or ImageSettings(56 * 56, 28 * 28 * 1024)
+        images = ImageSettings(56 * 56, 28 * 28 * 1024)
+    images = ImageSettings(min_pixels or images.min_pixels, max_pixels or images.max_pixels)
     return family_processor(preset.family, tokenizer, images)
 
 
@@ -192,12 +200,13 @@ def model_config(name: str, processor: Any) -> Any:
 def load_train_model(
     name: str,
     folder: Path,
-    images: ImageSettings | None,
     *,
     device: torch.device,
     dtype: str,
     attn: str,
     seed: int,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> TrainModel:
     """Model ``name`` (a preset with random weights, initialised from ``seed``, or a
     checkpoint folder) in ``dtype`` on ``device`` with attention ``attn``, and its processor.
@@ -207,7 +216,7 @@ def load_train_model(
 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
-    processor = load_processor_for(name, folder, images)
+    processor = load_processor_for(name, folder, min_pixels, max_pixels)
     torch.manual_seed(seed)
     packed = attn == qwen_vl.PACKED_ATTENTION
     options = {"dtype": _DTYPES[dtype], "attn_implementation": "sdpa" if packed else attn}

@@ -28,7 +28,6 @@ import odb
 from odb.adapters import qwen_vl
 
 from .policies import epoch_order
-from .qwen_vl_offline import ImageSettings
 from .train_models import load_train_model
 
 __all__ = [
@@ -262,7 +261,6 @@ def _setup(folder: Path, seed: int) -> tuple[dict, torch.device, Any]:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    images = settings["min_pixels"], settings["max_pixels"]
     dtype = settings["dtype"]
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -270,11 +268,12 @@ def _setup(folder: Path, seed: int) -> tuple[dict, torch.device, Any]:
     trained = load_train_model(
         settings["model"],
         folder,
-        ImageSettings(*images) if all(images) else None,
         device=device,
         dtype=dtype,
         attn=settings["attn"],
         seed=seed,
+        min_pixels=settings["min_pixels"],
+        max_pixels=settings["max_pixels"],
     )
     return settings, device, trained
 

@@ -49,7 +49,6 @@ from odb.errors import ConfigError
 from .llava_input import SYNTHETIC_LONG_MULTIMODAL, write_synthetic_llava
 from .multimodal_sets import BUILTIN_SETS
 from .policies import epoch_order, standard_batch_size
-from .qwen_vl_offline import ImageSettings
 from .train_models import PRESETS, load_processor_for, model_config, prepare_tokenizer
 from .training_run import CHECK, COMPUTE_LOADERS, LOADERS, LR_RULES, NEUTRAL_LOADER, standard_size
 
@@ -279,9 +278,7 @@ def _prepare(config: TrainingConfig, folder: Path) -> tuple[dict, dict[str, np.n
     the data's shape and each kept record's length, FLOPs and label tokens."""
     source, images = _records(config, folder)
     prepare_tokenizer(config.model, folder)
-    pixels = (config.min_pixels, config.max_pixels)
-    settings_images = ImageSettings(*pixels) if all(pixels) else None
-    processor = load_processor_for(config.model, folder, settings_images)
+    processor = load_processor_for(config.model, folder, config.min_pixels, config.max_pixels)
     dataset = qwen_vl.LlavaDataset(source, images, processor)
     if config.llava and config.samples:  # the first records of the user's file
         dataset = dataset.select(range(min(config.samples, len(dataset))))

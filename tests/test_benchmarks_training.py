@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from odb.adapters.qwen_vl import LlavaDataset, RecordError
+from odb.adapters.qwen_vl import LlavaDataset, RecordError, VisionGeometry
 from odb.benchmarks.cli import main
 from odb.benchmarks.llava_input import SYNTHETIC_LONG_MULTIMODAL, llava_set, write_synthetic_llava
 from odb.benchmarks.qwen_vl_offline import (
@@ -23,7 +23,12 @@ from odb.benchmarks.qwen_vl_offline import (
     tiny_processor,
 )
 from odb.benchmarks.report import _quality_lines
-from odb.benchmarks.train_models import PRESETS, model_name
+from odb.benchmarks.train_models import (
+    PRESETS,
+    load_processor_for,
+    model_name,
+    prepare_tokenizer,
+)
 from odb.benchmarks.training_run import _loader
 from odb.benchmarks.training_suite import TrainingConfig, TrainingResult, _summarise, peak_flops
 
@@ -300,6 +305,15 @@ def test_compute_and_neutral_loaders(tmp_path):
     assert _loader("standard", [1] * 10, model, settings, 0).batch_size == 3
     with pytest.raises(ValueError, match="unknown loader"):
         TrainingConfig(loaders=("odb-fast",))
+
+
+def test_one_given_pixel_bound_replaces_only_that_one_of_the_models_range(tmp_path):
+    prepare_tokenizer("tiny", tmp_path)
+    both = VisionGeometry.from_processor(load_processor_for("tiny", tmp_path))
+    capped = load_processor_for("tiny", tmp_path, max_pixels=28 * 28 * 64)
+    capped = VisionGeometry.from_processor(capped)
+    assert (capped.min_pixels, capped.max_pixels) == (both.min_pixels, 28 * 28 * 64)
+    assert both.max_pixels > 28 * 28 * 64
 
 
 @pytest.mark.slow
