@@ -26,8 +26,8 @@ steps stay equal, every sample is emitted once and passes end is in docs/protoco
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -258,9 +258,7 @@ def decide(
             steps = total // world
             if steps == 0:
                 return _ended(table, stopped=True, padding=-steps_so_far % steps_multiple_of)
-    runs = _matched_runs(columns, offered, active, pace, steps)
-    if sharing:
-        runs = _hand_over_surplus(runs, offered, steps)
+    runs = _assign(columns, offered, active, steps, sharing)
     owner = np.repeat(np.arange(world)[:, None], steps, axis=1)
     choice = np.full((world, steps), -1, dtype=np.int64)
     for rank, (owners, positions) in enumerate(runs):
@@ -401,85 +399,211 @@ groups a rank offered, so that every rank, that one included, chooses which of i
 run: ranks whose offers differ in shape (more heavy groups on one, more light ones on another)
 then run groups that match in cost, and keep the others for the next round."""
 
+_REFINE = 2
+"""Rounds of refinement of the common cost profile (see :func:`_assign`)."""
 
-def _matched_runs(
-    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, pace: np.ndarray, steps: int
+_SKIP_MUST = 1 << 44
+"""What leaving out a group that must go now costs a rank's fit: more than any mismatch (costs
+are below 2**31 and ranks and steps below 2**12 each), so it is left out only when the round has
+fewer steps than such groups."""
+
+_INFEASIBLE = 1 << 60
+
+
+def _assign(
+    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, steps: int, sharing: bool
 ) -> _Runs:
-    """Every active rank runs ``steps`` of its own groups, or all it offered if fewer: those
-    that must go now, then those closest in cost to ``steps`` targets spread evenly over the
-    costs all ranks offered (in priority order when no rank sets the pace).
+    """Which groups each rank runs this round, so that step ``j``, which pairs the ``j``-th
+    costliest group of every rank, has groups of near-equal cost on all ranks.
 
-    The targets are the pooled offered costs at evenly spaced ranks (integers taken from the
-    table, so every rank computes them exactly alike); since step ``j`` then pairs the
-    ``j``-th costliest group of every rank, ranks that pick groups near the same targets run
-    steps of near-equal cost."""
-    targets = None
-    if pace.any() and steps > 0:
-        pooled = np.sort(
-            np.concatenate([columns[r, 0, : int(offered[r])] for r in np.flatnonzero(active)])
-        )
-        targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)]
+    The ranks fit their offers to one common profile of ``steps`` target costs, the pooled
+    offered costs at evenly spaced ranks. A rank that offered more groups than ``steps``
+    chooses ``steps`` of them, one per target, those that must go now included; a rank that
+    offered fewer runs them all, each at the target it fits best, and the targets it leaves
+    free are its holes. Each fit is optimal for its targets (:func:`_fit_in_order`); a group
+    above its target costs ``world - 1`` times what one below does, since every other rank
+    waits for it. With ``sharing``, the groups the choosing ranks leave fill the holes, matched
+    by cost (they are handed over, see :class:`Transfer`); a hole left empty is a ghost step.
+    The profile then becomes the costliest group at each step, and the fits are made again
+    (``_REFINE`` times); the round keeps the assignment that wastes the least share of its
+    steps' time.
+
+    Costs are the table's integers and every operation is exact integer arithmetic, so every
+    rank computes the same assignment."""
+    world = len(offered)
+    counts = np.where(active, offered, 0).astype(np.int64)
+    width = int(counts.max(initial=0))
+    nothing = np.zeros(0, dtype=np.int64)
+    if steps <= 0 or width == 0:
+        return [(nothing, nothing)] * world
+    offers = np.arange(width)[None, :] < counts[:, None]
+    cost = columns[:, 0, :width].astype(np.int64)
+    # each rank's offers, costliest first (positions past its count sort last)
+    order = np.argsort(np.where(offers, -cost, np.iinfo(np.int64).max), axis=1, kind="stable")
+    cost = np.take_along_axis(cost, order, axis=1)
+    must = np.take_along_axis((columns[:, 3, :width] > 0) & offers, order, axis=1)
+    pooled = np.sort(cost[offers])  # sorting kept each rank's offers first
+    targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)][::-1].copy()
+    over = max(world - 1, 1)
+    choosing = np.flatnonzero(counts > steps)
+    placing = np.flatnonzero((counts > 0) & (counts <= steps))
+    holders = np.flatnonzero(counts < steps) if sharing else nothing
+    best = None
+    for _ in range(_REFINE + 1 if len(choosing) else 1):
+        owner = np.full((world, width), -1, dtype=np.int64)  # who runs each offer
+        free = np.ones((world, steps), dtype=bool)  # the targets none of a rank's groups fit
+        if len(placing):
+            fit = _fit_in_order(
+                cost[placing],
+                counts[placing],
+                np.broadcast_to(targets, (len(placing), steps)),
+                np.full(len(placing), steps),
+                np.zeros((len(placing), steps), dtype=np.int64),
+                over,
+                targets_first=False,
+            )
+            rows, places = np.nonzero(fit >= 0)
+            owner[placing[rows], places] = placing[rows]
+            free[placing[rows], fit[rows, places]] = False
+        if len(choosing):
+            fit = _fit_in_order(
+                np.broadcast_to(targets, (len(choosing), steps)),
+                np.full(len(choosing), steps),
+                cost[choosing],
+                counts[choosing],
+                np.where(must[choosing], _SKIP_MUST, 0),
+                over,
+                targets_first=True,
+            )
+            owner[np.repeat(choosing, steps), fit.ravel()] = np.repeat(choosing, steps)
+        if len(holders):
+            _fill_holes(owner, cost, counts, targets, holders, free[holders], over)
+        picked = _by_runner(owner, cost, steps)[0]
+        slowest = picked.max(axis=0)
+        waste, busy = int(world * slowest.sum() - picked.sum()), int(world * slowest.sum())
+        if best is None or waste * best[1] < best[0] * busy:
+            best = (waste, busy, owner)
+        targets = slowest
+    _, runner, where = _by_runner(best[2], cost, steps)
     runs: _Runs = []
-    for rank in range(len(offered)):
-        count = int(offered[rank]) if active[rank] else 0
-        picks = np.arange(min(steps, count))
-        if count > steps and targets is not None:
-            picks = _match(columns[rank, 0, :count], columns[rank, 3, :count] > 0, targets)
-        runs.append((np.full(len(picks), rank), picks))
+    for rank in range(world):
+        donors, places = np.divmod(where[runner == rank], width)
+        runs.append((donors, order[donors, places]))
     return runs
 
 
-def _hand_over_surplus(runs: _Runs, offered: np.ndarray, steps: int) -> _Runs:
-    """Fill the steps a rank has no group of its own for with groups other ranks offered but
-    do not run this round (lowest donor rank and earliest offer position first), instead of
-    ghosts: each goes to the rank missing the most steps (lowest rank on ties), so the
-    ghosts that remain are spread as evenly as they can be. Once every rank is exhausted
-    this is the whole of what is left."""
-    missing = [steps - len(owners) for owners, _ in runs]
-    if not any(missing):  # every rank has its steps (the usual round): nothing to hand over
-        return runs
-    unused = np.arange(int(offered.max()))[None, :] < offered[:, None]
-    for donor, (_, positions) in enumerate(runs):
-        unused[donor, positions] = False
-    donors, places = np.nonzero(unused)  # lowest donor rank, then earliest position, first
-    # The rank missing the most steps, lowest rank on ties, takes the next group: a heap
-    # keeps this O(groups * log ranks) where a scan over the ranks per group is O(groups *
-    # ranks), seconds per round at 1024 ranks (docs/benchmarks.md, the alignment's cost).
-    wanting = [(-need, rank) for rank, need in enumerate(missing) if need > 0]
-    heapq.heapify(wanting)
-    received: list[list[tuple[int, int]]] = [[] for _ in runs]
-    for group in zip(donors.tolist(), places.tolist(), strict=True):
-        if not wanting:
-            break
-        need, rank = heapq.heappop(wanting)
-        received[rank].append(group)
-        if need < -1:
-            heapq.heappush(wanting, (need + 1, rank))
-    topped: _Runs = []
-    for (owners, positions), taken in zip(runs, received, strict=True):
-        if taken:
-            owners = np.concatenate([owners, [d for d, _ in taken]]).astype(np.int64)
-            positions = np.concatenate([positions, [p for _, p in taken]]).astype(np.int64)
-        topped.append((owners, positions))
-    return topped
+def _by_runner(owner: np.ndarray, cost: np.ndarray, steps: int):
+    """``[world, steps]``: the costs each rank runs, costliest first (0 for none); with the
+    runner of each run group, and its flat index into ``owner``, sorted by runner."""
+    where = np.flatnonzero(owner >= 0)
+    runner, runs_cost = owner.ravel()[where], cost.ravel()[where]
+    by = np.lexsort((-runs_cost, runner))
+    where, runner, runs_cost = where[by], runner[by], runs_cost[by]
+    first = np.searchsorted(runner, np.arange(owner.shape[0]))
+    picked = np.zeros((owner.shape[0], steps), dtype=np.int64)
+    picked[runner, np.arange(len(runner)) - first[runner]] = runs_cost
+    return picked, runner, where
 
 
-def _match(costs: np.ndarray, must: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Choose ``len(targets)`` of a rank's offered groups to resemble the bottleneck rank's:
-    the groups that must go now (stale, solo) first, then, for each remaining target, the
-    free group of closest cost."""
-    chosen = list(np.flatnonzero(must)[: len(targets)])
-    remaining = sorted(targets.tolist(), reverse=True)
-    for position in chosen:  # each mandatory group stands in for the target nearest to it
-        remaining.pop(int(np.argmin(np.abs(np.asarray(remaining) - costs[position]))))
-    free = np.ones(len(costs), dtype=bool)
-    free[chosen] = False
-    for target in remaining:
-        candidates = np.flatnonzero(free)
-        best = int(candidates[np.argmin(np.abs(costs[candidates] - target))])
-        chosen.append(best)
-        free[best] = False
-    return np.asarray(chosen, dtype=np.int64)
+def _fill_holes(
+    owner: np.ndarray,
+    cost: np.ndarray,
+    counts: np.ndarray,
+    targets: np.ndarray,
+    holders: np.ndarray,
+    free: np.ndarray,
+    over: int,
+) -> None:
+    """Hand the groups no rank runs to the ``holders``' holes (their ``free`` targets), in
+    place in ``owner``: groups and holes sorted costliest first and matched in order
+    (:func:`_match_in_order`; the shorter list is all matched: holes left empty are ghost
+    steps, groups left wait for the next round). A rank with holes runs all its own groups,
+    so donors and recipients are always different ranks."""
+    donor, place = np.nonzero((owner < 0) & (np.arange(owner.shape[1]) < counts[:, None]))
+    holder, level = np.nonzero(free)
+    if not len(donor) or not len(level):
+        return
+    group_cost, hole_cost = cost[donor, place], targets[level]
+    by_group = np.argsort(-group_cost, kind="stable")
+    by_hole = np.argsort(-hole_cost, kind="stable")
+    groups, holes = group_cost[by_group].tolist(), hole_cost[by_hole].tolist()
+    if len(groups) <= len(holes):
+        fit = _match_in_order(groups, holes, lambda g, h: g - h, over)
+        pairs = zip(by_hole[fit], by_group, strict=True)
+    else:
+        fit = _match_in_order(holes, groups, lambda h, g: g - h, over)
+        pairs = zip(by_hole, by_group[fit], strict=True)
+    for hole, group in pairs:
+        owner[donor[group], place[group]] = holders[holder[hole]]
+
+
+def _match_in_order(left: list, right: list, gap, over: int) -> np.ndarray:
+    """Match each of ``left`` to a distinct entry of the longer ``right`` (both sorted
+    costliest first), in order, greedily: each takes the free entry it mismatches least (a
+    group ``gap(l, r)`` above its target costing ``over`` times what one below does) among
+    those that leave enough for the entries after it. The mismatch falls then rises along
+    ``right``, so the two entries around the crossing point are the only candidates: linear
+    time after a binary search each, where the tail of a round at many ranks matches
+    thousands of holes."""
+    spare, start, fit = len(right) - len(left), 0, []
+    descending = [-value for value in right]
+    for i, value in enumerate(left):
+        crossing = bisect.bisect_left(descending, -value)  # first entry not above ``value``
+        best = None
+        for j in {min(max(j, start), i + spare) for j in (crossing - 1, crossing)}:
+            d = gap(value, right[j])
+            cost = over * d if d > 0 else -d
+            if best is None or (cost, j) < best:
+                best = (cost, j)
+        fit.append(best[1])
+        start = best[1] + 1
+    return np.asarray(fit, dtype=np.int64)
+
+
+def _fit_in_order(
+    left: np.ndarray,
+    left_count: np.ndarray,
+    right: np.ndarray,
+    right_count: np.ndarray,
+    skip: np.ndarray,
+    over: int,
+    *,
+    targets_first: bool,
+) -> np.ndarray:
+    """For each row ``r``, match each of its first ``left_count[r]`` entries of ``left`` to a
+    distinct one of its first ``right_count[r]`` entries of ``right`` (both sorted costliest
+    first), keeping their order, at the least total mismatch plus ``skip`` for each ``right``
+    entry left out. Returns, per row and ``left`` entry, the matched ``right`` position (-1
+    past ``left_count``).
+
+    Targets are on the left when ``targets_first``, groups otherwise. A group ``gap`` above
+    its target mismatches ``over * gap`` (the other ranks wait), ``gap`` below it ``gap``
+    (this rank waits). That cost is convex in the gap, so some order-keeping matching is
+    optimal among all matchings; dynamic programming over the ``right`` entries, in
+    ``O(right x left)`` integer steps vectorised over the rows, finds it."""
+    rows, width = left.shape
+    best = np.full((rows, width + 1), _INFEASIBLE, dtype=np.int64)  # cost of matching a prefix
+    best[:, 0] = 0
+    took = np.zeros((right.shape[1], rows, width + 1), dtype=bool)
+    for i in range(right.shape[1]):
+        present = (i < right_count)[:, None]
+        gap = (right[:, i, None] - left) if targets_first else (left - right[:, i, None])
+        mismatch = np.where(gap > 0, over * gap, -gap)
+        take = np.where(
+            present & (best[:, :-1] < _INFEASIBLE), best[:, :-1] + mismatch, _INFEASIBLE
+        )
+        leave = np.minimum(best + np.where(present, skip[:, i, None], 0), _INFEASIBLE)
+        took[i, :, 1:] = take < leave[:, 1:]
+        leave[:, 1:] = np.where(took[i, :, 1:], take, leave[:, 1:])
+        best = leave
+    match = np.full((rows, width), -1, dtype=np.int64)
+    matched = left_count.astype(np.int64).copy()
+    every = np.arange(rows)
+    for i in range(right.shape[1] - 1, -1, -1):
+        here = took[i, every, matched] & (matched > 0)
+        match[here, matched[here] - 1] = i
+        matched -= here
+    return match
 
 
 UNKNOWN = -1

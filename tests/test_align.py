@@ -1,6 +1,8 @@
 """The alignment protocol's pure functions over hand-made tables (no process group); the
 round engine that uses them is tested in test_engine.py."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from odb.align import (
     FINISHED,
     NO_GHOST,
     PROTOCOL_VERSION,
+    _fit_in_order,
     check_versions,
     decide,
     decode_received,
@@ -49,8 +52,11 @@ def test_a_finished_rank_runs_groups_other_ranks_leave_for_later():
     table = _table(_row(costs=[5, 4, 3]), _row(costs=[9, 8]), _row(FINISHED | EXHAUSTED))
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
     assert decision.steps == 1  # 5 groups for 3 ranks: one step each; the rest waits
-    assert decision.own_picks(0) == [0] and decision.given(0) == [1]  # 5 is closest to 9
-    assert [(t.recipient, t.donor, t.position) for t in decision.transfers] == [(2, 0, 1)]
+    # rank 0 runs 5, rank 1 runs 8, and the finished rank takes the 9 rank 1 leaves: the
+    # step runs 5, 8, 9 (slowest 9, 4 + 1 idle) rather than 5, 8 and a 4 handed over by
+    # rank 0 (slowest 8, 3 + 4 idle)
+    assert decision.own_picks(0) == [0] and decision.own_picks(1) == [1]
+    assert [(t.recipient, t.donor, t.position) for t in decision.transfers] == [(2, 1, 0)]
     assert not (decision.choice == -1).any()
     # a rank still reading input sets the pace; an exhausted one with fewer groups is topped up
     table = _table(_row(costs=[5, 4, 3]), _row(EXHAUSTED, costs=[9]), _row(costs=[7, 6]))
@@ -117,20 +123,25 @@ def test_once_all_ranks_are_exhausted_the_surplus_moves_to_ranks_with_fewer_grou
     )
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
     assert decision.steps == 2  # ceil(5 groups / 3 ranks)
-    assert sorted(decision.own_picks(0)) == [0, 1] and sorted(decision.given(0)) == [2, 3]
-    moved = {(t.recipient, t.donor, t.position, t.samples) for t in decision.transfers}
-    assert moved == {(2, 0, 2, 3), (1, 0, 3, 4)}  # the rank missing most steps is served first
+    # the least idle time: the three costliest groups in one step, the ghost beside the two
+    # lightest (15 + 40 idle); rank 0 keeps two groups and hands two over
+    steps = sorted(sorted(decision.costs[:, j].tolist()) for j in range(2))
+    assert steps == [[0, 20, 30], [40, 45, 50]]
+    assert len(decision.own_picks(0)) == 2 and len(decision.given(0)) == 2
+    assert {t.donor for t in decision.transfers} == {0}
+    assert {t.recipient for t in decision.transfers} <= {1, 2}
     assert (decision.choice == -1).sum() == 1  # 5 groups over 6 slots: one ghost
     assert decision.global_samples.sum() == 1 + 2 + 3 + 4 + 1
     # the second exchange carries the donor's dataset indices to the recipients
-    members = {2: [7, 8, 9], 3: [3, 1, 4, 6]}
+    members = {0: [5], 1: [0, 2], 2: [7, 8, 9], 3: [3, 1, 4, 6]}
     given = [[members[p] for p in decision.given(r)] for r in range(3)]
     rows = [encode_given(decision, r, groups) for r, groups in enumerate(given)]
-    assert {len(row) for row in rows} == {7}
+    width = sum(len(members[p]) for p in decision.given(0))
+    assert {len(row) for row in rows} == {width}
     gathered = np.stack(rows)
-    step = {t.recipient: t.step for t in decision.transfers}
-    assert decode_received(decision, gathered, 1) == {step[1]: [3, 1, 4, 6]}
-    assert decode_received(decision, gathered, 2) == {step[2]: [7, 8, 9]}
+    for rank in (1, 2):
+        expected = {t.step: members[t.position] for t in decision.transfers if t.recipient == rank}
+        assert decode_received(decision, gathered, rank) == expected
     assert decode_received(decision, gathered, 0) == {}
 
 
@@ -254,3 +265,43 @@ def test_groups_that_must_go_all_run_although_ranks_choose():
     )
     decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
     assert decision.steps == 9 and sorted(decision.own_picks(1)) == list(range(9))
+
+
+def _fit_cost(left, right, skip, chosen, over, targets_first):
+    """What matching ``left[i]`` to ``right[chosen[i]]`` costs, by the rule of the fit."""
+    cost = sum(int(skip[j]) for j in range(len(right)) if j not in chosen)
+    for i, j in enumerate(chosen):
+        group, target = (right[j], left[i]) if targets_first else (left[i], right[j])
+        gap = int(group) - int(target)
+        cost += over * gap if gap > 0 else -gap
+    return cost
+
+
+@pytest.mark.parametrize("targets_first", [True, False])
+def test_fitting_in_order_finds_the_cheapest_matching_of_all(targets_first):
+    """The fit every round uses keeps both lists' order; with the mismatch convex in the gap
+    that loses nothing: against every injective matching, by brute force, on random rows."""
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        rows, width, over = 3, int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        right_width = width + int(rng.integers(0, 3))
+        left = -np.sort(-rng.integers(0, 40, (rows, width)), axis=1)
+        right = -np.sort(-rng.integers(0, 40, (rows, right_width)), axis=1)
+        left_count = rng.integers(0, width + 1, rows)
+        right_count = np.maximum(left_count, rng.integers(0, right_width + 1, rows))
+        skip = np.where(rng.random((rows, right_width)) < 0.3, 1000, 0)
+        match = _fit_in_order(
+            left, left_count, right, right_count, skip, over, targets_first=targets_first
+        )
+        for r in range(rows):
+            a, b = int(left_count[r]), int(right_count[r])
+            row = (left[r, :a], right[r, :b], skip[r, :b])
+            cheapest = min(
+                _fit_cost(*row, chosen, over, targets_first)
+                for chosen in itertools.permutations(range(b), a)
+            )
+            assert (match[r, a:] == -1).all()
+            chosen = match[r, :a].tolist()
+            assert len(set(chosen)) == a and all(0 <= j < b for j in chosen)
+            assert chosen == sorted(chosen)  # order kept
+            assert _fit_cost(*row, chosen, over, targets_first) == cheapest
