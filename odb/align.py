@@ -9,10 +9,10 @@ gathered table, so no rank can skip a collective::
                             \\ all_gather: every rank holds the same table /
     decide:  T = min offered over ranks still reading input = 3 (with many groups offered,
              30% fewer, so that every rank has a choice)
-             each rank runs T of its offered groups (those that must go now first, then the
-             ones closest in cost to T targets spread over all offered costs), sorted by
-             cost, so step j pairs
-             the j-th costliest group of every rank; the T steps then run in one shared random order
+             each rank runs T of its offered groups (those that must go now among them),
+             the ones that best fit one profile of T target costs (see _assign), sorted by
+             cost, so step j pairs the j-th costliest group of every rank; the T steps then
+             run in one shared random order
              (seed, epoch, round); a rank with no data left runs ghost steps (weight 0);
              a step is a vision step when any rank's batch in it holds an image (every rank
              must then run the vision tower: FSDP and ZeRO-3 gather its weights collectively)
