@@ -67,9 +67,9 @@ def test_a_finished_rank_runs_groups_other_ranks_leave_for_later():
 
 def test_step_j_pairs_the_jth_costliest_groups_and_sums_global_counts():
     labels = [1, 3, 2]
-    table = _table(
-        _row(costs=[10, 30, 20], labels=labels, samples=[4, 4, 4]),
-        _row(costs=[300, 100, 200], labels=[30, 10, 20], samples=[1, 1, 1]),
+    table = _table(  # both ranks read all their input: every group runs this round
+        _row(EXHAUSTED, costs=[10, 30, 20], labels=labels, samples=[4, 4, 4]),
+        _row(EXHAUSTED, costs=[300, 100, 200], labels=[30, 10, 20], samples=[1, 1, 1]),
     )
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(3))
     for j in range(decision.steps):
@@ -157,18 +157,19 @@ def test_non_join_shares_only_whole_steps_and_then_stops():
 
 def test_a_rank_with_more_groups_offers_those_closest_in_cost_and_all_that_must_go():
     table = _table(
-        _row(costs=[100, 50]),
+        _wide(costs=[100, 50, 5, 5, 5]),
         encode_report(
-            0, 0, [90, 10, 48, 200], [1] * 4, [1] * 4, MAX_STEPS, must=[False, True, False, False]
+            0, 0, [90, 10, 48, 200, 6], [1] * 5, [1] * 5, WIDE, must=[False, True] + [False] * 3
         ),
     )
-    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
-    # the stale group (position 1) must go; it stands in for the target nearest its cost (50),
-    # the other target (100) takes the closest free group (90)
+    decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
+    # 5 groups each, 2 steps: the targets are 90 and 5; rank 1's stale group (position 1,
+    # cost 10) must go and takes the target 5, the 90 the other; rank 0 fits 100 and a 5
+    assert decision.steps == 2
     assert sorted(decision.choice[1].tolist()) == [0, 1]
     for j in range(decision.steps):
         pair = {int(decision.costs[0, j]), int(decision.costs[1, j])}
-        assert pair in ({100, 90}, {50, 10})
+        assert pair in ({100, 90}, {5, 10})
 
 
 def test_remaining_ghosts_go_to_different_ranks():
@@ -195,9 +196,9 @@ def _vision_by_cost(decision, rank=0):
 
 
 def test_a_step_is_a_vision_step_when_any_ranks_batch_has_an_image():
-    table = _table(
-        _row(costs=[30, 20, 10], images=[0, 2, 0]),
-        _row(costs=[31, 21, 11], images=[0, 0, 1]),
+    table = _table(  # both ranks read all their input: every group runs this round
+        _row(EXHAUSTED, costs=[30, 20, 10], images=[0, 2, 0]),
+        _row(EXHAUSTED, costs=[31, 21, 11], images=[0, 0, 1]),
     )
     decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(1))
     assert _vision_by_cost(decision) == {30: False, 20: True, 10: True}
@@ -248,13 +249,14 @@ def _wide(costs):
 
 def test_every_rank_chooses_so_that_heavy_groups_run_beside_heavy_ones():
     # rank 0 offers two heavy groups and eight light ones, rank 1 four heavy and six light:
-    # running all ten pairs two heavy groups with light ones. A round of 7 steps lets both
-    # run two heavy and five light, each step pairs equal costs, and the rest waits.
+    # running all ten pairs two heavy groups with light ones. A round of 4 steps (40% of
+    # the fewest offered) lets both run one heavy and three light groups, each step pairs
+    # equal costs, and the rest waits.
     table = _table(_wide(costs=[100] * 2 + [10] * 8), _wide(costs=[100] * 4 + [10] * 6))
     decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
-    assert decision.steps == 7
+    assert decision.steps == 4
     assert (decision.costs[0] == decision.costs[1]).all()
-    assert sorted(decision.costs[0].tolist()) == [10] * 5 + [100] * 2
+    assert sorted(decision.costs[0].tolist()) == [10] * 3 + [100]
 
 
 def test_groups_that_must_go_all_run_although_ranks_choose():

@@ -197,8 +197,10 @@ def test_odb_ranks_read_their_stride_and_one_rank_is_odb_batches(small_set):
         foreign = [
             s for s, step in enumerate(three.steps) if not set(step[rank].tolist()) <= shards[rank]
         ]
-        # only the end of the data is shared out, a whole group from one other rank at a time
-        assert all(s >= 0.9 * len(three.steps) for s in foreign)
+        # only the end of the data is shared out, a whole group from one other rank at a time:
+        # once a rank has read its stride, what the buffers still hold (at most the window,
+        # 128 of each rank's 500 samples) runs, so never before that share of the steps
+        assert all(s >= (1 - 128 / len(shards[rank])) * len(three.steps) for s in foreign)
         for s in foreign:
             batch = set(three.steps[s][rank].tolist())
             assert any(batch <= shard for other, shard in enumerate(shards) if other != rank)
