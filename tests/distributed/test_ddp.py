@@ -25,10 +25,10 @@ def test_three_ranks_with_100_400_400_samples(tmp_path):
     results = launch(tmp_path, config, 3)
     check_aligned(results, shards, lengths)
     steps = [r["epochs"][0] for r in results]
-    # rank 0 runs out first and then runs groups the others hand over; ghost steps remain
-    # only for the last step's remainder (fewer than the ranks)
+    # rank 0 runs out first and then runs groups the others hand over (and ghost steps in
+    # rounds where they offer fewer groups than there are ranks: check_aligned checks that a
+    # rank runs ghosts only once its own shard is used up)
     assert sum(s["reason"] == "shared" for s in steps[0]) > 0
-    assert sum(s["ghost"] for rank in steps for s in rank) < 3
     for r in results:
         epochs = [s for e in r["epochs"] for s in e]
         assert r["stats"]["ghost_steps"] == sum(s["ghost"] for s in epochs)
