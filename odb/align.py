@@ -26,7 +26,6 @@ steps stay equal, every sample is emitted once and passes end is in docs/protoco
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -531,37 +530,39 @@ def _fill_holes(
     group_cost, hole_cost = cost[donor, place], targets[level]
     by_group = np.argsort(-group_cost, kind="stable")
     by_hole = np.argsort(-hole_cost, kind="stable")
-    groups, holes = group_cost[by_group].tolist(), hole_cost[by_hole].tolist()
+    groups, holes = group_cost[by_group], hole_cost[by_hole]
     if len(groups) <= len(holes):
-        fit = _match_in_order(groups, holes, lambda g, h: g - h, over)
+        fit = _match_in_order(groups, holes, over, targets_first=False)
         pairs = zip(by_hole[fit], by_group, strict=True)
     else:
-        fit = _match_in_order(holes, groups, lambda h, g: g - h, over)
+        fit = _match_in_order(holes, groups, over, targets_first=True)
         pairs = zip(by_hole, by_group[fit], strict=True)
     for hole, group in pairs:
         owner[donor[group], place[group]] = holders[holder[hole]]
 
 
-def _match_in_order(left: list, right: list, gap, over: int) -> np.ndarray:
+def _match_in_order(
+    left: np.ndarray, right: np.ndarray, over: int, *, targets_first: bool
+) -> np.ndarray:
     """Match each of ``left`` to a distinct entry of the longer ``right`` (both sorted
-    costliest first), in order, greedily: each takes the free entry it mismatches least (a
-    group ``gap(l, r)`` above its target costing ``over`` times what one below does) among
-    those that leave enough for the entries after it. The mismatch falls then rises along
-    ``right``, so the two entries around the crossing point are the only candidates: linear
-    time after a binary search each, where the tail of a round at many ranks matches
-    thousands of holes."""
+    costliest first), in order, greedily: each takes the entry it mismatches least (as in
+    :func:`_fit_in_order`) among those after the previous one's that leave enough for the
+    entries after it. The mismatch falls, then rises along ``right``, so each entry's choice
+    is one of the two around where ``right`` crosses its value, found for all at once, or the
+    nearest end of its range: linear time after the search, where the tail of a round at
+    many ranks matches thousands of holes."""
+    crossing = np.searchsorted(-right, -left)  # the first entry not above each one
+    above, below = np.maximum(crossing - 1, 0), np.minimum(crossing, len(right) - 1)
+
+    def mismatch(at: np.ndarray) -> np.ndarray:
+        gap = right[at] - left if targets_first else left - right[at]
+        return np.maximum(over * gap, -gap)
+
+    preferred = np.where(mismatch(above) <= mismatch(below), above, below).tolist()
     spare, start, fit = len(right) - len(left), 0, []
-    descending = [-value for value in right]
-    for i, value in enumerate(left):
-        crossing = bisect.bisect_left(descending, -value)  # first entry not above ``value``
-        best = None
-        for j in {min(max(j, start), i + spare) for j in (crossing - 1, crossing)}:
-            d = gap(value, right[j])
-            cost = over * d if d > 0 else -d
-            if best is None or (cost, j) < best:
-                best = (cost, j)
-        fit.append(best[1])
-        start = best[1] + 1
+    for i, choice in enumerate(preferred):
+        start = min(max(choice, start), i + spare) + 1
+        fit.append(start - 1)
     return np.asarray(fit, dtype=np.int64)
 
 
@@ -584,30 +585,46 @@ def _fit_in_order(
     Targets are on the left when ``targets_first``, groups otherwise. A group ``gap`` above
     its target mismatches ``over * gap`` (the other ranks wait), ``gap`` below it ``gap``
     (this rank waits). That cost is convex in the gap, so some order-keeping matching is
-    optimal among all matchings; dynamic programming over the ``right`` entries, in
-    ``O(right x left)`` integer steps vectorised over the rows, finds it."""
-    rows, width = left.shape
-    best = np.full((rows, width + 1), _INFEASIBLE, dtype=np.int64)  # cost of matching a prefix
-    best[:, 0] = 0
-    took = np.zeros((right.shape[1], rows, width + 1), dtype=bool)
-    for i in range(right.shape[1]):
-        present = (i < right_count)[:, None]
-        gap = (right[:, i, None] - left) if targets_first else (left - right[:, i, None])
-        mismatch = np.where(gap > 0, over * gap, -gap)
-        take = np.where(
-            present & (best[:, :-1] < _INFEASIBLE), best[:, :-1] + mismatch, _INFEASIBLE
-        )
-        leave = np.minimum(best + np.where(present, skip[:, i, None], 0), _INFEASIBLE)
-        took[i, :, 1:] = take < leave[:, 1:]
-        leave[:, 1:] = np.where(took[i, :, 1:], take, leave[:, 1:])
-        best = leave
-    match = np.full((rows, width), -1, dtype=np.int64)
-    matched = left_count.astype(np.int64).copy()
+    optimal among all matchings. Left entry ``k`` then goes to right entry ``k + d_k`` with
+    ``d_k`` never falling, at most the surplus ``right_count - left_count``; and the skips
+    cost all of ``skip`` less that of the entries matched. So dynamic programming over the
+    left entries, keeping the best cost for each ``d`` (a running minimum over smaller ones),
+    finds it in ``O(left x surplus)`` integer steps vectorised over the rows."""
+    rows = left.shape[0]
+    count = left_count.astype(np.int64)
+    spare = int((right_count - count).max(initial=0))
+    match = np.full(left.shape, -1, dtype=np.int64)
+    longest = int(count.max(initial=0))
+    if longest == 0:
+        return match
+    shifts = np.arange(spare + 1)
+    # right entries and skips at k + d, for every left entry k and shift d: [rows, k, d]
+    position = np.arange(longest)[:, None] + shifts[None, :]
+    padded = np.zeros((rows, longest + spare), dtype=np.int64)
+    padded[:, : right.shape[1]] = right[:, : longest + spare]
+    skipped = np.zeros_like(padded)
+    skipped[:, : skip.shape[1]] = skip[:, : longest + spare]
+    allowed = (position[None] < right_count[:, None, None]) & (
+        shifts[None, None, :] <= (right_count - count)[:, None, None]
+    )
+    best = np.zeros((longest, rows, spare + 1), dtype=np.int64)  # best cost to k at shift d
+    reach = np.zeros((rows, spare + 1), dtype=np.int64)
+    for k in range(longest):
+        entries = padded[:, position[k]]
+        gap = (entries - left[:, k, None]) if targets_first else (left[:, k, None] - entries)
+        cost = np.maximum(over * gap, -gap) - skipped[:, position[k]]
+        cost = np.where(allowed[:, k], reach + cost, _INFEASIBLE)
+        best[k] = cost
+        reach = np.minimum.accumulate(cost, axis=1)
+    # back from each row's last entry: the cheapest shift, then the cheapest not above it
     every = np.arange(rows)
-    for i in range(right.shape[1] - 1, -1, -1):
-        here = took[i, every, matched] & (matched > 0)
-        match[here, matched[here] - 1] = i
-        matched -= here
+    shift = np.full(rows, spare, dtype=np.int64)
+    for k in range(longest - 1, -1, -1):
+        active = k < count
+        ceiling = np.where(k == count - 1, spare, shift)
+        cost = np.where(shifts[None, :] <= ceiling[:, None], best[k], _INFEASIBLE + 1)
+        shift = np.where(active, np.argmin(cost, axis=1), shift)
+        match[every[active], k] = k + shift[active]
     return match
 
 
