@@ -482,16 +482,19 @@ def _assign(
             owner[np.repeat(choosing, steps), fit.ravel()] = np.repeat(choosing, steps)
         if len(holders):
             _fill_holes(owner, cost, counts, targets, holders, free[holders], over)
-        picked = _by_runner(owner, cost, steps)[0]
+        picked, runner, where = _by_runner(owner, cost, steps)
         slowest = picked.max(axis=0)
         waste, busy = int(world * slowest.sum() - picked.sum()), int(world * slowest.sum())
         if best is None or waste * best[1] < best[0] * busy:
-            best = (waste, busy, owner)
+            best = (waste, busy, runner, where)
+        if np.array_equal(slowest, targets):  # the same fits again: nothing to refine
+            break
         targets = slowest
-    _, runner, where = _by_runner(best[2], cost, steps)
+    _, _, runner, where = best
+    bounds = np.searchsorted(runner, np.arange(world + 1)).tolist()
     runs: _Runs = []
     for rank in range(world):
-        donors, places = np.divmod(where[runner == rank], width)
+        donors, places = np.divmod(where[bounds[rank] : bounds[rank + 1]], width)
         runs.append((donors, order[donors, places]))
     return runs
 
