@@ -450,13 +450,14 @@ def _assign(
     targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)][::-1].copy()
     over = max(world - 1, 1)
     choosing = np.flatnonzero(counts > steps)
-    placing = np.flatnonzero((counts > 0) & (counts <= steps))
-    holders = np.flatnonzero(counts < steps) if sharing else nothing
+    holders = np.flatnonzero(counts < steps) if sharing else nothing  # ranks with holes
+    placing = holders[counts[holders] > 0]
     best = None
     for _ in range(_REFINE + 1 if len(choosing) else 1):
-        owner = np.full((world, width), -1, dtype=np.int64)  # who runs each offer
+        # who runs each offer: a rank that offered at most ``steps`` groups runs them all
+        owner = np.where(offers & (counts <= steps)[:, None], np.arange(world)[:, None], -1)
         free = np.ones((world, steps), dtype=bool)  # the targets none of a rank's groups fit
-        if len(placing):
+        if len(placing):  # only where the holes are filled does it matter which they are
             fit = _fit_in_order(
                 cost[placing],
                 counts[placing],
@@ -467,7 +468,6 @@ def _assign(
                 targets_first=False,
             )
             rows, places = np.nonzero(fit >= 0)
-            owner[placing[rows], places] = placing[rows]
             free[placing[rows], fit[rows, places]] = False
         if len(choosing):
             fit = _fit_in_order(
@@ -535,13 +535,10 @@ def _fill_holes(
     by_hole = np.argsort(-hole_cost, kind="stable")
     groups, holes = group_cost[by_group], hole_cost[by_hole]
     if len(groups) <= len(holes):
-        fit = _match_in_order(groups, holes, over, targets_first=False)
-        pairs = zip(by_hole[fit], by_group, strict=True)
+        hole, group = by_hole[_match_in_order(groups, holes, over, targets_first=False)], by_group
     else:
-        fit = _match_in_order(holes, groups, over, targets_first=True)
-        pairs = zip(by_hole, by_group[fit], strict=True)
-    for hole, group in pairs:
-        owner[donor[group], place[group]] = holders[holder[hole]]
+        hole, group = by_hole, by_group[_match_in_order(holes, groups, over, targets_first=True)]
+    owner[donor[group], place[group]] = holders[holder[hole]]
 
 
 def _match_in_order(
