@@ -423,14 +423,14 @@ def _assign(
     The ranks fit their offers to one common profile of ``steps`` target costs, the pooled
     offered costs at evenly spaced ranks. A rank that offered more groups than ``steps``
     chooses ``steps`` of them, one per target, those that must go now included; a rank that
-    offered fewer runs them all, each at the target it fits best, and the targets it leaves
-    free are its holes. Each fit is optimal for its targets (:func:`_fit_in_order`); a group
-    above its target costs ``world - 1`` times what one below does, since every other rank
-    waits for it. With ``sharing``, the groups the choosing ranks leave fill the holes, matched
-    by cost (they are handed over, see :class:`Transfer`); a hole left empty is a ghost step.
-    The profile then becomes the costliest group at each step, and the fits are made again
-    (``_REFINE`` times); the round keeps the assignment that wastes the least share of its
-    steps' time.
+    offered fewer runs them all. Each fit is optimal for its targets (:func:`_fit_in_order`);
+    a group above its target costs ``world - 1`` times what one below does, since every other
+    rank waits for it. With ``sharing``, a rank with fewer groups places them at the targets
+    they fit best, the targets it leaves free are its holes, and the groups the choosing
+    ranks leave fill them, matched by cost (they are handed over, see :class:`Transfer`); a
+    hole left empty is a ghost step. The profile then becomes the costliest group at each
+    step, and the fits are made again (``_REFINE`` times, or until the profile repeats); the
+    round keeps the assignment that wastes the least share of its steps' time.
 
     Costs are the table's integers and every operation is exact integer arithmetic, so every
     rank computes the same assignment."""
