@@ -261,10 +261,10 @@ def decide(
     owner = np.repeat(np.arange(world)[:, None], steps, axis=1)
     choice = np.full((world, steps), -1, dtype=np.int64)
     for rank, (owners, positions) in enumerate(runs):
-        # Pair similar work across ranks: step j gets every rank's j-th costliest group.
-        order = np.argsort(-columns[owners, 0, positions], kind="stable")
-        owner[rank, : len(order)] = owners[order]
-        choice[rank, : len(order)] = positions[order]
+        # Pair similar work across ranks: each run comes costliest first, so step j gets
+        # every rank's j-th costliest group.
+        owner[rank, : len(owners)] = owners
+        choice[rank, : len(owners)] = positions
     order = rng.permutation(steps)
     owner, choice = owner[:, order], choice[:, order]
 
@@ -417,8 +417,9 @@ _INFEASIBLE = 1 << 60
 def _assign(
     columns: np.ndarray, offered: np.ndarray, active: np.ndarray, steps: int, sharing: bool
 ) -> _Runs:
-    """Which groups each rank runs this round, so that step ``j``, which pairs the ``j``-th
-    costliest group of every rank, has groups of near-equal cost on all ranks.
+    """Which groups each rank runs this round, costliest first, so that step ``j``, which
+    pairs the ``j``-th costliest group of every rank, has groups of near-equal cost on all
+    ranks.
 
     The ranks fit their offers to one common profile of ``steps`` target costs, the pooled
     offered costs at evenly spaced ranks. A rank that offered more groups than ``steps``
@@ -482,16 +483,15 @@ def _assign(
             owner[np.repeat(choosing, steps), fit.ravel()] = np.repeat(choosing, steps)
         if len(holders):
             _fill_holes(owner, cost, counts, targets, holders, free[holders], over)
-        picked, runner, where = _by_runner(owner, cost, steps)
+        picked, where, bounds = _by_runner(owner, cost, steps)
         slowest = picked.max(axis=0)
         waste, busy = int(world * slowest.sum() - picked.sum()), int(world * slowest.sum())
         if best is None or waste * best[1] < best[0] * busy:
-            best = (waste, busy, runner, where)
+            best = (waste, busy, where, bounds)
         if np.array_equal(slowest, targets):  # the same fits again: nothing to refine
             break
         targets = slowest
-    _, _, runner, where = best
-    bounds = np.searchsorted(runner, np.arange(world + 1)).tolist()
+    _, _, where, bounds = best
     runs: _Runs = []
     for rank in range(world):
         donors, places = np.divmod(where[bounds[rank] : bounds[rank + 1]], width)
@@ -501,15 +501,16 @@ def _assign(
 
 def _by_runner(owner: np.ndarray, cost: np.ndarray, steps: int):
     """``[world, steps]``: the costs each rank runs, costliest first (0 for none); with the
-    runner of each run group, and its flat index into ``owner``, sorted by runner."""
+    flat index into ``owner`` of every group run, by runner and costliest first, and where
+    each runner's share starts in it (``world + 1`` bounds)."""
     where = np.flatnonzero(owner >= 0)
     runner, runs_cost = owner.ravel()[where], cost.ravel()[where]
     by = np.lexsort((-runs_cost, runner))
     where, runner, runs_cost = where[by], runner[by], runs_cost[by]
-    first = np.searchsorted(runner, np.arange(owner.shape[0]))
+    bounds = np.searchsorted(runner, np.arange(owner.shape[0] + 1))
     picked = np.zeros((owner.shape[0], steps), dtype=np.int64)
-    picked[runner, np.arange(len(runner)) - first[runner]] = runs_cost
-    return picked, runner, where
+    picked[runner, np.arange(len(runner)) - bounds[runner]] = runs_cost
+    return picked, where, bounds.tolist()
 
 
 def _fill_holes(
