@@ -117,7 +117,9 @@ class _Run:
     token_budget: float
     options: dict
     probe_samples: int
-    compute: bool = True  # a Qwen-VL model is budgeted by compute unless this is False
+    # a Qwen-VL model is budgeted by compute unless this is False; a ComputeCost replaces the
+    # FLOPs-derived weights (e.g. qwen_vl.measure_cost's)
+    compute: bool | odb.ComputeCost = True
     loader: odb.DataLoader | None = None
     progress: DataProgress | None = None  # epochs mode: the whole training's samples and rate
     epoch_samples: int | None = None  # one epoch's samples over all ranks (None: not known)
@@ -187,7 +189,8 @@ class OdbTrainerMixin:
         if run.compute and "cost" not in options and _is_qwen_vl(self.model):
             # compute shapes the batches, token_budget stays the memory cap (docs/planning.md)
             layout = options.get("mode") or collator_layout(collate_fn) or "padded"
-            budget = qwen_vl.compute_budget(self.model, run.token_budget, layout)
+            cost = run.compute if isinstance(run.compute, odb.ComputeCost) else None
+            budget = qwen_vl.compute_budget(self.model, run.token_budget, layout, cost=cost)
             limit = budget.limit
             options.update(cost=budget.cost, mode=layout)
             options.setdefault("max_tokens", budget.caps.max_tokens)
@@ -374,8 +377,8 @@ class OdbTrainer(OdbTrainerMixin, Trainer):
     """A ``transformers.Trainer`` whose training batches come from odb.
 
     Takes the Trainer's arguments plus ``token_budget``, ``probe_samples`` (how many samples
-    the step estimate measures) and ``odb_options`` (any ``odb.DataLoader`` option: ``mode``,
-    ``window``, ``max_images``, ...).
+    the step estimate measures), ``odb_options`` (any ``odb.DataLoader`` option: ``mode``,
+    ``window``, ``max_images``, ...) and ``compute`` (see :func:`enable`).
     """
 
     def __init__(
@@ -384,7 +387,7 @@ class OdbTrainer(OdbTrainerMixin, Trainer):
         token_budget: float,
         odb_options: dict | None = None,
         probe_samples: int = _PROBE_SAMPLES,
-        compute: bool = True,
+        compute: bool | odb.ComputeCost = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -397,7 +400,7 @@ def enable(
     token_budget: float,
     *,
     probe_samples: int = _PROBE_SAMPLES,
-    compute: bool = True,
+    compute: bool | odb.ComputeCost = True,
     **options: Any,
 ) -> Trainer:
     """Make ``trainer`` (a ``Trainer`` or subclass, e.g. TRL's ``SFTTrainer``) batch its
@@ -408,7 +411,9 @@ def enable(
     For a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) odb balances estimated compute by
     default: batches cost at most the compute of ``qwen_vl.COMPUTE_HEADROOM * token_budget``
     text tokens (``qwen_vl.compute_budget``) and hold at most ``token_budget`` tokens;
-    ``compute=False``, or a ``cost`` option, budgets tokens instead."""
+    ``compute=False``, or a ``cost`` option, budgets tokens instead. ``compute`` may also be an
+    ``odb.ComputeCost`` of the layout, such as the weights ``qwen_vl.measure_cost`` timed on
+    this hardware: the same budget, priced with those weights."""
     if not isinstance(trainer, Trainer):
         raise ConfigError(f"enable expects a transformers.Trainer, got {type(trainer).__name__}")
     if getattr(trainer, "_odb", None) is not None:
@@ -434,7 +439,11 @@ def _odb_class(cls: type) -> type:
 
 
 def _new_run(
-    trainer: Trainer, token_budget: float, probe_samples: int, options: dict, compute: bool
+    trainer: Trainer,
+    token_budget: float,
+    probe_samples: int,
+    options: dict,
+    compute: bool | odb.ComputeCost,
 ) -> _Run:
     """The adapter's state for ``trainer``, once everything it can check before training is
     checked."""
@@ -444,6 +453,8 @@ def _new_run(
     _check_internals(type(trainer))
     sft.check_trainer(trainer)
     odb.Budget(token_budget)  # validate early, before training starts
+    if not isinstance(compute, bool | odb.ComputeCost):
+        raise ConfigError(f"compute must be True, False or an odb.ComputeCost, got {compute!r}")
     return _Run(token_budget, options, positive_int("probe_samples", probe_samples), compute)
 
 

@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALL_LOADERS,
         action="append",
         help=f"loaders to train through; repeat for several (default {' '.join(LOADERS)}); "
-        f"{NEUTRAL_LOADER}: odb padded with at most standard's batch size of samples per step",
+        f"{NEUTRAL_LOADER}: odb padded with at most standard's batch size of samples per step; "
+        "odb-compute-*: the model's compute budget (FLOPs); odb-measured-*: the same budget "
+        "with weights timed on this device before the run",
     )
     training.add_argument(
         "--nproc",

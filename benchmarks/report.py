@@ -437,9 +437,41 @@ def training_section(result: TrainingResult) -> str:
         )
     if result.packed_loss is not None:
         lines += ["", packed_loss_line(result.packed_loss)]
+    lines += _cost_weight_lines(runs)
     if len(config.seeds) > 1 or config.heldout:
         lines += _quality_lines(result)
     return "\n".join(lines)
+
+
+def _cost_weight_lines(runs: list) -> list[str]:
+    """The weights each compute and measured run priced batches with (FLOPs or timed)."""
+    priced = [run for run in runs if run.cost_weights]
+    if not priced:
+        return []
+    lines = [
+        "",
+        "Cost weights, in tokens: per attention pair, per vision patch, per pair of patches "
+        "within an image (compute: from FLOPs; measured: timed here before the run, with the "
+        "fit's R^2, each sample's fitted extra cost in tokens, which the cost does not price, "
+        "and the seconds the timing took).",
+        "",
+        "| loader | processes | seed | attention | vision | vision attention | fit R^2 "
+        "| per sample | timing (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in priced:
+        w = run.cost_weights
+        measured = "fit" in w
+        lines.append(
+            f"| {run.loader} | {run.world} | {run.seed} | {w['attention_weight']:.3g} "
+            f"| {w['vision_weight']:.3g} | {w['vision_attention_weight']:.3g} "
+            + (
+                f"| {w['fit']:.3f} | {w['sample_tokens']:.1f} | {w['seconds']:.1f} |"
+                if measured
+                else "| - | - | - |"
+            )
+        )
+    return lines
 
 
 def packed_loss_line(check: dict) -> str:

@@ -33,6 +33,7 @@ from .train_models import load_train_model
 __all__ = [
     "COMPUTE_LOADERS",
     "LOADERS",
+    "MEASURED_LOADERS",
     "LR_RULES",
     "CHECK",
     "NEUTRAL_LOADER",
@@ -46,6 +47,10 @@ __all__ = [
 LOADERS = ("standard", "odb-padded", "odb-packed")
 """The default loaders. ``standard-N`` is Standard at batch size N."""
 COMPUTE_LOADERS = ("odb-compute-padded", "odb-compute-packed")
+"""odb under the model's compute budget: weights from its FLOPs (``qwen_vl.compute_cost``)."""
+MEASURED_LOADERS = ("odb-measured-padded", "odb-measured-packed")
+"""The same with weights timed on this device at the start of the run
+(``qwen_vl.measure_cost``, not counted in the run's time)."""
 NEUTRAL_LOADER = "odb-neutral"
 """odb padded with at most Standard's batch size of samples per step: the user keeps the
 hyper-parameters tuned for Standard (the same samples per step at most), with less padding."""
@@ -87,8 +92,11 @@ class _IndexedCollate:
         return [i for i, _ in items], self.collate([sample for _, sample in items])
 
 
-def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, seed: int) -> Any:
-    """The named loader over ``dataset``."""
+def _loader(
+    loader_name: str, dataset: Any, model: Any, settings: dict, seed: int
+) -> tuple[Any, dict | None]:
+    """The named loader over ``dataset``, and for a compute loader the weights it prices
+    batches with (for a measured one, with the fit and the seconds the timing took)."""
     mode = "packed" if loader_name.endswith("-packed") else "padded"
     collate = qwen_vl.collator(model, mode)
     workers = settings["num_workers"]
@@ -103,14 +111,32 @@ def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, seed: in
             sampler=sampler,
             collate_fn=_IndexedCollate(collate),
             num_workers=workers,
-        )
-    limit, priced = settings["budget"], {}
-    if loader_name in COMPUTE_LOADERS:
-        budget = qwen_vl.compute_budget(model, settings["budget"], mode)
+        ), None
+    limit, priced, weights = settings["budget"], {}, None
+    if loader_name in COMPUTE_LOADERS or loader_name in MEASURED_LOADERS:
+        cost, weights = None, {}
+        if loader_name in MEASURED_LOADERS:
+            start = time.perf_counter()
+            measured = qwen_vl.measure_cost(
+                model, mode, max_tokens=settings["budget"], longest=settings["max_length"]
+            )
+            cost = measured.cost
+            weights = {
+                "fit": measured.fit,
+                "sample_tokens": measured.sample_tokens,
+                "seconds": time.perf_counter() - start,
+            }
+        budget = qwen_vl.compute_budget(model, settings["budget"], mode, cost=cost)
         limit, priced = budget.limit, {"cost": budget.cost, "max_tokens": budget.caps.max_tokens}
+        weights = {
+            "attention_weight": budget.cost.attention_weight,
+            "vision_weight": budget.cost.vision_weight,
+            "vision_attention_weight": budget.cost.vision_attention_weight,
+            **weights,
+        }
     elif loader_name == NEUTRAL_LOADER:
         priced = {"max_samples": settings["batch_size"]}
-    return odb.DataLoader(
+    loader = odb.DataLoader(
         dataset,
         limit,
         mode=mode,
@@ -121,6 +147,7 @@ def _loader(loader_name: str, dataset: Any, model: Any, settings: dict, seed: in
         num_workers=workers,
         **priced,
     )
+    return loader, weights
 
 
 def _batches(loader: Any) -> Iterator[tuple[list[int], float, dict]]:
@@ -339,7 +366,7 @@ def train_once(folder: Path, loader_name: str, seed: int) -> dict:
     if settings["gradient_checkpointing"]:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     dataset = qwen_vl.LlavaDataset(folder / "train.json", settings["images"], trained.processor)
-    loader = _loader(loader_name, dataset, model, settings, seed)
+    loader, cost_weights = _loader(loader_name, dataset, model, settings, seed)
     learning_rate = _learning_rate(loader, dataset, settings, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     ranks = _Ranks(model, device)
@@ -388,6 +415,7 @@ def train_once(folder: Path, loader_name: str, seed: int) -> dict:
         "learning_rate": learning_rate,
         **heldout,
         "weights": float(sum(p.detach().double().sum() for p in model.parameters())),
+        "cost_weights": cost_weights,
         "steps": records,
     }
 

@@ -19,7 +19,9 @@ seed go through every loader; only the loader differs:
 - ``odb neutral``: odb padded with at most Standard's batch size of samples per step, the
   variant that keeps Standard's hyper-parameters;
 - ``odb compute padded`` / ``odb compute packed``: the same under the model's own compute
-  budget (``qwen_vl.compute_budget``), what the HF adapter uses for Qwen-VL by default.
+  budget (``qwen_vl.compute_budget``), what the HF adapter uses for Qwen-VL by default;
+- ``odb measured padded`` / ``odb measured packed``: the same budget with the weights timed
+  on this device at the start of the run (``qwen_vl.measure_cost``, outside the timed steps).
 
 Each run is its own process (:mod:`.training_run`; several under ``torch.distributed.run`` with
 ``--nproc``), which times every step; this module prepares the data, launches the runs and
@@ -50,7 +52,15 @@ from .llava_input import SYNTHETIC_LONG_MULTIMODAL, write_synthetic_llava
 from .multimodal_sets import BUILTIN_SETS
 from .policies import epoch_order, standard_batch_size
 from .train_models import PRESETS, load_processor_for, model_config, prepare_tokenizer
-from .training_run import CHECK, COMPUTE_LOADERS, LOADERS, LR_RULES, NEUTRAL_LOADER, standard_size
+from .training_run import (
+    CHECK,
+    COMPUTE_LOADERS,
+    LOADERS,
+    LR_RULES,
+    MEASURED_LOADERS,
+    NEUTRAL_LOADER,
+    standard_size,
+)
 
 __all__ = [
     "ALL_LOADERS",
@@ -67,7 +77,7 @@ __all__ = [
     "run_training",
 ]
 
-ALL_LOADERS = (*LOADERS, NEUTRAL_LOADER, *COMPUTE_LOADERS)
+ALL_LOADERS = (*LOADERS, NEUTRAL_LOADER, *COMPUTE_LOADERS, *MEASURED_LOADERS)
 SMALL_SET = "long-multimodal-small"
 """The default data: long-multimodal's shape at a tenth of its text and smaller photos."""
 
@@ -181,7 +191,9 @@ class TrainingRun:
     held; ``model_tflops`` useful model FLOP/s per process, ``mfu`` over the peak (None when
     unknown). ``losses`` and ``samples_seen`` are per step over all ranks (token-mean loss;
     samples so far); ``missing`` / ``repeated`` count samples a whole epoch left out / trained
-    twice (None when the run stopped before the end of the epoch).
+    twice (None when the run stopped before the end of the epoch). ``cost_weights``: for a
+    compute or measured loader, the weights its budget priced batches with (measured: with the
+    fit's R^2, each sample's fitted extra cost in tokens, and the seconds the timing took).
     """
 
     loader: str
@@ -212,6 +224,7 @@ class TrainingRun:
     repeated: int | None
     losses: list[float] = field(repr=False)
     samples_seen: list[int] = field(repr=False)
+    cost_weights: dict | None = None
 
     @property
     def padding(self) -> float:
@@ -407,6 +420,7 @@ def _summarise(
         repeated=int((counts[counts > 1] - 1).sum()) if whole_epoch else None,
         losses=[step["loss"] for step in steps[0]],
         samples_seen=np.cumsum(per_step).tolist(),
+        cost_weights=ranks[0].get("cost_weights"),
     )
 
 

@@ -289,20 +289,33 @@ def test_training_budget_must_hold_a_record_of_the_maximum_length(capsys):
     assert "--train-only needs --train" in capsys.readouterr().err
 
 
-def test_compute_and_neutral_loaders(tmp_path):
+def test_compute_measured_and_neutral_loaders(tmp_path):
     tokenizer = small_tokenizer(tmp_path / "tokenizer")
     model = tiny_model(tokenizer, 0)
     settings = {"num_workers": 0, "budget": 2048, "window": 16, "batch_size": 3}
+    settings["max_length"] = 1024
     for mode in ("padded", "packed"):
-        loader = _loader(f"odb-compute-{mode}", [], model, settings, 0)
+        loader, weights = _loader(f"odb-compute-{mode}", [], model, settings, 0)
         assert loader.mode == mode and loader.budget.cost.prices_compute
         assert loader.budget.caps.max_tokens == 2048 and loader.budget.limit > 2048
-        tokens = _loader(f"odb-{mode}", [], model, settings, 0)
+        assert weights == {
+            "attention_weight": loader.budget.cost.attention_weight,
+            "vision_weight": loader.budget.cost.vision_weight,
+            "vision_attention_weight": loader.budget.cost.vision_attention_weight,
+        }
+        # the same budget, its weights timed on this machine before the run
+        measured, timed = _loader(f"odb-measured-{mode}", [], model, settings, 0)
+        assert measured.mode == mode and measured.budget.limit == loader.budget.limit
+        assert measured.budget.caps == loader.budget.caps
+        assert timed["vision_weight"] == measured.budget.cost.vision_weight > 0
+        assert timed["seconds"] > 0 and timed["fit"] <= 1 and timed["sample_tokens"] >= 0
+        tokens, none = _loader(f"odb-{mode}", [], model, settings, 0)
         assert not tokens.budget.cost.prices_compute and tokens.budget.limit == 2048
-    neutral = _loader("odb-neutral", [], model, settings, 0)
+        assert none is None
+    neutral, _ = _loader("odb-neutral", [], model, settings, 0)
     assert neutral.mode == "padded" and neutral.budget.caps.max_samples == 3
-    assert _loader("standard-5", [1] * 10, model, settings, 0).batch_size == 5
-    assert _loader("standard", [1] * 10, model, settings, 0).batch_size == 3
+    assert _loader("standard-5", [1] * 10, model, settings, 0)[0].batch_size == 5
+    assert _loader("standard", [1] * 10, model, settings, 0)[0].batch_size == 3
     with pytest.raises(ValueError, match="unknown loader"):
         TrainingConfig(loaders=("odb-fast",))
 
@@ -434,3 +447,29 @@ def test_cli_trains_a_text_models_checkpoint_on_text_records(tmp_path, capsys):
     assert [r["missing"] for r in record["runs"]] == [0, 0]
     assert record["packed_loss"]["passed"] and record["packed_loss"]["samples"] == 4
     assert "records of chat" in (out / "report.md").read_text()
+
+
+def test_the_report_lists_the_weights_each_compute_run_priced_with():
+    from types import SimpleNamespace
+
+    from odb.benchmarks.report import _cost_weight_lines
+
+    flops = {"attention_weight": 6.2e-4, "vision_weight": 0.331, "vision_attention_weight": 3.1e-4}
+    timed = {
+        **flops,
+        "attention_weight": 2.8e-4,
+        "fit": 0.998,
+        "sample_tokens": 24.4,
+        "seconds": 8.8,
+    }
+    runs = [
+        SimpleNamespace(loader="odb packed", world=2, seed=0, cost_weights=None),
+        SimpleNamespace(loader="odb compute packed", world=2, seed=0, cost_weights=flops),
+        SimpleNamespace(loader="odb measured packed", world=2, seed=1, cost_weights=timed),
+    ]
+    rows = [line for line in _cost_weight_lines(runs) if line.startswith("| odb")]
+    assert rows == [
+        "| odb compute packed | 2 | 0 | 0.00062 | 0.331 | 0.00031 | - | - | - |",
+        "| odb measured packed | 2 | 1 | 0.00028 | 0.331 | 0.00031 | 0.998 | 24.4 | 8.8 |",
+    ]
+    assert _cost_weight_lines(runs[:1]) == []

@@ -11,7 +11,8 @@ Five pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x processors 
   ``odb.estimate.count_steps``). It is optional: odb batches from the lengths it measures after
   processing, so augmentation that changes lengths never makes a batch wrong.
 - :func:`compute_cost` builds an :class:`odb.ComputeCost` whose attention and vision-tower
-  terms come from a model config (:func:`model_flops` documents the count).
+  terms come from a model config (:func:`model_flops` documents the count);
+  :func:`measure_cost` fits the same weights to the model's timed steps on this device.
 - :func:`collator` returns the padded or the padding-free packed collator for a model; the
   packed Qwen-VL row carries ``[4, 1, L]`` position ids (see :class:`QwenVLPackedCollator`).
 - :func:`use_packed_attention` selects ``attn_implementation="odb_packed"`` for the language
@@ -53,12 +54,14 @@ from odb.adapters.qwen_vl.flops import (
     model_flops,
 )
 from odb.adapters.qwen_vl.geometry import VisionGeometry
+from odb.adapters.qwen_vl.measure import MeasuredCost, measure_cost
 
 __all__ = [
     "CHAT_TEMPLATE",
     "COMPUTE_HEADROOM",
     "ImageCountError",
     "LlavaDataset",
+    "MeasuredCost",
     "MissingImageError",
     "ModelFlops",
     "PACKED_ATTENTION",
@@ -72,6 +75,7 @@ __all__ = [
     "collator",
     "compute_budget",
     "compute_cost",
+    "measure_cost",
     "model_flops",
     "packed_attention_forward",
     "packed_attention_mask",

@@ -83,6 +83,12 @@ class _RopeIndex:
         return positions[:, 0]
 
 
+def pixel_features(vision_config: Any) -> int:
+    """Values per row of ``pixel_values``: one patch, ``channels x temporal patch x patch**2``."""
+    channels = getattr(vision_config, "in_channels", None) or getattr(vision_config, "in_chans", 3)
+    return channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+
+
 def vision_placeholder(model_or_config: Any) -> dict[str, torch.Tensor]:
     """The smallest image a Qwen-VL model takes, as a processed sample whose labels are all
     -100: one ``merge x merge`` grid of blank patches, i.e. one ``<|image_pad|>`` token.
@@ -96,8 +102,7 @@ def vision_placeholder(model_or_config: Any) -> dict[str, torch.Tensor]:
     if vision is None or getattr(config, "image_token_id", None) is None:
         raise ConfigError(f"{type(config).__name__} has no vision tower to keep in step")
     merge = vision.spatial_merge_size
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
-    features = channels * vision.temporal_patch_size * vision.patch_size**2
+    features = pixel_features(vision)
     return {
         "input_ids": torch.tensor([config.image_token_id]),
         "labels": torch.tensor([-100]),

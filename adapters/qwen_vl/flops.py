@@ -151,15 +151,22 @@ def compute_budget(
     *,
     headroom: float = COMPUTE_HEADROOM,
     attention: str | None = None,
+    cost: odb.ComputeCost | None = None,
 ) -> odb.Budget:
     """The budget odb plans Qwen-VL batches with by default: priced by :func:`compute_cost`
     (estimated step time, in text-token units, for the ``attention`` kernel, by default the
-    model's) up to the compute of ``headroom *
-    token_budget`` text tokens, and never more than ``token_budget`` tokens per batch
-    (``max_tokens``, the memory bound). A sample within the token cap whose compute alone is
-    over the limit runs alone (``odb.Budget.why_over``)."""
+    model's) up to the compute of ``headroom * token_budget`` text tokens, and never more than
+    ``token_budget`` tokens per batch (``max_tokens``, the memory bound). A sample within the
+    token cap whose compute alone is over the limit runs alone (``odb.Budget.why_over``).
+    ``cost`` replaces the FLOPs-derived weights, for example with those
+    :func:`~odb.adapters.qwen_vl.measure_cost` timed; it must price ``mode``'s layout."""
     if not (isinstance(headroom, int | float) and headroom >= 1):
         raise ConfigError(f"headroom must be a number >= 1, got {headroom!r}")
     cap = int(odb.Budget(token_budget).limit)  # validated; the cap counts whole tokens
-    cost = compute_cost(model_or_config, mode, attention=attention)
+    if cost is None:
+        cost = compute_cost(model_or_config, mode, attention=attention)
+    elif not isinstance(cost, odb.ComputeCost) or cost.padded != (mode == "padded"):
+        raise ConfigError(
+            f"cost must be an odb.ComputeCost that prices {mode} batches, got {cost!r}"
+        )
     return odb.Budget(headroom * cap, cost, odb.Caps(max_tokens=cap))

@@ -459,3 +459,25 @@ def test_a_qwen_vl_model_is_budgeted_by_compute_unless_turned_off(tmp_path, comp
     else:
         assert loader.budget == odb.Budget(BUDGET)
         assert line.startswith(f"odb: 1 rank(s), padded mode, token budget {BUDGET} (PaddedCost)")
+
+
+def test_a_compute_cost_given_to_the_adapter_prices_the_compute_budget(tmp_path):
+    import dataclasses
+
+    import qwen_vl_tiny
+
+    from odb.adapters import qwen_vl
+
+    model = qwen_vl_tiny.tiny_model("qwen3_vl", qwen_vl_tiny.small_tokenizer())
+    samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n)} for n in lengths(20)]
+    timed = dataclasses.replace(qwen_vl.compute_cost(model, "padded"), vision_weight=3.0)
+
+    def trainer():
+        args = training_args(tmp_path, max_steps=1)
+        return transformers.Trainer(model=model, args=args, train_dataset=samples)
+
+    loader = enable(trainer(), BUDGET, compute=timed).get_train_dataloader()
+    assert loader.budget == qwen_vl.compute_budget(model, BUDGET, "padded", cost=timed)
+    assert loader.budget.cost.vision_weight == 3.0
+    with pytest.raises(odb.ConfigError, match="compute must be"):
+        enable(trainer(), BUDGET, compute="measured")

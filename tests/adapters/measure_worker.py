@@ -1,0 +1,44 @@
+"""One rank of the measure_cost test, started by torchrun over gloo: times a tiny Qwen2.5-VL
+with ``qwen_vl.measure_cost`` and writes what it fitted to ``<argv[1]>.<rank>.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for its helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import qwen_vl_tiny
+from tiny import leave_distributed
+
+from odb.adapters import qwen_vl
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    try:
+        torch.set_num_threads(1)
+        model = qwen_vl_tiny.tiny_model(
+            "qwen2_5_vl", qwen_vl_tiny.small_tokenizer(), dtype=torch.float32
+        )
+        measured = qwen_vl.measure_cost(model, "packed", max_tokens=1024, repeats=1)
+        record = {
+            "cost": dataclasses.asdict(measured.cost),
+            "token_seconds": measured.token_seconds,
+            "fixed_seconds": measured.fixed_seconds,
+            "sample_tokens": measured.sample_tokens,
+            "seconds": [row["seconds"] for row in measured.batches],
+        }
+        Path(f"{out}.{dist.get_rank()}.json").write_text(json.dumps(record))
+    finally:
+        leave_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
