@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: Standard against odb padded and odb packed, measured side by side on one GPU
+# The GPU check: Standard against odb padded and odb packed (and odb packed under the compute
+# budget with weights timed on the GPU: qwen_vl.measure_cost), measured side by side on one GPU
 # with a Qwen2.5-VL-3B-sized model (random weights, bfloat16) on the built-in mixed set with
 # real images, plus the check that a packed row and a padded batch of the same samples give
 # the same loss. Writes report.md, results.json and training_loss.png to the folder given as
@@ -43,4 +44,5 @@ PYTHONUNBUFFERED=1 "$python" -m odb.benchmarks.cli --train --train-only \
     --warmup-steps "${ODB_GPU_CHECK_WARMUP:-2}" \
     --steps "${ODB_GPU_CHECK_STEPS:-12}" \
     --train-loader standard --train-loader odb-padded --train-loader odb-packed \
+    --train-loader odb-measured-packed \
     --out "$out"

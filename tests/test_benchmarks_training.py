@@ -394,8 +394,10 @@ def test_gpu_check_script_runs_end_to_end_on_cpu_with_the_tiny_preset(tmp_path):
     script = root / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", str(script), str(out)], env=env, check=True, timeout=600)
     record = json.loads((out / "results.json").read_text())["training"]
-    assert [r["loader"] for r in record["runs"]] == ["standard", "odb padded", "odb packed"]
+    loaders = ["standard", "odb padded", "odb packed", "odb measured packed"]
+    assert [r["loader"] for r in record["runs"]] == loaders
     assert all(r["timed_steps"] == 1 for r in record["runs"])
+    assert record["runs"][3]["cost_weights"]["seconds"] > 0  # timed on the device
     assert record["packed_loss"]["passed"] and record["config"]["data"] == "mixed"
     for run in record["runs"]:
         assert run["samples_seen"][-1] > 0 and all(np.isfinite(run["losses"]))
