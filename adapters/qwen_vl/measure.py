@@ -70,10 +70,11 @@ def measure_cost(
     repeats: int = 3,
     seed: int = 0,
 ) -> MeasuredCost:
-    """Time ``model`` (a Qwen-VL model, on the device and in the dtype it will train in, with
-    the attention kernel it will train with) on synthetic batches of at most ``max_tokens``
-    tokens in ``mode`` and fit odb's cost weights to the timings: the median of ``repeats``
-    forward and backward passes per batch, after one untimed pass. ``longest``: the longest
+    """Time ``model`` (a Qwen-VL model, on the device, in the dtype and mode it will train in,
+    with the attention kernel and gradient checkpointing it will train with) on synthetic
+    batches of at most ``max_tokens`` tokens in ``mode`` and fit odb's cost weights to the
+    timings: the median of ``repeats`` forward and backward passes per batch, after one
+    untimed pass. ``longest``: the longest
     sample the data holds (default ``max_tokens``), so that the text batches' samples span
     the lengths training will see.
 
