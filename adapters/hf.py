@@ -186,10 +186,11 @@ class OdbTrainerMixin:
             options.update(shuffle=True, persistent_workers=args.dataloader_persistent_workers)
         options.update(run.options)
         limit = run.token_budget
-        if run.compute and "cost" not in options and _is_qwen_vl(self.model):
+        given = isinstance(run.compute, odb.ComputeCost)
+        if given or (run.compute and "cost" not in options and _is_qwen_vl(self.model)):
             # compute shapes the batches, token_budget stays the memory cap (docs/planning.md)
             layout = options.get("mode") or collator_layout(collate_fn) or "padded"
-            cost = run.compute if isinstance(run.compute, odb.ComputeCost) else None
+            cost = run.compute if given else None
             budget = qwen_vl.compute_budget(self.model, run.token_budget, layout, cost=cost)
             limit = budget.limit
             options.update(cost=budget.cost, mode=layout)
@@ -455,6 +456,8 @@ def _new_run(
     odb.Budget(token_budget)  # validate early, before training starts
     if not isinstance(compute, bool | odb.ComputeCost):
         raise ConfigError(f"compute must be True, False or an odb.ComputeCost, got {compute!r}")
+    if isinstance(compute, odb.ComputeCost) and "cost" in options:
+        raise ConfigError("compute= and the cost option both price batches: give one of them")
     return _Run(token_budget, options, positive_int("probe_samples", probe_samples), compute)
 
 

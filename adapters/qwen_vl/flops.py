@@ -169,4 +169,16 @@ def compute_budget(
         raise ConfigError(
             f"cost must be an odb.ComputeCost that prices {mode} batches, got {cost!r}"
         )
+    else:
+        if attention is None:
+            attention = getattr(
+                _text_config(_config_of(model_or_config)), "_attn_implementation", None
+            )
+        dense = mode == "packed" and builds_dense_mask(attention)
+        if cost.dense_mask != dense:
+            raise ConfigError(
+                f"cost prices packed rows {'with' if cost.dense_mask else 'without'} a dense "
+                f"mask, but the model's attention ({attention or 'sdpa'}) "
+                f"{'builds' if dense else 'does not build'} one"
+            )
     return odb.Budget(headroom * cap, cost, odb.Caps(max_tokens=cap))

@@ -69,6 +69,7 @@ def measure_cost(
     longest: int | None = None,
     repeats: int = 3,
     seed: int = 0,
+    distributed: bool = True,
 ) -> MeasuredCost:
     """Time ``model`` (a Qwen-VL model, on the device, in the dtype and mode it will train in,
     with the attention kernel and gradient checkpointing it will train with) on synthetic
@@ -79,10 +80,13 @@ def measure_cost(
     the lengths training will see.
 
     Call it before training: it runs backward passes and then clears the parameters'
-    gradients. Under ``torch.distributed`` every rank times the same batches, the timings are
-    averaged over the ranks and rank 0's fit is broadcast, so that all ranks plan with the same
-    weights. A model sharded by FSDP or ZeRO-3 cannot run a forward outside its engine: measure
-    on one device, then pass the weights (``MeasuredCost.cost``) to every rank.
+    gradients. A DDP-wrapped model is timed through its ``module`` (no gradient all-reduce).
+    Under ``torch.distributed`` (unless ``distributed=False``) every rank must call it: the
+    ranks time the same batches, the timings are averaged over them and rank 0's fit is
+    broadcast, so that all ranks plan with the same weights; a rank that fails to time them
+    makes every rank raise. A model sharded by FSDP or ZeRO-3 cannot run a forward outside its
+    engine: measure an unsharded copy on one device (``distributed=False`` on that process),
+    then pass the weights (``MeasuredCost.cost``) to every rank.
 
     Raises ``ConfigError`` when the timings do not grow with the tokens (too noisy to fit).
     """
@@ -90,6 +94,10 @@ def measure_cost(
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"measure_cost times a model, got {type(model).__name__}")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # compute alone: DDP would add its all-reduce to every backward
     config = _config_of(model)
     if getattr(config, "vision_config", None) is None:
         raise ConfigError(
@@ -97,15 +105,28 @@ def measure_cost(
         )
     if not (isinstance(max_tokens, int) and max_tokens >= 256):
         raise ConfigError(f"max_tokens must be an integer >= 256, got {max_tokens!r}")
-    if longest is not None and not (isinstance(longest, int) and 64 <= longest <= max_tokens):
-        raise ConfigError(f"longest must be an integer in [64, max_tokens], got {longest!r}")
+    if longest is not None and not (isinstance(longest, int) and 256 <= longest <= max_tokens):
+        raise ConfigError(f"longest must be an integer in [256, max_tokens], got {longest!r}")
     shape = compute_cost(model, mode)  # the layout's terms (padded, dense mask); weights refitted
     batches = timing_batches(config, mode, max_tokens, longest, seed)
     terms = np.array([batch_terms(samples, shape) for samples in batches])
-    seconds = _time(model, [collator(model, mode)(samples) for samples in batches], repeats)
-    seconds = _averaged(seconds, model)
+    dist = torch.distributed
+    together = distributed and dist.is_available() and dist.is_initialized()
+    failure, seconds = None, np.full(len(batches), np.nan)
+    try:
+        seconds = _time(model, [collator(model, mode)(samples) for samples in batches], repeats)
+    except Exception as error:  # the other ranks must not wait for this one in the all-reduce
+        failure = error
+        model.zero_grad(set_to_none=True)
+    if together:
+        seconds = _averaged(seconds, model)
+    if failure is not None:
+        raise failure
+    if not np.isfinite(seconds).all():
+        raise ConfigError("measure_cost: another rank failed to time the batches")
     fitted = fit_cost(terms, seconds)
-    fitted = _from_rank_zero(fitted, model)
+    if together:
+        fitted = _from_rank_zero(fitted, model)
     token, fixed, weights, r2 = float(fitted[0]), float(fitted[1]), fitted[2:-1], float(fitted[-1])
     if not (math.isfinite(token) and token > 0):
         raise ConfigError(
@@ -131,7 +152,8 @@ def timing_batches(
     """Processed samples of the batches to time, none over ``max_tokens`` tokens: text batches
     of the same tokens as one long sample or many short ones (the attention term against the
     tokens), and batches of images with the same patches in a few large or many small images
-    (the vision tower's per-patch work against its attention within each image)."""
+    (the vision tower's per-patch work against its attention within each image). ``longest``
+    must be at least 256 (the shortest samples have ``longest / 64`` tokens)."""
     rng = np.random.default_rng(seed)
     text = _text_config(config)
     vision = config.vision_config
@@ -171,20 +193,30 @@ def timing_batches(
         return out
 
     budget, longest = max_tokens, longest or max_tokens
+    # Padded batches hold samples of four lengths (the longest, 7/8, 3/4 and 5/8 of it), so
+    # that they carry padding and its attention mask as training batches do; a packed row's
+    # samples are all of one length.
+    padded = mode == "padded"
+
+    def shorter(length: int, j: int) -> int:
+        return length - (j % 4) * max(1, length // 8) if padded else length
+
     # (samples, tokens each): the budget's tokens in samples of the longest length, 1/8 and
     # 1/64 of it; then half the tokens, and a quarter in short samples
     text_shapes = [(budget // length, length) for length in (longest, longest // 8, longest // 64)]
     text_shapes += [(budget // longest, longest // 2), (budget // longest * 8, longest // 32)]
-    batches = [[sample(length) for _ in range(n)] for n, length in text_shapes]
+    batches = [[sample(shorter(length, j)) for j in range(n)] for n, length in text_shapes]
     # the largest square image (within the usual processor limit) whose tokens fill at most a
     # quarter of the budget, then 1/2 and 1/4 of its side at the same total patches (4x and
     # 16x the images), and half those patches
     big = max(merge, min(math.isqrt(budget // 4), _SIDE) * merge)
+    text = 2 * _TEXT if padded else _TEXT  # padded: every other sample has _TEXT more text
     for side, images in ((big, 1), (big // 2, 4), (big // 4, 16), (big // 4, 8)):
         side = max(merge, side // merge * merge)
-        per_sample = 2 + side * side // (merge * merge) + _TEXT
+        per_sample = 2 + side * side // (merge * merge) + text
         count = min(images, budget // per_sample)
-        batches.append([sample(_TEXT, (side,)) for _ in range(count)])
+        lengths = [text - _TEXT * (j % 2) if padded else _TEXT for j in range(count)]
+        batches.append([sample(length, (side,)) for length in lengths])
     return batches
 
 
@@ -234,7 +266,8 @@ def fit_cost(terms: np.ndarray, seconds: np.ndarray) -> np.ndarray:
         design = np.column_stack([np.ones(len(seconds)), terms[:, columns] / scale[columns]])
         solution = np.linalg.lstsq(design, seconds, rcond=None)[0]
         slopes = solution[1:] / scale[columns]
-        negative = [(slopes[k + 1], i) for k, i in enumerate(kept) if slopes[k + 1] < 0]
+        # the most negative in scaled units (each term over its largest value), not raw ones
+        negative = [(solution[k + 2], i) for k, i in enumerate(kept) if solution[k + 2] < 0]
         if not negative:
             break
         kept.remove(min(negative)[1])
@@ -277,9 +310,8 @@ def _collective_device(model: torch.nn.Module) -> torch.device:
 
 
 def _averaged(seconds: np.ndarray, model: torch.nn.Module) -> np.ndarray:
-    """The timings averaged over the ranks of ``torch.distributed`` (unchanged without)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return seconds
+    """The timings averaged over the ranks of ``torch.distributed`` (NaN where a rank has
+    none)."""
     total = torch.tensor(seconds, dtype=torch.float64, device=_collective_device(model))
     torch.distributed.all_reduce(total)
     return total.cpu().numpy() / torch.distributed.get_world_size()
@@ -288,8 +320,6 @@ def _averaged(seconds: np.ndarray, model: torch.nn.Module) -> np.ndarray:
 def _from_rank_zero(fitted: np.ndarray, model: torch.nn.Module) -> np.ndarray:
     """Rank 0's fit on every rank (a fit from the same averaged timings could still differ in
     its last bits between hosts whose numerical libraries differ)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return fitted
     values = torch.tensor(fitted, dtype=torch.float64, device=_collective_device(model))
     torch.distributed.broadcast(values, src=0)
     return values.cpu().numpy()

@@ -1,5 +1,6 @@
-"""One rank of the measure_cost test, started by torchrun over gloo: times a tiny Qwen2.5-VL
-with ``qwen_vl.measure_cost`` and writes what it fitted to ``<argv[1]>.<rank>.json``."""
+"""One rank of the measure_cost tests, started by torchrun over gloo: times a tiny Qwen2.5-VL
+with ``qwen_vl.measure_cost`` and writes what it fitted, or the error it raised, to
+``<argv[1]>.<rank>.json``. With ``fail`` as argv[2], rank 1's model raises in its forward."""
 
 from __future__ import annotations
 
@@ -20,25 +21,35 @@ from tiny import leave_distributed
 from odb.adapters import qwen_vl
 
 
-def main(out: str) -> None:
+def _broken_forward(*args, **kwargs):
+    raise RuntimeError("this rank's device failed")
+
+
+def main(out: str, fail: bool) -> None:
     dist.init_process_group("gloo")
     try:
         torch.set_num_threads(1)
         model = qwen_vl_tiny.tiny_model(
             "qwen2_5_vl", qwen_vl_tiny.small_tokenizer(), dtype=torch.float32
         )
-        measured = qwen_vl.measure_cost(model, "packed", max_tokens=1024, repeats=1)
-        record = {
-            "cost": dataclasses.asdict(measured.cost),
-            "token_seconds": measured.token_seconds,
-            "fixed_seconds": measured.fixed_seconds,
-            "sample_tokens": measured.sample_tokens,
-            "seconds": [row["seconds"] for row in measured.batches],
-        }
+        if fail and dist.get_rank() == 1:
+            model.forward = _broken_forward
+        try:
+            measured = qwen_vl.measure_cost(model, "packed", max_tokens=1024, repeats=1)
+        except Exception as error:
+            record = {"error": f"{type(error).__name__}: {error}"}
+        else:
+            record = {
+                "cost": dataclasses.asdict(measured.cost),
+                "token_seconds": measured.token_seconds,
+                "fixed_seconds": measured.fixed_seconds,
+                "sample_tokens": measured.sample_tokens,
+                "seconds": [row["seconds"] for row in measured.batches],
+            }
         Path(f"{out}.{dist.get_rank()}.json").write_text(json.dumps(record))
     finally:
         leave_distributed()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] == ["fail"])

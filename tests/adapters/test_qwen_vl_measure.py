@@ -43,6 +43,12 @@ def test_the_timed_batches_stay_within_the_cap_and_separate_every_term(
             grids = sample.get("image_grid_thw", torch.zeros(0, 3))
             tokens = int((sample["input_ids"] == config.image_token_id).sum())
             assert tokens == int(grids.prod(dim=1).sum()) // merge**2
+            if "pixel_values" in sample:  # a row per patch of C x temporal patch x patch^2
+                vision = config.vision_config
+                features = 3 * vision.temporal_patch_size * vision.patch_size**2
+                assert sample["pixel_values"].shape == (int(grids.prod(dim=1).sum()), features)
+        if mode == "padded" and len(samples) > 1:  # padded batches carry padding
+            assert len({len(sample["input_ids"]) for sample in samples}) > 1
     # the constant and all five terms can be told apart
     design = np.column_stack([np.ones(len(terms)), terms])
     assert np.linalg.matrix_rank(design / np.abs(design).max(axis=0)) == design.shape[1]
@@ -77,11 +83,22 @@ def test_a_term_whose_weight_comes_out_negative_is_dropped_and_the_rest_refitted
     assert fitted[0] == pytest.approx(slope) and fitted[1] == pytest.approx(intercept)
 
 
-@pytest.mark.parametrize("mode", ["padded", "packed"])
-def test_measure_cost_times_the_model_and_its_cost_prices_each_batch_as_the_fit_does(mode):
-    model = qwen_vl_tiny.tiny_model(
-        "qwen2_5_vl", qwen_vl_tiny.small_tokenizer(), dtype=torch.float32
-    )
+@pytest.mark.parametrize(
+    ("family", "mode", "attn"),
+    [
+        ("qwen2_5_vl", "padded", "sdpa"),
+        ("qwen2_5_vl", "packed", "sdpa"),
+        ("qwen2_5_vl", "packed", "odb_packed"),
+        ("qwen2_vl", "padded", "sdpa"),
+        ("qwen3_vl", "packed", "odb_packed"),
+    ],
+)
+def test_measure_cost_times_the_model_and_its_cost_prices_each_batch_as_the_fit_does(
+    family, mode, attn
+):
+    model = qwen_vl_tiny.tiny_model(family, qwen_vl_tiny.small_tokenizer(), dtype=torch.float32)
+    if attn == "odb_packed":
+        qwen_vl.use_packed_attention(model)
     before = [p.detach().clone() for p in model.parameters()]
     measured = qwen_vl.measure_cost(model, mode, max_tokens=1024, repeats=1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -89,8 +106,8 @@ def test_measure_cost_times_the_model_and_its_cost_prices_each_batch_as_the_fit_
     flops = qwen_vl.compute_cost(model, mode)
     cost = measured.cost
     assert (cost.padded, cost.dense_mask) == (flops.padded, flops.dense_mask)
-    assert measured.token_seconds > 0 and np.isfinite(measured.fixed_seconds)
-    assert measured.sample_tokens >= 0 and len(measured.batches) == 9
+    assert cost.dense_mask == (mode == "packed" and attn == "sdpa")
+    assert len(measured.batches) == 9
     # the returned cost, priced with odb's own formula, is the fit's prediction
     config = model.config
     predicted, seconds = [], []
@@ -121,24 +138,41 @@ def test_compute_budget_takes_a_measured_cost_of_its_layout_only():
     assert budget.limit == qwen_vl.COMPUTE_HEADROOM * 4096
     with pytest.raises(ConfigError, match="prices padded batches"):
         qwen_vl.compute_budget(config, 4096, "padded", cost=timed)
+    other_kernel = dataclasses.replace(timed, dense_mask=not timed.dense_mask)
+    with pytest.raises(ConfigError, match="dense mask"):
+        qwen_vl.compute_budget(config, 4096, "packed", cost=other_kernel)
+    with pytest.raises(ConfigError, match="times a model"):
+        qwen_vl.measure_cost(config, "packed", max_tokens=1024)
+    model = qwen_vl_tiny.tiny_model("qwen3_vl", qwen_vl_tiny.small_tokenizer())
     with pytest.raises(ConfigError, match="max_tokens"):
-        qwen_vl.measure_cost(config, "packed", max_tokens=10)
+        qwen_vl.measure_cost(model, "packed", max_tokens=10)
+    with pytest.raises(ConfigError, match="longest"):
+        qwen_vl.measure_cost(model, "packed", max_tokens=1024, longest=64)
     with pytest.raises(ConfigError, match="mode"):
-        qwen_vl.measure_cost(config, "rows", max_tokens=1024)
+        qwen_vl.measure_cost(model, "rows", max_tokens=1024)
 
 
-def test_every_rank_plans_with_rank_zeros_weights(tmp_path):
-    """Two ranks time the batches each on its own; without the averaging and broadcast their
-    weights would differ in every digit."""
+def _two_ranks(tmp_path, *args):
     out = tmp_path / "weights"
     agent = subprocess.run(
-        [*torchrun(2), str(WORKER), str(out)],
+        [*torchrun(2), str(WORKER), str(out), *args],
         cwd=Path(__file__).parent,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert agent.returncode == 0, agent.stdout[-3000:] + agent.stderr[-3000:]
-    ranks = [json.loads(out.with_suffix(f".{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
-    assert ranks[0]["cost"]["vision_weight"] > 0
+    return [json.loads(out.with_suffix(f".{r}.json").read_text()) for r in range(2)]
+
+
+def test_every_rank_plans_with_rank_zeros_weights(tmp_path):
+    """Two ranks time the batches each on its own; without the averaging (and the broadcast,
+    for hosts whose libraries differ) their weights would differ in every digit."""
+    ranks = _two_ranks(tmp_path)
+    assert "error" not in ranks[0] and ranks[0] == ranks[1]
+
+
+def test_a_rank_that_fails_to_time_makes_every_rank_raise_instead_of_waiting(tmp_path):
+    ranks = _two_ranks(tmp_path, "fail")
+    assert ranks[1]["error"] == "RuntimeError: this rank's device failed"
+    assert ranks[0]["error"].startswith("ConfigError: measure_cost: another rank failed")
