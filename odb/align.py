@@ -556,8 +556,7 @@ def _match_in_order(
     above, below = np.maximum(crossing - 1, 0), np.minimum(crossing, len(right) - 1)
 
     def mismatch(at: np.ndarray) -> np.ndarray:
-        gap = right[at] - left if targets_first else left - right[at]
-        return np.maximum(over * gap, -gap)
+        return _mismatch(right[at] - left if targets_first else left - right[at], over)
 
     preferred = np.where(mismatch(above) <= mismatch(below), above, below).tolist()
     spare, start, fit = len(right) - len(left), 0, []
@@ -565,6 +564,12 @@ def _match_in_order(
         start = min(max(choice, start), i + spare) + 1
         fit.append(start - 1)
     return np.asarray(fit, dtype=np.int64)
+
+
+def _mismatch(gap: np.ndarray, over: int) -> np.ndarray:
+    """What a group ``gap`` above its target costs a step, ``over * gap`` (the other ranks
+    wait for it), or ``-gap`` below it (this rank waits)."""
+    return np.maximum(over * gap, -gap)
 
 
 def _fit_in_order(
@@ -613,7 +618,7 @@ def _fit_in_order(
     for k in range(longest):
         entries = padded[:, position[k]]
         gap = (entries - left[:, k, None]) if targets_first else (left[:, k, None] - entries)
-        cost = np.maximum(over * gap, -gap) - skipped[:, position[k]]
+        cost = _mismatch(gap, over) - skipped[:, position[k]]
         cost = np.where(allowed[:, k], reach + cost, _INFEASIBLE)
         best[k] = cost
         reach = np.minimum.accumulate(cost, axis=1)
