@@ -96,6 +96,14 @@ def model_flops(config: Any) -> ModelFlops:
     return ModelFlops(token, attention, patch, 4.0 * c, full_layers, window_layers, window_patches)
 
 
+def _kernel(model_or_config: Any, attention: str | None) -> str | None:
+    """The language model's attention kernel: ``attention`` if named, else the model's own
+    (its text config's ``_attn_implementation``; None runs transformers' default, sdpa)."""
+    if attention is not None:
+        return attention
+    return getattr(_text_config(_config_of(model_or_config)), "_attn_implementation", None)
+
+
 def compute_cost(
     model_or_config: Any,
     mode: str = "padded",
@@ -122,8 +130,7 @@ def compute_cost(
     config = _config_of(model_or_config)
     if mode not in ("padded", "packed"):
         raise ConfigError(f"mode must be 'padded' or 'packed', got {mode!r}")
-    if attention is None:
-        attention = getattr(_text_config(config), "_attn_implementation", None)
+    attention = _kernel(config, attention)
     flops = model_flops(config)
     pair_flops = flops.attention * (0.5 if causal else 1.0)
     window = flops.vision_attention_pair * flops.vision_window_layers
@@ -170,10 +177,7 @@ def compute_budget(
             f"cost must be an odb.ComputeCost that prices {mode} batches, got {cost!r}"
         )
     else:
-        if attention is None:
-            attention = getattr(
-                _text_config(_config_of(model_or_config)), "_attn_implementation", None
-            )
+        attention = _kernel(model_or_config, attention)
         dense = mode == "packed" and builds_dense_mask(attention)
         if cost.dense_mask != dense:
             raise ConfigError(

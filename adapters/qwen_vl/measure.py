@@ -32,6 +32,7 @@ from odb.adapters.qwen_vl.collators import collator, pixel_features
 from odb.adapters.qwen_vl.config import _config_of, _text_config
 from odb.adapters.qwen_vl.flops import compute_cost
 from odb.errors import ConfigError
+from odb.planner import shared_group
 
 __all__ = ["MeasuredCost", "measure_cost"]
 
@@ -222,24 +223,16 @@ def timing_batches(
 
 def batch_terms(samples: list[dict], shape: odb.ComputeCost) -> list[float]:
     """``[tokens, pairs, patches, image_pairs, samples]`` of one batch, as ``shape`` (a
-    ComputeCost of the mode, its weights unused) prices them: each term is ``group_cost`` with
-    that term's weight 1 and the others 0, less the tokens."""
+    ComputeCost of the mode, its weights unused) prices them: each term is the cost the
+    planner gives the batch as a group (``shared_group``) with that term's weight 1 and the
+    others 0, less the tokens."""
     sizes = [odb.measure_sample(s, i) for i, s in enumerate(samples)]
-    lengths = np.array([s.length for s in sizes], dtype=np.float64)
-    args = (
-        len(sizes),
-        lengths.max(),
-        lengths.sum(),
-        (lengths**2).sum(),
-        sum(s.vision_patches for s in sizes),
-        sum(s.vision_pairs for s in sizes),
+    plain = dataclasses.replace(
+        shape, attention_weight=0.0, vision_weight=0.0, vision_attention_weight=0.0
     )
 
     def priced(**weights: float) -> float:
-        plain = dataclasses.replace(
-            shape, attention_weight=0.0, vision_weight=0.0, vision_attention_weight=0.0
-        )
-        return float(dataclasses.replace(plain, **weights).group_cost(*args))
+        return shared_group(sizes, odb.Budget(1, dataclasses.replace(plain, **weights))).cost
 
     tokens = priced()
     return [

@@ -15,6 +15,7 @@ import odb
 from odb.adapters import qwen_vl
 from odb.adapters.qwen_vl.measure import batch_terms, fit_cost, timing_batches
 from odb.errors import ConfigError
+from odb.planner import shared_group
 
 WORKER = Path(__file__).with_name("measure_worker.py")
 
@@ -108,21 +109,13 @@ def test_measure_cost_times_the_model_and_its_cost_prices_each_batch_as_the_fit_
     assert (cost.padded, cost.dense_mask) == (flops.padded, flops.dense_mask)
     assert cost.dense_mask == (mode == "packed" and attn == "sdpa")
     assert len(measured.batches) == 9
-    # the returned cost, priced with odb's own formula, is the fit's prediction
+    # the returned cost, priced as the planner prices a group, is the fit's prediction
     config = model.config
     predicted, seconds = [], []
     for samples, row in zip(timing_batches(config, mode, 1024), measured.batches, strict=True):
         sizes = [odb.measure_sample(s, i) for i, s in enumerate(samples)]
-        lengths = np.array([s.length for s in sizes])
-        priced = cost.group_cost(
-            len(sizes),
-            lengths.max(),
-            lengths.sum(),
-            (lengths**2).sum(),
-            sum(s.vision_patches for s in sizes),
-            sum(s.vision_pairs for s in sizes),
-        )
-        work = float(priced) + measured.sample_tokens * len(sizes)
+        priced = shared_group(sizes, odb.Budget(1, cost)).cost
+        work = priced + measured.sample_tokens * len(sizes)
         predicted.append(measured.fixed_seconds + measured.token_seconds * work)
         seconds.append(row["seconds"])
     predicted, seconds = np.array(predicted), np.array(seconds)
