@@ -224,7 +224,8 @@ def decide(
     no more and has fewer groups than that runs groups other ranks offered but do not run this
     round (see :class:`Transfer`) instead of ghost steps, and a round takes no more steps than
     ``ceil(offered groups / world)`` (non-join: ``floor``), so the end of the data is spread
-    over all ranks and they finish together.
+    over all ranks and they finish together; in the last of them the ranks' numbers of
+    groups differ by one at most, so its ghost steps are one step.
 
     Raises :class:`AlignmentError` on every rank alike when a rank failed to prepare the
     round, or would have to run a ghost step without a sample to copy (``NO_GHOST``).
@@ -243,6 +244,7 @@ def decide(
     # a non-join pass has no ghost steps for sharing to replace until every rank is exhausted
     sharing = share_tail and world > 1 and (join or exhausted.all())
     pace = active & ~exhausted if sharing else active  # ranks that will read more set the pace
+    quota = None  # groups each rank runs at most: every step, but in the last shared round
     steps = int(offered[pace].min()) if pace.any() else max_steps
     if world > 1 and pace.any() and not exhausted.any():  # every rank chooses (_CHOICE)
         must = int(columns[:, 3].sum(axis=1).max())  # those still go this round
@@ -253,11 +255,14 @@ def decide(
             steps = min(steps, max(1, total // world))
         elif join:  # the last groups: all of them now
             steps = -(-total // world)
+            quota = _even_quota(np.where(active, offered, 0), steps, total)
         else:  # no ghost steps in non-join mode: the remainder is what it drops
             steps = total // world
             if steps == 0:
                 return _ended(table, stopped=True, padding=-steps_so_far % steps_multiple_of)
-    runs = _assign(columns, offered, active, steps, sharing)
+    if quota is None:
+        quota = np.full(world, steps, dtype=np.int64)
+    runs = _assign(columns, offered, active, quota, sharing)
     owner = np.repeat(np.arange(world)[:, None], steps, axis=1)
     choice = np.full((world, steps), -1, dtype=np.int64)
     for rank, (owners, positions) in enumerate(runs):
@@ -415,27 +420,30 @@ _INFEASIBLE = 1 << 60
 
 
 def _assign(
-    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, steps: int, sharing: bool
+    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, quota: np.ndarray, sharing: bool
 ) -> _Runs:
     """Which groups each rank runs this round, costliest first, so that step ``j``, which
     pairs the ``j``-th costliest group of every rank, has groups of near-equal cost on all
     ranks.
 
-    The ranks fit their offers to one common profile of ``steps`` target costs, the pooled
-    offered costs at evenly spaced ranks. A rank that offered more groups than ``steps``
-    chooses ``steps`` of them, one per target, those that must go now included; a rank that
-    offered fewer runs them all. Each fit is optimal for its targets (:func:`_fit_in_order`);
-    a group above its target costs ``world - 1`` times what one below does, since every other
-    rank waits for it. With ``sharing``, a rank with fewer groups places them at the targets
-    they fit best, the targets it leaves free are its holes, and the groups the choosing
-    ranks leave fill them, matched by cost (they are handed over, see :class:`Transfer`); a
-    hole left empty is a ghost step. The profile then becomes the costliest group at each
-    step, and the fits are made again (``_REFINE`` times, or until the profile repeats); the
-    round keeps the assignment that wastes the least share of its steps' time.
+    The ranks fit their offers to one common profile of ``steps = max(quota)`` target costs,
+    the pooled offered costs at evenly spaced ranks (``quota[r]``: how many groups rank r
+    runs at most; ``steps`` for all but in the last round of a pass, see :func:`_even_quota`).
+    A rank that offered more groups than its quota chooses that many, one per target from the
+    costliest, those that must go now included; a rank that offered fewer runs them all. Each
+    fit is optimal for its targets (:func:`_fit_in_order`); a group above its target costs
+    ``world - 1`` times what one below does, since every other rank waits for it. With
+    ``sharing``, a rank with fewer groups places them at the targets they fit best, the
+    targets within its quota it leaves free are its holes, and the groups the choosing ranks
+    leave fill them, matched by cost (they are handed over, see :class:`Transfer`); a hole
+    left empty, or a step past a rank's quota, is a ghost step. The profile then becomes the
+    costliest group at each step, and the fits are made again (``_REFINE`` times, or until
+    the profile repeats); the round keeps the assignment that wastes the least share of its
+    steps' time.
 
     Costs are the table's integers and every operation is exact integer arithmetic, so every
     rank computes the same assignment."""
-    world = len(offered)
+    world, steps = len(offered), int(quota.max(initial=0))
     counts = np.where(active, offered, 0).astype(np.int64)
     width = int(counts.max(initial=0))
     nothing = np.zeros(0, dtype=np.int64)
@@ -450,20 +458,21 @@ def _assign(
     pooled = np.sort(cost[offers])  # sorting kept each rank's offers first
     targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)][::-1].copy()
     over = max(world - 1, 1)
-    choosing = np.flatnonzero(counts > steps)
-    holders = np.flatnonzero(counts < steps) if sharing else nothing  # ranks with holes
+    choosing = np.flatnonzero(counts > quota)
+    holders = np.flatnonzero(counts < quota) if sharing else nothing  # ranks with holes
     placing = holders[counts[holders] > 0]
     best = None
     for _ in range(_REFINE + 1 if len(choosing) else 1):
-        # who runs each offer: a rank that offered at most ``steps`` groups runs them all
-        owner = np.where(offers & (counts <= steps)[:, None], np.arange(world)[:, None], -1)
-        free = np.ones((world, steps), dtype=bool)  # the targets none of a rank's groups fit
+        # who runs each offer: a rank that offered at most its quota runs them all
+        owner = np.where(offers & (counts <= quota)[:, None], np.arange(world)[:, None], -1)
+        # the targets none of a rank's groups fit, within its quota (the costliest targets)
+        free = np.arange(steps)[None, :] < quota[:, None]
         if len(placing):  # only where the holes are filled does it matter which they are
             fit = _fit_in_order(
                 cost[placing],
                 counts[placing],
                 np.broadcast_to(targets, (len(placing), steps)),
-                np.full(len(placing), steps),
+                quota[placing],
                 np.zeros((len(placing), steps), dtype=np.int64),
                 over,
                 targets_first=False,
@@ -473,14 +482,15 @@ def _assign(
         if len(choosing):
             fit = _fit_in_order(
                 np.broadcast_to(targets, (len(choosing), steps)),
-                np.full(len(choosing), steps),
+                quota[choosing],
                 cost[choosing],
                 counts[choosing],
                 np.where(must[choosing], _SKIP_MUST, 0),
                 over,
                 targets_first=True,
             )
-            owner[np.repeat(choosing, steps), fit.ravel()] = np.repeat(choosing, steps)
+            rows, places = np.nonzero(fit >= 0)
+            owner[choosing[rows], fit[rows, places]] = choosing[rows]
         if len(holders):
             _fill_holes(owner, cost, counts, targets, holders, free[holders], over)
         picked, where, bounds = _by_runner(owner, cost, steps)
@@ -497,6 +507,17 @@ def _assign(
         donors, places = np.divmod(where[bounds[rank] : bounds[rank + 1]], width)
         runs.append((donors, order[donors, places]))
     return runs
+
+
+def _even_quota(counts: np.ndarray, steps: int, total: int) -> np.ndarray:
+    """How many of the last ``total`` groups each rank runs in ``steps`` steps: ``steps`` for
+    the ranks that offered the most, ``steps - 1`` for the rest, so that the ghost steps
+    left over (``world * steps - total``) all fall in the last step, beside the round's
+    lightest groups, instead of beside full groups on the ranks that offered more (ties go
+    to the lower rank, as on every rank)."""
+    quota = np.full(len(counts), steps - 1, dtype=np.int64)
+    quota[np.argsort(-counts, kind="stable")[: total - len(counts) * (steps - 1)]] = steps
+    return quota
 
 
 def _by_runner(owner: np.ndarray, cost: np.ndarray, steps: int):

@@ -184,6 +184,21 @@ def test_remaining_ghosts_go_to_different_ranks():
     assert sorted((decision.choice == -1).sum(axis=1).tolist()) == [0, 0, 0, 1, 1]
 
 
+def test_the_last_ghost_steps_fall_in_one_step_beside_the_lightest_groups():
+    # 10 groups on 3 ranks: 4 steps, 2 ghost steps. Rank 2 runs three groups, not its own
+    # two: rank 1 hands it a 2, so both ghosts fall in the last step, beside rank 0's 2
+    # (idle 8 + 2), not one each in two steps beside full groups (idle 10 + 2)
+    table = _table(
+        _row(EXHAUSTED, costs=[10, 10, 10, 2]),
+        _row(EXHAUSTED, costs=[10, 10, 10, 2]),
+        _row(EXHAUSTED, costs=[10, 10]),
+    )
+    decision = decide(table, max_steps=MAX_STEPS, join=True, rng=np.random.default_rng(0))
+    steps = sorted(sorted(decision.costs[:, j].tolist()) for j in range(decision.steps))
+    assert steps == [[0, 0, 2], [2, 10, 10], [10, 10, 10], [10, 10, 10]]
+    assert [(t.donor, t.recipient) for t in decision.transfers] == [(1, 2)]
+
+
 def test_ranks_of_different_odb_versions_are_refused():
     check_versions(np.array([[PROTOCOL_VERSION], [PROTOCOL_VERSION]]))
     with pytest.raises(ConfigError, match="different odb versions"):
@@ -243,8 +258,8 @@ def test_a_lent_ghost_sample_brings_its_images_along():
 WIDE = 16
 
 
-def _wide(costs):
-    return encode_report(0, 0, costs, [1] * len(costs), [1] * len(costs), WIDE)
+def _wide(costs, status=0):
+    return encode_report(status, 0, costs, [1] * len(costs), [1] * len(costs), WIDE)
 
 
 def test_every_rank_chooses_so_that_heavy_groups_run_beside_heavy_ones():
@@ -267,6 +282,28 @@ def test_groups_that_must_go_all_run_although_ranks_choose():
     )
     decision = decide(table, max_steps=WIDE, join=True, rng=np.random.default_rng(0))
     assert decision.steps == 9 and sorted(decision.own_picks(1)) == list(range(9))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_last_round_runs_every_group_once_with_its_ghosts_in_one_step(seed):
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(2, 17))
+    counts = rng.integers(0, WIDE + 1, size=world)
+    if counts.sum() == 0:
+        counts[0] = 1
+    rows = [
+        _wide(costs=rng.integers(1, 1000, size=count).tolist(), status=EXHAUSTED)
+        if count
+        else _wide(costs=[], status=FINISHED | EXHAUSTED)
+        for count in counts
+    ]
+    decision = decide(np.stack(rows), max_steps=WIDE, join=True, rng=rng)
+    runs = decision.choice >= 0
+    assert decision.steps == -(-counts.sum() // world)
+    ran = sorted(zip(decision.owner[runs].tolist(), decision.choice[runs].tolist(), strict=True))
+    assert ran == [(rank, p) for rank in range(world) for p in range(counts[rank])]
+    assert ((~runs).any(axis=0)).sum() <= 1  # every ghost step in the same step
+    assert set(runs.sum(axis=1).tolist()) <= {decision.steps - 1, decision.steps}
 
 
 def _fit_cost(left, right, skip, chosen, over, targets_first):
