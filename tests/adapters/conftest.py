@@ -1,5 +1,7 @@
 """Fixtures shared by the adapter tests."""
 
+import os
+
 import pytest
 import qwen_vl_tiny
 import trl_tiny
@@ -16,6 +18,16 @@ def trl_one_thread():
 def tokenizer(tmp_path_factory):
     """The small tokenizer the TRL tests' tiny models use."""
     return trl_tiny.write_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_tokenizer_folder(tmp_path_factory):
+    """One folder for the small tokenizer, shared with the ranks the tests start (see
+    qwen_vl_tiny.SMALL_TOKENIZER_FOLDER); pytest cleans its base folder up like any other."""
+    os.environ.setdefault(
+        qwen_vl_tiny.SMALL_TOKENIZER_FOLDER,
+        str(tmp_path_factory.getbasetemp() / "small-tokenizer"),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -66,13 +66,30 @@ def real_tokenizer():
     return load_tokenizer(real_tokenizer_dir())
 
 
+SMALL_TOKENIZER_FOLDER = "ODB_TEST_SMALL_TOKENIZER"
+"""The environment variable naming where a test session keeps the small tokenizer. The ranks
+a test starts under torchrun inherit it: they leave with ``os._exit``
+(``tiny.leave_distributed``), past the clean-up of any folder of their own."""
+
+
 @functools.cache
 def small_tokenizer():
-    """A 2k-token tokenizer derived from the real one, built once per process: for tests
-    that run a model."""
-    folder = tempfile.mkdtemp(prefix="odb-small-tokenizer-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return load_tokenizer(write_small_tokenizer(folder))
+    """A 2k-token tokenizer derived from the real one, loaded once per process: for tests
+    that run a model. Written once into ``$ODB_TEST_SMALL_TOKENIZER`` (by whichever process
+    needs it first, moved into place whole), or outside a test session into a folder of this
+    process's own, removed at its exit."""
+    folder = os.environ.get(SMALL_TOKENIZER_FOLDER)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="odb-small-tokenizer-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return load_tokenizer(write_small_tokenizer(folder))
+    if not os.path.isdir(folder):
+        staging = write_small_tokenizer(tempfile.mkdtemp(dir=os.path.dirname(folder)))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another rank moved its copy into place first
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenizer(folder)
 
 
 def make_processor(family: str, tokenizer, **image_settings):
