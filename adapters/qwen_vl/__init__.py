@@ -1,6 +1,7 @@
 """Qwen-VL glue: LLaVA-format data, exact lengths before decoding, compute costs, packed rows.
 
-Five pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x processors and models):
+Five pieces, for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, dense or mixture-of-experts (transformers
+5.x processors and models):
 
 - :class:`LlavaDataset` turns LLaVA-format records plus an image folder into processed single
   samples (chat template applied, visual tokens expanded, prompt masked in ``labels``), the

@@ -18,7 +18,7 @@ from odb.adapters.qwen_vl.config import _config_of, _text_config
 from odb.collate import split_placeholder
 from odb.errors import ConfigError
 
-VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 """Model types whose packed rows need the per-sample 3-D rotary positions of this module."""
 
 
@@ -114,7 +114,7 @@ def vision_placeholder(model_or_config: Any) -> dict[str, torch.Tensor]:
 
 
 class QwenVLPackedCollator:
-    """One padding-free row for Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+    """One padding-free row for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense or MoE).
 
     Per-token fields are concatenated and the first label of every sample is -100 (by
     ``odb.PackedCollator``); ``pixel_values`` and ``image_grid_thw`` are concatenated in sample
@@ -199,7 +199,7 @@ def collator(
     ``"padded"``: ``odb.PaddedCollator`` (right padding, ``attention_mask``; pads
     ``mm_token_type_ids`` with 0 and concatenates the vision fields), for any model; for a
     Qwen-VL model it carries :func:`vision_placeholder`.
-    ``"packed"``: :class:`QwenVLPackedCollator` for Qwen2-VL / Qwen2.5-VL / Qwen3-VL, and
+    ``"packed"``: :class:`QwenVLPackedCollator` for Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE), and
     ``odb.PackedCollator`` for text causal LMs (Qwen2, Qwen3: their 1-D positions restarting
     at 0 are all the model needs; call the model with ``use_cache=False`` there too, and
     ``flash_attn_kwargs`` adds flash-attention's varlen arguments).

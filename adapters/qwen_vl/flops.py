@@ -51,7 +51,9 @@ def model_flops(config: Any) -> ModelFlops:
     heads of size ``e`` and vocabulary ``V`` (a multiply-add is 2 FLOPs):
 
     - ``token = 2 * (N * (d*e*(2h + 2k) + 3*d*f) + d*V)`` (q, k, v, o projections, gated MLP,
-      LM head);
+      LM head); in a mixture-of-experts layer (Qwen3-VL-MoE, Qwen3-MoE, Qwen2-MoE) the MLP
+      term is what a token runs: its ``top_k`` experts' gated MLPs (``3*d*f_expert`` each),
+      the router (``d*E``) and a shared expert with its gate where the model has one;
     - ``attention = 4 * N * h * e`` per (query, key) pair (scores and weighted values).
 
     Vision tower (hidden ``c``, MLP ``g``, depth ``D``, patch ``p``, temporal patch ``t``, merge
@@ -62,14 +64,14 @@ def model_flops(config: Any) -> ModelFlops:
     Norms, activations, rotary and embedding lookups are left out: they are not matrix products.
     """
     text = _text_config(config)
-    if getattr(text, "num_experts", None) or getattr(text, "num_experts_per_tok", None):
-        raise ConfigError("model_flops counts dense models only; this config is mixture-of-experts")
-    d, f, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    d, n = text.hidden_size, text.num_hidden_layers
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or d // heads
     token = 2.0 * (
-        n * (d * head_dim * (2 * heads + 2 * kv_heads) + 3 * d * f) + d * text.vocab_size
+        n * d * head_dim * (2 * heads + 2 * kv_heads)
+        + sum(_mlp_per_token(text, layer) for layer in range(n))
+        + d * text.vocab_size
     )
     attention = 4.0 * n * heads * head_dim
     vision = getattr(config, "vision_config", None)
@@ -94,6 +96,26 @@ def model_flops(config: Any) -> ModelFlops:
         window_layers = depth - full_layers
         window_patches = (vision.window_size // p) ** 2
     return ModelFlops(token, attention, patch, 4.0 * c, full_layers, window_layers, window_patches)
+
+
+def _mlp_per_token(text: Any, layer: int) -> int:
+    """Multiply-adds per token in the MLP of decoder ``layer``: a gated MLP, or, in a
+    mixture-of-experts layer, the ``top_k`` experts a token is routed to, the router and a
+    shared expert (with its one-output gate) where the model has one. A layer is sparse as
+    transformers builds it: experts exist, the layer is not in ``mlp_only_layers``, and
+    ``layer + 1`` is a multiple of ``decoder_sparse_step``."""
+    d = text.hidden_size
+    experts = getattr(text, "num_experts", None) or 0
+    sparse = (
+        experts > 0
+        and layer not in (getattr(text, "mlp_only_layers", None) or ())
+        and (layer + 1) % (getattr(text, "decoder_sparse_step", None) or 1) == 0
+    )
+    if not sparse:
+        return 3 * d * text.intermediate_size
+    routed = text.num_experts_per_tok * 3 * d * text.moe_intermediate_size + d * experts
+    shared = getattr(text, "shared_expert_intermediate_size", None) or 0
+    return routed + (3 * d * shared + d if shared else 0)
 
 
 def _kernel(model_or_config: Any, attention: str | None) -> str | None:

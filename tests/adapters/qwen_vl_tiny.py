@@ -27,20 +27,22 @@ from PIL import Image
 from odb.adapters.qwen_vl import CHAT_TEMPLATE
 from odb.benchmarks import qwen_vl_offline
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # Released checkpoints' image settings: Qwen2-VL and Qwen2.5-VL (patch 14, CLIP statistics),
-# Qwen3-VL (patch 16, mean/std 0.5).
+# Qwen3-VL and its mixture-of-experts models (patch 16, mean/std 0.5).
+_QWEN3_VL_IMAGES = {
+    "patch_size": 16,
+    "min_pixels": 64 * 32 * 32,
+    "max_pixels": 16384 * 32 * 32,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
 CHECKPOINT_IMAGE_SETTINGS = {
     "qwen2_vl": {"patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384},
     "qwen2_5_vl": {"patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384},
-    "qwen3_vl": {
-        "patch_size": 16,
-        "min_pixels": 64 * 32 * 32,
-        "max_pixels": 16384 * 32 * 32,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-    },
+    "qwen3_vl": _QWEN3_VL_IMAGES,
+    "qwen3_vl_moe": _QWEN3_VL_IMAGES,
 }
 
 
@@ -98,7 +100,7 @@ def make_processor(family: str, tokenizer, **image_settings):
     image_processor = transformers.Qwen2VLImageProcessor(
         merge_size=2, temporal_patch_size=2, **settings
     )
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         video_processor = transformers.Qwen3VLVideoProcessor()
         processor_class = transformers.Qwen3VLProcessor
     else:
@@ -116,7 +118,8 @@ def make_processor(family: str, tokenizer, **image_settings):
 
 
 def tiny_config(family: str, tokenizer, hidden: int = 64):
-    """A 2-layer model of ``family`` (hidden 64, 4 heads of 16) for ``tokenizer``'s ids."""
+    """A 2-layer model of ``family`` (hidden 64, 4 heads of 16) for ``tokenizer``'s ids; the
+    mixture-of-experts one has a dense first layer and a sparse second."""
     ids = qwen_vl_offline.vision_token_ids(tokenizer)
     text = qwen_vl_offline.text_config(tokenizer, hidden, positions=4096)
     patch = CHECKPOINT_IMAGE_SETTINGS[family]["patch_size"]
@@ -137,7 +140,11 @@ def tiny_config(family: str, tokenizer, hidden: int = 64):
     text["head_dim"] = hidden // 4
     text["rope_parameters"]["mrope_interleaved"] = True
     vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
-    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen3_vl":
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    # layer 0 dense, layer 1 four experts of which each token runs two
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0])
+    return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
 
 
 def tiny_model(family: str, tokenizer, dtype=torch.float64, attn: str = "sdpa", seed: int = 0):
@@ -146,7 +153,9 @@ def tiny_model(family: str, tokenizer, dtype=torch.float64, attn: str = "sdpa", 
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = attn
     torch.manual_seed(seed)
-    model = transformers.AutoModelForImageTextToText.from_config(config)
+    # experts one by one (transformers' grouped kernel takes no float64)
+    experts = {"experts_implementation": "eager"} if family == "qwen3_vl_moe" else {}
+    model = transformers.AutoModelForImageTextToText.from_config(config, **experts)
     return model.to(dtype)
 
 

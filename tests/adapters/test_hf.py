@@ -431,15 +431,19 @@ def test_trainer_trains_a_tiny_qwen_vl_on_llava_data_with_images(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
-@pytest.mark.parametrize("compute", [True, False])
-def test_a_qwen_vl_model_is_budgeted_by_compute_unless_turned_off(tmp_path, compute, caplog):
+@pytest.mark.parametrize(
+    "family, compute", [("qwen3_vl", True), ("qwen3_vl", False), ("qwen3_vl_moe", True)]
+)
+def test_a_qwen_vl_model_is_budgeted_by_compute_unless_turned_off(
+    tmp_path, family, compute, caplog
+):
     import qwen_vl_tiny
 
     from odb.adapters import qwen_vl
     from odb.adapters.hf import _announce
 
     tokenizer = qwen_vl_tiny.small_tokenizer()
-    model = qwen_vl_tiny.tiny_model("qwen3_vl", tokenizer)
+    model = qwen_vl_tiny.tiny_model(family, tokenizer)
     samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n)} for n in lengths(20)]
     trainer = transformers.Trainer(
         model=model, args=training_args(tmp_path, max_steps=1), train_dataset=samples

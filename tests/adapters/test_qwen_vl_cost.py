@@ -113,6 +113,32 @@ def test_the_loader_takes_the_cost(small_tokenizer):
         assert sum(group) + cost.attention_weight * sum(n * n for n in group) <= 120
     with pytest.raises(odb.ConfigError):
         qwen_vl.compute_cost(config, "ragged")
-    moe = transformers.Qwen3MoeConfig()
-    with pytest.raises(odb.ConfigError, match="mixture-of-experts"):
-        qwen_vl.model_flops(moe)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_a_mixture_of_experts_token_costs_the_experts_it_is_routed_to(family):
+    # layers 0 and 2 sparse (4 experts, 2 per token), layer 1 dense; Qwen2-MoE adds a shared
+    # expert with its gate
+    settings = {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "mlp_only_layers": [1],
+    }
+    if family == "qwen2_moe":
+        settings["shared_expert_intermediate_size"] = 48
+    config = transformers.AutoConfig.for_model(family, **settings)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    flops = qwen_vl.model_flops(config)
+    for length in (7, 40):
+        ids = torch.randint(0, 300, (1, length))
+        measured = _measured(lambda ids=ids: model(input_ids=ids, use_cache=False))
+        assert measured == pytest.approx(flops.token * length + flops.attention * length**2)

@@ -159,7 +159,7 @@ def test_geometry_is_read_from_the_processor(family, real_tokenizer):
         family, real_tokenizer, min_pixels=1234, max_pixels=567_890
     )
     geometry = qwen_vl.VisionGeometry.from_processor(processor)
-    patch = 16 if family == "qwen3_vl" else 14
+    patch = qwen_vl_tiny.CHECKPOINT_IMAGE_SETTINGS[family]["patch_size"]
     assert geometry == qwen_vl.VisionGeometry(patch, 2, 1234, 567_890)
 
 

@@ -67,7 +67,7 @@ def folder(tmp_path_factory):
 
 def _processor(family, tokenizer):
     """At most 4x4 merged tokens (8x8 patches) per image: float64 vision towers are slow."""
-    factor = 32 if family == "qwen3_vl" else 28
+    factor = 2 * qwen_vl_tiny.CHECKPOINT_IMAGE_SETTINGS[family]["patch_size"]  # one token
     return qwen_vl_tiny.make_processor(
         family, tokenizer, min_pixels=4 * factor * factor, max_pixels=16 * factor * factor
     )
