@@ -224,8 +224,8 @@ def decide(
     no more and has fewer groups than that runs groups other ranks offered but do not run this
     round (see :class:`Transfer`) instead of ghost steps, and a round takes no more steps than
     ``ceil(offered groups / world)`` (non-join: ``floor``), so the end of the data is spread
-    over all ranks and they finish together; in the last of them the ranks' numbers of
-    groups differ by one at most, so its ghost steps are one step.
+    over all ranks and they finish together; the last of them also tries the ranks' numbers of
+    groups evened out (:func:`_even_quota`), so that its ghost steps fall in one step.
 
     Raises :class:`AlignmentError` on every rank alike when a rank failed to prepare the
     round, or would have to run a ghost step without a sample to copy (``NO_GHOST``).
@@ -244,7 +244,7 @@ def decide(
     # a non-join pass has no ghost steps for sharing to replace until every rank is exhausted
     sharing = share_tail and world > 1 and (join or exhausted.all())
     pace = active & ~exhausted if sharing else active  # ranks that will read more set the pace
-    quota = None  # groups each rank runs at most: every step, but in the last shared round
+    even = None  # in the last shared round: the ranks' numbers of groups evened out
     steps = int(offered[pace].min()) if pace.any() else max_steps
     if world > 1 and pace.any() and not exhausted.any():  # every rank chooses (_CHOICE)
         must = int(columns[:, 3].sum(axis=1).max())  # those still go this round
@@ -255,14 +255,15 @@ def decide(
             steps = min(steps, max(1, total // world))
         elif join:  # the last groups: all of them now
             steps = -(-total // world)
-            quota = _even_quota(np.where(active, offered, 0), steps, total)
+            even = _even_quota(np.where(active, offered, 0), steps, total)
         else:  # no ghost steps in non-join mode: the remainder is what it drops
             steps = total // world
             if steps == 0:
                 return _ended(table, stopped=True, padding=-steps_so_far % steps_multiple_of)
-    if quota is None:
-        quota = np.full(world, steps, dtype=np.int64)
-    runs = _assign(columns, offered, active, quota, sharing)
+    quotas = [np.full(world, steps, dtype=np.int64)]  # every rank may run every step
+    if even is not None and (even < steps).any():
+        quotas.append(even)
+    runs = _assign(columns, offered, active, quotas, sharing)
     owner = np.repeat(np.arange(world)[:, None], steps, axis=1)
     choice = np.full((world, steps), -1, dtype=np.int64)
     for rank, (owners, positions) in enumerate(runs):
@@ -420,15 +421,20 @@ _INFEASIBLE = 1 << 60
 
 
 def _assign(
-    columns: np.ndarray, offered: np.ndarray, active: np.ndarray, quota: np.ndarray, sharing: bool
+    columns: np.ndarray,
+    offered: np.ndarray,
+    active: np.ndarray,
+    quotas: Sequence[np.ndarray],
+    sharing: bool,
 ) -> _Runs:
     """Which groups each rank runs this round, costliest first, so that step ``j``, which
     pairs the ``j``-th costliest group of every rank, has groups of near-equal cost on all
     ranks.
 
-    The ranks fit their offers to one common profile of ``steps = max(quota)`` target costs,
-    the pooled offered costs at evenly spaced ranks (``quota[r]``: how many groups rank r
-    runs at most; ``steps`` for all but in the last round of a pass, see :func:`_even_quota`).
+    The ranks fit their offers to one common profile of ``steps`` target costs, the pooled
+    offered costs at evenly spaced ranks. Each of ``quotas`` caps how many groups each rank
+    runs (``quota[r]``, at most ``steps``, which some rank's quota is) and is tried in turn:
+    ``steps`` for every rank, and in the last round of a pass also :func:`_even_quota`.
     A rank that offered more groups than its quota chooses that many, one per target from the
     costliest, those that must go now included; a rank that offered fewer runs them all. Each
     fit is optimal for its targets (:func:`_fit_in_order`); a group above its target costs
@@ -438,12 +444,12 @@ def _assign(
     leave fill them, matched by cost (they are handed over, see :class:`Transfer`); a hole
     left empty, or a step past a rank's quota, is a ghost step. The profile then becomes the
     costliest group at each step, and the fits are made again (``_REFINE`` times, or until
-    the profile repeats); the round keeps the assignment that wastes the least share of its
-    steps' time.
+    the profile repeats); the round keeps the assignment, under any quota, that wastes the
+    least share of its steps' time (the first of equals).
 
     Costs are the table's integers and every operation is exact integer arithmetic, so every
     rank computes the same assignment."""
-    world, steps = len(offered), int(quota.max(initial=0))
+    world, steps = len(offered), int(quotas[0].max(initial=0))
     counts = np.where(active, offered, 0).astype(np.int64)
     width = int(counts.max(initial=0))
     nothing = np.zeros(0, dtype=np.int64)
@@ -456,12 +462,28 @@ def _assign(
     cost = np.take_along_axis(cost, order, axis=1)
     must = np.take_along_axis((columns[:, 3, :width] > 0) & offers, order, axis=1)
     pooled = np.sort(cost[offers])  # sorting kept each rank's offers first
-    targets = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)][::-1].copy()
+    profile = pooled[((2 * np.arange(steps) + 1) * len(pooled)) // (2 * steps)][::-1].copy()
     over = max(world - 1, 1)
+    best = None
+    for quota in quotas:
+        best = _assign_within(quota, profile, cost, counts, offers, must, over, sharing, best)
+    _, _, where, bounds = best
+    runs: _Runs = []
+    for rank in range(world):
+        donors, places = np.divmod(where[bounds[rank] : bounds[rank + 1]], width)
+        runs.append((donors, order[donors, places]))
+    return runs
+
+
+def _assign_within(quota, targets, cost, counts, offers, must, over, sharing, best):
+    """:func:`_assign`'s fits and refinements under one ``quota``, on the ranks' offers sorted
+    costliest first; returns ``best`` or a better assignment (``waste``, ``busy``, then
+    :func:`_by_runner`'s flat indices and bounds)."""
+    world, steps = len(counts), len(targets)
+    nothing = np.zeros(0, dtype=np.int64)
     choosing = np.flatnonzero(counts > quota)
     holders = np.flatnonzero(counts < quota) if sharing else nothing  # ranks with holes
     placing = holders[counts[holders] > 0]
-    best = None
     for _ in range(_REFINE + 1 if len(choosing) else 1):
         # who runs each offer: a rank that offered at most its quota runs them all
         owner = np.where(offers & (counts <= quota)[:, None], np.arange(world)[:, None], -1)
@@ -501,20 +523,16 @@ def _assign(
         if np.array_equal(slowest, targets):  # the same fits again: nothing to refine
             break
         targets = slowest
-    _, _, where, bounds = best
-    runs: _Runs = []
-    for rank in range(world):
-        donors, places = np.divmod(where[bounds[rank] : bounds[rank + 1]], width)
-        runs.append((donors, order[donors, places]))
-    return runs
+    return best
 
 
 def _even_quota(counts: np.ndarray, steps: int, total: int) -> np.ndarray:
-    """How many of the last ``total`` groups each rank runs in ``steps`` steps: ``steps`` for
-    the ranks that offered the most, ``steps - 1`` for the rest, so that the ghost steps
-    left over (``world * steps - total``) all fall in the last step, beside the round's
-    lightest groups, instead of beside full groups on the ranks that offered more (ties go
-    to the lower rank, as on every rank)."""
+    """How many of the last ``total`` groups each rank runs in ``steps`` steps, evened out:
+    ``steps`` for the ranks that offered the most, ``steps - 1`` for the rest (ties go to the
+    lower rank, as on every rank). The ghost steps left over (``world * steps - total``) then
+    all fall in the last step, beside the round's lightest groups, instead of beside full
+    groups on the ranks that offered more; it costs transfers, and where the groups' costs
+    make that no better, the round keeps every rank free to run every step."""
     quota = np.full(len(counts), steps - 1, dtype=np.int64)
     quota[np.argsort(-counts, kind="stable")[: total - len(counts) * (steps - 1)]] = steps
     return quota
